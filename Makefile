@@ -1,0 +1,29 @@
+# Each target installs only when needed: .venv/.installed is newer than pyproject.toml once done.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test bench
+
+install: $(STAMP)
+
+# torch is pinned and installed first: a plain `pip install lightning` would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e .[dev]
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m ponder_lightning demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_throughput.py

@@ -1,0 +1,172 @@
+"""The GPT-NeoX (Pythia) decoder, written so that callers can intercept every layer's K and V.
+
+Module names mirror transformers' `GPTNeoXForCausalLM` (minus the `gpt_neox.` prefix) so that
+Pythia checkpoints load by name. Pondering models run this backbone several times per token; the
+`kv_hook` lets them replace K/V before attention (KV alignment for halted tokens, per-iteration
+decode caches) without a second copy of the attention code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ponder_lightning.nn.config import BackboneConfig
+
+
+class KVHook(Protocol):
+    """Sees each layer's K and V (after rotary, shape [B, H, T, Dh]) and returns the ones to attend to.
+
+    A hook may replace rows (halted tokens keep old K/V) or prepend cached keys (decoding); the
+    attention mask passed to the backbone must then match the returned key length.
+    """
+
+    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+class Rotary(nn.Module):
+    """Cos/sin tables for rotary embeddings on the first `rotary_dims` dims of each head."""
+
+    def __init__(self, rotary_dims: int, max_seq_len: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dims, 2, dtype=torch.float32) / rotary_dims))
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, positions: Tensor | None, seq_len: int) -> tuple[Tensor, Tensor]:
+        """Tables broadcastable to [B, H, T, rotary_dims]; `positions` is [T] or [B, T] or None (0..T-1)."""
+        if positions is None:
+            return self.cos[:seq_len], self.sin[:seq_len]
+        cos, sin = self.cos[positions], self.sin[positions]
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply rotary embedding (GPT-NeoX 'rotate half' convention) to the first dims of x."""
+    n = cos.shape[-1]
+    x_rot, x_pass = x[..., :n], x[..., n:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+
+
+class NeoXAttention(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+        b, t, d = x.shape
+        # Pythia's fused layout is per head [q|k|v]; keep it so released checkpoints load unchanged.
+        qkv = self.query_key_value(x).view(b, t, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if kv_hook is not None:
+            k, v = kv_hook(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+        return self.dense(y.transpose(1, 2).reshape(b, t, d))
+
+
+class NeoXMLP(nn.Module):
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.dense_4h_to_h = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class NeoXBlock(nn.Module):
+    """Parallel residual: x + attn(ln1(x)) + mlp(ln2(x))."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attention = NeoXAttention(cfg)
+        self.mlp = NeoXMLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
+        return x + attn + self.mlp(self.post_attention_layernorm(x))
+
+    def output_projections(self) -> list[nn.Linear]:
+        """The layers whose init is scaled down by depth (they write into the residual stream)."""
+        return [self.attention.dense, self.mlp.dense_4h_to_h]
+
+
+class Backbone(nn.Module):
+    """Embedding, decoder layers, final norm and untied LM head of a Pythia-style model."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_in = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(NeoXBlock(cfg) for _ in range(cfg.n_layer))
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
+
+    def init_weights(self, passes_per_token: int = 1) -> None:
+        """Pythia/PonderLM init: truncated normal with sigma = sqrt(2 / (5 d)); residual-output
+        projections get sigma / sqrt(2 L R), R = how many times the stack runs per token."""
+        sigma = math.sqrt(2.0 / (5.0 * self.config.d_model))
+        out_sigma = sigma / math.sqrt(2.0 * self.config.n_layer * passes_per_token)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(module.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for layer in self.layers:
+            for proj in layer.output_projections():
+                nn.init.trunc_normal_(proj.weight, std=out_sigma, a=-3 * out_sigma, b=3 * out_sigma)
+
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor | None = None,
+        mask: Tensor | None = None,
+        kv_hook: KVHook | None = None,
+        final_norm: bool = True,
+    ) -> Tensor:
+        """Run every layer on input embeddings `x` [B, T, d].
+
+        `mask`: None means plain causal attention over x itself; otherwise a bool (True = attend)
+        or additive float mask broadcastable to [B, H, T, T_keys]. Returns hidden states, after the
+        final LayerNorm unless `final_norm=False` (LoopTransformer applies it once at the end).
+        """
+        cos, sin = self.rotary(positions, x.shape[1])
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_hook, i)
+        return self.final_layer_norm(x) if final_norm else x
+
+    def logits(self, h: Tensor) -> Tensor:
+        return self.embed_out(h)
+
+
+def causal_mask(valid: Tensor) -> Tensor:
+    """Bool mask [B, 1, T, T]: causal, padded keys hidden. Each query may always see itself, so a
+    padding query never has an empty row (which would make SDPA return NaN)."""
+    t = valid.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=valid.device).tril()
+    allowed = causal & valid[:, None, None, :]
+    return allowed | torch.eye(t, dtype=torch.bool, device=valid.device)
+
+
+def positions_from_valid(valid: Tensor) -> Tensor:
+    """Rotary positions [B, T] that count only real tokens, so left padding changes nothing."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
