@@ -30,3 +30,31 @@ def vanilla_forward_flops(cfg: BackboneConfig, context: int) -> float:
 def training_flops(forward_flops: float) -> float:
     """Forward + backward (the backward costs twice the forward)."""
     return 3 * forward_flops
+
+
+def recurrent_forward_flops(
+    cfg: BackboneConfig,
+    context: int,
+    active_fractions: list[float],
+    feedback_flops: float,
+    gate_flops: float,
+) -> dict[str, float]:
+    """Inference FLOPs per token of a recurrent model at the depth it actually ran.
+
+    `active_fractions[i]` = fraction of tokens that ran iteration i (the first is 1). A token that
+    continues into iteration i first pays for the feedback (e.g. the pondering mixture, LM head
+    included); every decision costs the gate; the final LM head runs once per token.
+    Returns multiples of one vanilla forward: `x_vanilla` (total), `passes` (1 + sum of the later
+    iterations' active fractions, the paper's headline figure), and the feedback and gate shares.
+    """
+    unit = vanilla_forward_flops(cfg, context)
+    passes = float(sum(active_fractions))
+    feedback = feedback_flops * sum(active_fractions[1:])
+    gates = gate_flops * sum(active_fractions[:-1]) if len(active_fractions) > 1 else 0.0
+    total = stack_flops(cfg, context) * passes + head_flops(cfg) + feedback + gates
+    return {
+        "x_vanilla": total / unit,
+        "passes": passes,
+        "feedback_x_vanilla": feedback / unit,
+        "gate_x_vanilla": gates / unit,
+    }

@@ -1,6 +1,10 @@
 """LightningModules: one file per model on a shared base."""
 
+from ponder_lightning.models.adaponder import AdaPonderLM
 from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.models.loop import LoopTransformer
+from ponder_lightning.models.ponder import PonderLM
+from ponder_lightning.models.recurrent import RecurrentLM
 from ponder_lightning.models.vanilla import VanillaLM
 
-__all__ = ["CausalLMModule", "VanillaLM"]
+__all__ = ["AdaPonderLM", "CausalLMModule", "LoopTransformer", "PonderLM", "RecurrentLM", "VanillaLM"]

@@ -1,20 +1,28 @@
-"""`CausalLMModule`: what every model shares — backbone construction, next-token loss, metrics,
-optimiser and schedule, and logging. Subclasses only say how hidden states are computed."""
+"""`CausalLMModule`: what every model shares — backbone construction, the recurrence, next-token
+loss, metrics, optimiser and schedule, FLOPs and depth logging.
+
+Every model is the shared recurrence (`nn/recurrence.py`) with parts plugged in; the vanilla model
+is its one-iteration case. Subclasses override `n_iterations`, `embed_scale`, `build_feedback`
+and, for learned halting, the gate and an auxiliary loss.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MeanMetric
 
 from ponder_lightning import flops
 from ponder_lightning.errors import UserError
-from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, causal_mask, pad_vocab, positions_from_valid
+from ponder_lightning.gates import AlwaysContinue, Gate
+from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, pad_vocab
+from ponder_lightning.models.metrics import DepthNLL
 from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
+from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 
 NEOX_TOKENIZER_VOCAB = 50277
 
@@ -48,6 +56,7 @@ class CausalLMModule(L.LightningModule):
         warmup_fraction: fraction of the total steps spent in linear warmup (paper: 0.01).
         weight_decay: AdamW decay on matrices and embeddings, never on biases and norms.
         betas: AdamW betas (paper: 0.9, 0.95).
+        activation_checkpointing: recompute each layer in the backward pass to save memory.
     """
 
     def __init__(
@@ -64,92 +73,151 @@ class CausalLMModule(L.LightningModule):
         warmup_fraction: float = 0.01,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        tokens = tokenizer_vocab_size or NEOX_TOKENIZER_VOCAB
-        vocab = vocab_size or pad_vocab(tokens)
-        if tokens > vocab:
+        vocab = vocab_size or pad_vocab(tokenizer_vocab_size or NEOX_TOKENIZER_VOCAB)
+        if tokenizer_vocab_size is not None and tokenizer_vocab_size > vocab:
             raise UserError(
-                f"the tokenizer has {tokens} tokens but model vocab_size={vocab}: raise model.init_args.vocab_size "
-                f"to at least {pad_vocab(tokens)} or use a smaller tokenizer"
+                f"the tokenizer has {tokenizer_vocab_size} tokens but model vocab_size={vocab}: raise "
+                f"model.init_args.vocab_size to at least {pad_vocab(tokenizer_vocab_size)} or use a smaller tokenizer"
             )
         self.config: BackboneConfig = backbone_config(
             size, vocab_size=vocab, n_layer=n_layer, d_model=d_model, n_head=n_head, max_seq_len=max_seq_len
         )
         self.backbone = Backbone(self.config)
-        self.backbone.init_weights(passes_per_token=self.passes_per_token)
-        # Token-weighted mean of the loss we already computed: exp() of it is exactly the perplexity,
-        # without a second softmax over the vocabulary (torchmetrics.Perplexity would redo it).
-        self.val_loss = MeanMetric()
+        self.backbone.init_weights(passes_per_token=self.n_iterations)
+        self.backbone.activation_checkpointing = activation_checkpointing
+        self.gate: Gate = AlwaysContinue()
+        self.eval_metric = DepthNLL(max_depth=self.n_iterations)
         self.flops_per_batch: float | None = None
+        self.last_trace: Trace | None = None
 
-    # -- what subclasses define ----------------------------------------------------------------
+    # -- what subclasses plug in ---------------------------------------------------------------
     @property
-    def passes_per_token(self) -> int:
-        """How many times the layer stack runs per token (scales the output-projection init)."""
+    def n_iterations(self) -> int:
+        """Backbone passes per token at full depth (also scales the output-projection init)."""
         return 1
 
-    def hidden_states(self, inputs: Tensor, valid: Tensor | None) -> Tensor:
-        """Final hidden states [B, T, d] (after the final norm) for input tokens [B, T]."""
-        x = self.backbone.embed_in(inputs)
-        if valid is None:
-            return self.backbone(x)
-        return self.backbone(x, positions=positions_from_valid(valid), mask=causal_mask(valid))
+    @property
+    def embed_scale(self) -> float:
+        return 1.0
 
-    def forward_flops_per_token(self, context: int) -> float:
-        """FLOPs of one inference forward per token (the x-vanilla numerator)."""
-        return flops.vanilla_forward_flops(self.config, context)
+    def build_feedback(self) -> Feedback:
+        return Feedback()
 
-    # -- shared behaviour ----------------------------------------------------------------------
+    def aux_loss(self, trace: Trace) -> Tensor | None:
+        """Extra training loss from the recurrence (e.g. AdaPonderLM's ponder loss)."""
+        return None
+
+    # -- the model -----------------------------------------------------------------------------
+    @property
+    def recurrence(self) -> Recurrence:
+        # Built lazily: subclasses finish setting up the gate after this base __init__ returns.
+        if getattr(self, "_recurrence", None) is None:
+            self._recurrence = Recurrence(self.backbone, self.build_feedback(), self.gate, self.n_iterations, self.embed_scale)
+        return self._recurrence
+
+    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
+        """Final hidden states [B, T, d] (after the final norm) and the halting trace."""
+        return self.recurrence(inputs, valid)
+
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for input tokens [B, T]."""
-        return self.backbone.logits(self.hidden_states(inputs, valid))
+        return self.backbone.logits(self.hidden_states(inputs, valid)[0])
 
-    def loss(self, batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Mean next-token cross-entropy over non-padding targets, and the number of such targets."""
+    def training_loss(self, batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor, Trace]:
+        """Mean next-token cross-entropy over non-padding targets (fused with the LM head),
+        the number of such targets, and the trace."""
         inputs, targets, valid = split_batch(batch)
-        hidden = self.hidden_states(inputs, valid)
+        hidden, trace = self.hidden_states(inputs, valid)
         loss = linear_cross_entropy(hidden.flatten(0, 1), self.backbone.embed_out.weight, targets.flatten())
-        return loss, (targets != IGNORE_INDEX).sum()
+        return loss, (targets != IGNORE_INDEX).sum(), trace
 
+    # -- FLOPs -----------------------------------------------------------------------------
+    def realised_flops(self, active_fractions: list[float], context: int) -> dict[str, float]:
+        """Inference FLOPs per token (x vanilla) at the given per-iteration active fractions."""
+        return flops.recurrent_forward_flops(
+            self.config,
+            context,
+            active_fractions,
+            self.build_feedback().extra_flops_per_token(self.backbone),
+            self.gate.extra_flops_per_token(self.config.d_model),
+        )
+
+    def full_depth_flops_per_token(self, context: int) -> float:
+        """Forward FLOPs per token with every token running every iteration (what training does)."""
+        return self.realised_flops([1.0] * self.n_iterations, context)["x_vanilla"] * flops.vanilla_forward_flops(self.config, context)
+
+    # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(datamodule, "seq_len", None)
-        if seq_len is not None and seq_len > self.config.max_seq_len:
+        if seq_len is None:
+            return
+        if seq_len > self.config.max_seq_len:
             raise UserError(
                 f"data seq_len={seq_len} is longer than the model's context max_seq_len={self.config.max_seq_len}: "
                 f"lower data.init_args.seq_len or raise model.init_args.max_seq_len"
             )
-        if seq_len is not None:
-            batch = getattr(datamodule, "batch_size", 1) // max(self.trainer.world_size, 1)
-            self.flops_per_batch = flops.training_flops(self.forward_flops_per_token(seq_len)) * seq_len * batch
+        rows = getattr(datamodule, "batch_size", 1) // max(self.trainer.world_size, 1)
+        self.flops_per_batch = flops.training_flops(self.full_depth_flops_per_token(seq_len)) * seq_len * rows
 
     def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, n_tokens = self.loss(batch)
+        ce, n_tokens, trace = self.training_loss(batch)
+        aux = self.aux_loss(trace)
+        loss = ce if aux is None else ce + aux
         self._check_finite(loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if aux is not None:
+            self.log("train/ce", ce)
+            self.log("train/aux_loss", aux)
+        if self.n_iterations > 1:
+            self._log_depth("train", trace, split_batch(batch)[0].shape[1])
+        self.last_trace = Trace([a.detach() for a in trace.active], [None if s is None else s.detach() for s in trace.scores])
         return loss
 
+    def _log_depth(self, stage: str, trace: Trace, context: int) -> None:
+        fractions = trace.active_fractions()
+        self.log(f"{stage}/depth_mean", fractions.sum())
+        self.log(f"{stage}/halted_fraction", 1 - fractions.mean())
+        for i, f in enumerate(fractions):
+            self.log(f"{stage}/active_fraction/iter_{i}", f)
+        for name, value in self.realised_flops(fractions.tolist(), context).items():
+            self.log(f"{stage}/flops_{name}", value)
+
     def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
-        loss, n_tokens = self.loss(batch)
-        self.val_loss.update(loss, weight=n_tokens)
+        inputs, targets, valid = split_batch(batch)
+        hidden, trace = self.hidden_states(inputs, valid)
+        logits = self.backbone.logits(hidden).float()
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        counted = targets.flatten() != IGNORE_INDEX
+        self.eval_metric.update(nll[counted], trace.depth().flatten()[counted])
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        self._log_eval("val")
 
     def test_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", torch.exp(loss))
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        result = self.eval_metric.compute()
+        self.log(f"{stage}/loss", result["loss"], prog_bar=True)
+        self.log(f"{stage}/ppl", torch.exp(result["loss"]))
+        if self.n_iterations > 1:
+            self.log(f"{stage}/depth_mean", result["depth_mean"])
+            fractions = result["active_fractions"].tolist()
+            for i, f in enumerate(fractions):
+                self.log(f"{stage}/active_fraction/iter_{i}", f)
+            context = getattr(getattr(self.trainer, "datamodule", None), "seq_len", self.config.max_seq_len)
+            self.log(f"{stage}/flops_x_vanilla", self.realised_flops(fractions, context)["x_vanilla"])
+        self.depth_vs_nll = self.eval_metric.table()
+        self.eval_metric.reset()
 
     def _check_finite(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
@@ -160,21 +228,22 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            ],
             lr=hp.lr,
             betas=tuple(hp.betas),
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = max(int(hp.warmup_fraction * total), 1)
-        schedule = warmup_cosine(warmup, total, hp.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
+def warmup_cosine(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
 
     def multiplier(step: int) -> float:

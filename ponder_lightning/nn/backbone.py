@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ponder_lightning.nn.config import BackboneConfig
 
@@ -117,6 +118,7 @@ class Backbone(nn.Module):
         self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
+        self.activation_checkpointing = False
 
     def init_weights(self, passes_per_token: int = 1) -> None:
         """Pythia/PonderLM init: truncated normal with sigma = sqrt(2 / (5 d)); residual-output
@@ -151,7 +153,10 @@ class Backbone(nn.Module):
         """
         cos, sin = self.rotary(positions, x.shape[1])
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, kv_hook, i)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, kv_hook, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_hook, i)
         return self.final_layer_norm(x) if final_norm else x
 
     def logits(self, h: Tensor) -> Tensor:

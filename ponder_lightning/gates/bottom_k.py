@@ -1,0 +1,54 @@
+"""Fixed-capacity gate: halt the lowest-scoring fraction of the still-active tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ponder_lightning.gates.base import GateDecision, halt_below
+from ponder_lightning.gates.mlp import PerIterationMLPGate
+
+
+class BottomKGate(PerIterationMLPGate):
+    """In training, each decision halts the `ratio` lowest-scoring fraction of the active tokens of
+    the whole batch (a rank, as in mixture-of-depths). A batch-wide rank would look at future
+    tokens at decode time, so in eval mode the gate instead halts below a threshold learned in
+    training: an exponential moving average of the rank's cut-off score, per decision.
+
+    Args:
+        ratio: fraction of the still-active tokens halted at each decision.
+        momentum: EMA factor of the learned thresholds.
+        hidden_mult, init_bias: as for PerIterationMLPGate.
+    """
+
+    def __init__(self, ratio: float = 0.1, momentum: float = 0.99, hidden_mult: int = 4, init_bias: float = 2.0) -> None:
+        super().__init__(hidden_mult=hidden_mult, init_bias=init_bias, tau=0.0)
+        if not 0.0 <= ratio < 1.0:
+            raise ValueError(f"BottomKGate ratio must be in [0, 1), got {ratio}")
+        self.ratio, self.momentum = ratio, momentum
+
+    def bind(self, d_model: int, n_decisions: int) -> None:
+        super().bind(d_model, n_decisions)
+        self.register_buffer("thresholds", torch.zeros(n_decisions))
+        self.register_buffer("thresholds_seen", torch.zeros(n_decisions, dtype=torch.bool))
+
+    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
+        scores = self.scorer(iteration)(h).squeeze(-1).float().sigmoid()
+        if not self.training:
+            return GateDecision(scores=scores, active=halt_below(scores, active, self.thresholds[iteration]))
+        candidates = scores.detach()[active]
+        n_halt = int(self.ratio * candidates.numel())
+        if n_halt == 0:
+            return GateDecision(scores=scores, active=active)
+        cutoff = candidates.kthvalue(n_halt).values
+        self._track(iteration, cutoff)
+        return GateDecision(scores=scores, active=active & (scores.detach() > cutoff))
+
+    @torch.no_grad()
+    def _track(self, iteration: int, cutoff: Tensor) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(cutoff, op=torch.distributed.ReduceOp.AVG)
+        old = self.thresholds[iteration]
+        new = torch.where(self.thresholds_seen[iteration], self.momentum * old + (1 - self.momentum) * cutoff, cutoff)
+        self.thresholds[iteration] = new
+        self.thresholds_seen[iteration] = True

@@ -1,0 +1,46 @@
+"""`RecurrentLM`: the parts PonderLM, LoopTransformer and AdaPonderLM share on top of the base —
+a pluggable gate, a pluggable compute regulariser, embedding scaling and a gate-only stage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ponder_lightning.gates import AlwaysContinue, Gate, NoPonderLoss, PonderRegularizer
+from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.nn.recurrence import Trace
+
+
+class RecurrentLM(CausalLMModule):
+    """Args:
+    gate: decides per token whether to run the next iteration (default: the model's own,
+        AlwaysContinue for PonderLM/LoopTransformer, PerIterationMLPGate for AdaPonderLM).
+    regularizer: loss on the gate scores (default: the model's own; NoPonderLoss = CE only).
+    scale_embeds: multiply token embeddings by sqrt(d) (mixture feedback) or sqrt(2.5 d) (hidden feedback).
+    train_only_gates: freeze everything but the gate (continued pretraining's first stage).
+    """
+
+    def __init__(
+        self,
+        gate: Gate | None = None,
+        regularizer: PonderRegularizer | None = None,
+        scale_embeds: bool = True,
+        train_only_gates: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.gate = gate if gate is not None else self.default_gate()
+        self.gate.bind(self.config.d_model, self.n_iterations - 1)
+        self.regularizer = regularizer if regularizer is not None else self.default_regularizer()
+        if train_only_gates:
+            self.backbone.requires_grad_(False)
+
+    def default_gate(self) -> Gate:
+        return AlwaysContinue()
+
+    def default_regularizer(self) -> PonderRegularizer:
+        return NoPonderLoss()
+
+    def aux_loss(self, trace: Trace) -> Tensor | None:
+        return self.regularizer(trace.scores, trace.active[:-1], self.global_step)

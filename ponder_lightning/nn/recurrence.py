@@ -1,0 +1,186 @@
+"""The recurrence every pondering model shares, written once.
+
+    state = feedback.initial(embeddings); active = m^0 (every real token)
+    for i in range(n_iterations):
+        h = backbone(feedback.inputs(state), K/V of halted tokens kept from their last iteration)
+        out = where(active, h, out)                 # readout from each token's last active pass
+        if last: break
+        decision = gate(h, i, active)               # soft scores s^i and the next mask m^{i+1}
+        state = feedback.update(state, h, m^{i+1} * s^i)
+
+PonderLM (probability-weighted embedding feedback), LoopTransformer (hidden-state feedback) and
+AdaPonderLM (PonderLM + learned gate) differ only in the feedback and the gate plugged in; the
+vanilla model is the one-iteration case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ponder_lightning.gates.base import Gate
+from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
+
+
+class Feedback:
+    """How one iteration's output becomes the next iteration's input (no parameters of its own)."""
+
+    def initial(self, embeds: Tensor) -> Tensor:
+        return embeds
+
+    def inputs(self, state: Tensor, embeds: Tensor, iteration: int) -> Tensor:
+        return state
+
+    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
+        """Next state from the pass's output before (`h_raw`) and after (`h`) the final norm.
+        `weight` [B, T] = m^{i+1} * s^i, or None when every token continues ungated."""
+        return h_raw
+
+    def extra_flops_per_token(self, backbone: Backbone) -> float:
+        """FLOPs per token of one feedback computation (e.g. the pondering mixture)."""
+        return 0.0
+
+
+class PonderFeedback(Feedback):
+    """PonderLM: E <- E + softmax(embed_out(h)) @ V, V the (scaled) input embedding table.
+
+    Args:
+        embed_scale: the same scale as applied to the token embeddings (sqrt(d) or 1).
+        top_k: mix only the k most probable tokens' embeddings (None = full vocabulary).
+        start_multiplier: E starts at start_multiplier * E0 (PonderLM's multiply_pondering_steps).
+    """
+
+    def __init__(self, embed_scale: float, top_k: int | None = None, start_multiplier: float = 1.0) -> None:
+        self.embed_scale, self.top_k, self.start_multiplier = embed_scale, top_k, start_multiplier
+
+    def initial(self, embeds: Tensor) -> Tensor:
+        return embeds * self.start_multiplier if self.start_multiplier != 1.0 else embeds
+
+    def mixture(self, backbone: Backbone, h: Tensor) -> Tensor:
+        logits = backbone.logits(h).float()
+        table = backbone.embed_in.weight
+        if self.top_k is None:
+            mixed = logits.softmax(dim=-1).to(table.dtype) @ table
+        else:
+            top_logits, top_ids = logits.topk(self.top_k, dim=-1)
+            probs = top_logits.softmax(dim=-1).to(table.dtype)
+            mixed = torch.einsum("btk,btkd->btd", probs, table[top_ids])
+        return mixed * self.embed_scale
+
+    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
+        mixed = self.mixture(backbone, h)
+        return state + mixed if weight is None else state + weight.unsqueeze(-1).to(mixed.dtype) * mixed
+
+    def extra_flops_per_token(self, backbone: Backbone) -> float:
+        cfg = backbone.config
+        mixed_rows = self.top_k or cfg.vocab_size
+        return 2.0 * cfg.d_model * cfg.vocab_size + 2.0 * cfg.d_model * mixed_rows
+
+
+class LoopFeedback(Feedback):
+    """LoopTransformer: the next pass reads this pass's raw (pre-final-norm) hidden states.
+
+    With a gate, a continuing token moves towards its new state by its score:
+    state + s * (h - state), which is exactly h at s = 1.
+
+    Args:
+        input_injection: add the token embeddings to every later pass's input (h + E0).
+    """
+
+    def __init__(self, input_injection: bool = False) -> None:
+        self.input_injection = input_injection
+
+    def inputs(self, state: Tensor, embeds: Tensor, iteration: int) -> Tensor:
+        return state + embeds if self.input_injection and iteration > 0 else state
+
+    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
+        return h_raw if weight is None else state + weight.unsqueeze(-1).to(h_raw.dtype) * (h_raw - state)
+
+
+class KVAlignment:
+    """KV reuse in the training-time `where` form: in every layer, a token that is not active at
+    this iteration attends and is attended with the K/V of its last active iteration.
+
+    One instance per iteration; it only reads the previous iteration's K/V and writes its own, so
+    re-running it under activation checkpointing recomputes the same values.
+    """
+
+    def __init__(self, previous: KVAlignment | None, active: Tensor) -> None:
+        self.previous = previous
+        self.keep_new = active[:, None, :, None]
+        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.previous is not None:
+            old_k, old_v = self.previous.kv[layer]
+            k, v = torch.where(self.keep_new, k, old_k), torch.where(self.keep_new, v, old_v)
+        self.kv[layer] = (k, v)
+        return k, v
+
+
+@dataclass
+class Trace:
+    """What the recurrence did: `active[i]` = m^i (bool [B, T]) for every iteration,
+    `scores[i]` = s^i for every decision (None for gates without scores)."""
+
+    active: list[Tensor] = field(default_factory=list)
+    scores: list[Tensor | None] = field(default_factory=list)
+
+    def depth(self) -> Tensor:
+        """Iterations each token ran, [B, T] (0 for padding)."""
+        return torch.stack(self.active).sum(0)
+
+    def active_fractions(self) -> Tensor:
+        """Fraction of the real tokens that ran each iteration, [n_iterations] (the first is 1)."""
+        counts = torch.stack([a.sum() for a in self.active]).float()
+        return counts / counts[0].clamp(min=1)
+
+
+class Recurrence:
+    """Runs `n_iterations` backbone passes with a feedback rule and a gate (see module docstring).
+
+    A plain object, not a module: the backbone and gate are registered on the LightningModule,
+    so checkpoints hold each parameter once under its natural name.
+    """
+
+    def __init__(self, backbone: Backbone, feedback: Feedback, gate: Gate, n_iterations: int, embed_scale: float) -> None:
+        if n_iterations < 1:
+            raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+        self.backbone, self.feedback, self.gate = backbone, feedback, gate
+        self.n_iterations, self.embed_scale = n_iterations, embed_scale
+
+    def __call__(self, tokens: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
+        """Final hidden states [B, T, d] (after the final norm) and the trace of halting."""
+        b, t = tokens.shape
+        if valid is None:
+            positions, mask = None, None
+            active = torch.ones(b, t, dtype=torch.bool, device=tokens.device)
+        else:
+            positions, mask, active = positions_from_valid(valid), causal_mask(valid), valid.bool()
+        gate_positions = positions if positions is not None else torch.arange(t, device=tokens.device).expand(b, t)
+        embeds = self.backbone.embed_in(tokens)
+        if self.embed_scale != 1.0:
+            embeds = embeds * self.embed_scale
+        state = self.feedback.initial(embeds)
+        trace, out, alignment = Trace(), None, None
+        for i in range(self.n_iterations):
+            trace.active.append(active)
+            if self.gate.can_halt:
+                alignment = KVAlignment(alignment if i > 0 else None, active)
+            h_raw = self.backbone(self.feedback.inputs(state, embeds, i), positions, mask, kv_hook=alignment, final_norm=False)
+            h = self.backbone.final_layer_norm(h_raw)
+            out = h if out is None else torch.where(active.unsqueeze(-1), h, out)
+            if i == self.n_iterations - 1:
+                break
+            decision = self.gate(h, i, active, tokens, gate_positions)
+            trace.scores.append(decision.scores)
+            weight = None
+            if self.gate.can_halt:
+                weight = decision.active.to(h.dtype)
+                if decision.scores is not None:
+                    weight = weight * decision.scores.to(h.dtype)
+            state = self.feedback.update(self.backbone, state, h_raw, h, weight)
+            active = decision.active
+        return out, trace
