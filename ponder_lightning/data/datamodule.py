@@ -1,0 +1,209 @@
+"""``PileDataModule``: packed language-modelling batches from Pile-format text or token shards."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from ponder_lightning.data.packing import PackedBlocks, split_documents
+from ponder_lightning.data.sampling import EvalBatchSampler, TrainBatchSampler
+from ponder_lightning.data.shards import TokenStream, load_token_shards
+from ponder_lightning.data.sources import embedded_corpus, resolve_sources
+from ponder_lightning.data.tokenized import cached_token_stream
+from ponder_lightning.data.tokenizer import Tokenizer, load_tokenizer
+from ponder_lightning.errors import UserError
+
+
+class PileDataModule(L.LightningDataModule):
+    """Pythia-style packed token blocks, reproducible across restarts and world sizes.
+
+    Every document is tokenised, followed by EOS and concatenated into one stream per split;
+    batches are ``LongTensor[batch_size // world_size, seq_len + 1]`` of consecutive tokens (the
+    model shifts inputs and targets). Tokenising happens once, in ``prepare_data`` (or ``setup``
+    if that is all that runs), into an on-disk cache.
+
+    Training batch ``g`` is a pure function of (seed, g, rank), and the train loader starts at
+    the trainer's micro-batch count (``global_step * accumulate_grad_batches``), so a run resumed
+    from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+
+    The module shards batches across ranks itself: build the Trainer with
+    ``use_distributed_sampler=False`` (otherwise Lightning would try to replace the sampler in
+    distributed runs; this module raises a ``UserError`` instead of letting that happen).
+    ``overfit_batches`` is not supported for the same reason.
+
+    Args:
+        data_files: Pile-format ``*.jsonl`` / ``*.jsonl.zst`` files (records with a text field),
+            plain ``*.txt`` files (one document each), directories or globs of them, or a Hugging
+            Face dataset name (online only). None uses the CPython documentation corpus shipped
+            with the package.
+        val_files: Separate validation files in the same forms. Without them the last
+            ``val_fraction`` of the documents are held out.
+        tokens: Pre-tokenised data instead of ``data_files``: a directory written by
+            ``write_token_shards`` (``meta.json`` + ``*.bin`` shards) or one shard of it. It must
+            have been made with the same tokenizer.
+        tokenizer: ``neox`` (Pythia's GPT-NeoX-20B tokenizer, bundled), ``bytes`` (UTF-8
+            bytes), a local ``tokenizer.json`` or Hugging Face tokenizer directory, or a hub name
+            (online only).
+        seq_len: Tokens per training sequence; each block holds ``seq_len + 1`` tokens.
+        batch_size: Global batch per micro-step across all ranks; each rank loads
+            ``batch_size // world_size`` sequences, so the world size must divide it.
+        val_fraction: Fraction of documents held out for validation when ``val_files`` is unset.
+        val_batches: Global validation batches per evaluation (fewer if there is not enough
+            validation data).
+        seed: Seed of the training order.
+        cache_dir: Token cache directory (default: ``$PONDER_CACHE`` or
+            ``~/.cache/ponder_lightning``).
+        num_workers: DataLoader worker processes (0 reads blocks in the main process, which is
+            usually fast enough because blocks are slices of memory-mapped files).
+        text_field: Record field holding the document text in JSON lines files.
+    """
+
+    def __init__(
+        self,
+        data_files: str | list[str] | None = None,
+        val_files: str | list[str] | None = None,
+        tokens: str | None = None,
+        tokenizer: str = "neox",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        val_batches: int = 8,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        text_field: str = "text",
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("seq_len", seq_len, 1),
+            ("batch_size", batch_size, 1),
+            ("val_batches", val_batches, 0),
+            ("seed", seed, 0),
+            ("num_workers", num_workers, 0),
+        ):
+            if value < low:
+                raise UserError(f"data.{name}={value} is invalid: it must be at least {low}")
+        if not 0 <= val_fraction < 1:
+            raise UserError(f"data.val_fraction={val_fraction} is invalid: use a value in [0, 1)")
+        if data_files is not None and tokens is not None:
+            raise UserError(
+                "data.data_files and data.tokens are both set: pass text files or pre-tokenised data, not both"
+            )
+        for name, files in (("data_files", data_files), ("val_files", val_files)):
+            if isinstance(files, list) and not files:
+                raise UserError(f"data.{name} is an empty list: pass at least one file, or leave it unset")
+        self.save_hyperparameters()
+        self.data_files, self.val_files, self.tokens = data_files, val_files, tokens
+        self.tokenizer_spec, self.text_field, self.cache_dir = tokenizer, text_field, cache_dir
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.val_fraction, self.val_batches, self.num_workers = val_fraction, val_batches, num_workers
+        self.train_dataset: PackedBlocks | None = None
+        self.val_dataset: PackedBlocks | None = None
+
+    @cached_property
+    def tokenizer_obj(self) -> Tokenizer:
+        """The configured tokenizer (loaded on first use)."""
+        return load_tokenizer(self.tokenizer_spec)
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can emit; the model pads its embedding table beyond this."""
+        return self.tokenizer_obj.vocab_size
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer_obj.eos_id
+
+    def prepare_data(self) -> None:
+        """Tokenise into the cache (Lightning calls this on one process per node)."""
+        self._streams()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the cached streams and check there is enough data for one step."""
+        if self.train_dataset is not None:
+            return
+        train, val = self._streams()
+        need = self.seq_len + 1
+        if len(train) < need:
+            raise UserError(
+                f"training data ({self._describe_train()}) has {len(train)} tokens but seq_len={self.seq_len} needs at "
+                f"least {need}: add data, or lower data.seq_len or data.val_fraction"
+            )
+        self.train_dataset, self.val_dataset = PackedBlocks(train, self.seq_len), PackedBlocks(val, self.seq_len)
+        if len(self.train_dataset) < self.batch_size:
+            raise UserError(
+                f"training data ({self._describe_train()}) gives {len(self.train_dataset)} blocks of {need} tokens, "
+                f"fewer than one global batch (data.batch_size={self.batch_size}): add data, or lower data.seq_len "
+                "or data.batch_size"
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        rank, world = self._rank_and_world()
+        sampler = TrainBatchSampler(
+            len(self.train_dataset), self.batch_size, rank, world, self.seed, self._start_batch()
+        )
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """The first ``val_batches`` global batches of validation blocks, in order."""
+        self.setup("validate")
+        rank, world = self._rank_and_world()
+        num_batches = min(self.val_batches, len(self.val_dataset) // self.batch_size)
+        return self._loader(self.val_dataset, EvalBatchSampler(num_batches, self.batch_size, rank, world))
+
+    def _loader(self, dataset: PackedBlocks, sampler: TrainBatchSampler | EvalBatchSampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _streams(self) -> tuple[TokenStream, TokenStream]:
+        """(train, val) token streams, tokenising into the cache when needed."""
+        tok = self.tokenizer_obj
+        if self.tokens is not None:
+            stream, num_docs = load_token_shards(self.tokens, tok)
+        else:
+            sources = resolve_sources(self.data_files) if self.data_files is not None else embedded_corpus()
+            stream, num_docs = cached_token_stream(sources, tok, self.text_field, self.cache_dir)
+        if self.val_files is not None:
+            val, _ = cached_token_stream(resolve_sources(self.val_files), tok, self.text_field, self.cache_dir)
+            return stream, val
+        return split_documents(stream, num_docs, self.val_fraction, tok.eos_id)
+
+    def _describe_train(self) -> str:
+        if self.tokens is not None:
+            return f"data.tokens={self.tokens}"
+        return f"data.data_files={self.data_files}" if self.data_files is not None else "the embedded corpus"
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """Rank and world size from the attached trainer (0/1 when used on its own)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if getattr(connector, "use_distributed_sampler", False) and getattr(connector, "is_distributed", False):
+            raise UserError(
+                "Trainer(use_distributed_sampler=True) would replace PileDataModule's sampler, which already shards "
+                "batches by rank: create the Trainer with use_distributed_sampler=False"
+            )
+        if self.batch_size % trainer.world_size:
+            raise UserError(
+                f"data.batch_size={self.batch_size} is the global batch and must be divisible by the world size "
+                f"{trainer.world_size} (devices x nodes): use a multiple of {trainer.world_size}"
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _start_batch(self) -> int | Callable[[], int]:
+        """Where training resumes: the trainer's micro-batch count, read when each epoch starts."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return lambda: trainer.global_step * trainer.accumulate_grad_batches
