@@ -159,7 +159,7 @@ class CausalLMModule(L.LightningModule):
         if seq_len > self.config.max_seq_len:
             raise UserError(
                 f"data seq_len={seq_len} is longer than the model's context max_seq_len={self.config.max_seq_len}: "
-                f"lower data.init_args.seq_len or raise model.init_args.max_seq_len"
+                f"lower data.seq_len or raise model.init_args.max_seq_len"
             )
         rows = getattr(datamodule, "batch_size", 1) // max(self.trainer.world_size, 1)
         self.flops_per_batch = flops.training_flops(self.full_depth_flops_per_token(seq_len)) * seq_len * rows

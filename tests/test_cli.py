@@ -1,0 +1,101 @@
+"""The command line as a user runs it: LightningCLI fit/validate, overrides, clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ponder_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# A byte tokenizer and a tiny model keep CLI tests fast; the NeoX path is covered by data tests.
+TINY = ["--data.tokenizer", "bytes", "--model.init_args.size", "tiny", "--data.seq_len", "64", "--data.batch_size", "4"]
+
+
+def fit(tmp_path: Path, *extra: str, config: str = "vanilla") -> None:
+    main(["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *TINY, "--trainer.default_root_dir", str(tmp_path), *extra])
+
+
+def scalars(logdir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("config", ["vanilla", "ponderlm", "loop", "adaponderlm"])
+def test_every_config_fits_with_fast_dev_run(tmp_path, config):
+    fit(tmp_path, "--trainer.fast_dev_run", "2", config=config)
+
+
+def test_short_run_learns_and_logs_to_tensorboard(tmp_path):
+    fit(
+        tmp_path,
+        "--trainer.max_steps", "60",
+        "--trainer.val_check_interval", "20",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "5",
+        "--model.init_args.lr", "3e-3",
+    )
+    version = tmp_path / "lightning_logs" / "version_0"
+    logged = scalars(version)
+    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "train/device/items_per_sec"):
+        assert tag in logged, f"{tag} missing from TensorBoard; have {sorted(logged)}"
+    val = logged["val/loss"]
+    assert len(val) == 3 and val[-1] < val[1] < val[0] - 0.1, val
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    assert (version / "config.yaml").is_file()
+
+
+def test_print_config_shows_resolved_yaml_with_overrides(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "adaponderlm.yaml"), "--model.init_args.lr", "0.0042", "--data.seq_len", "96", "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: ponder_lightning.models.AdaPonderLM" in out
+    assert "lr: 0.0042" in out and "seq_len: 96" in out
+    assert "class_path: ponder_lightning.gates.PerIterationMLPGate" in out
+
+
+def test_gate_overlay_swaps_the_gate(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "adaponderlm.yaml"), "--config", str(ROOT / "configs" / "gates" / "single_mlp.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    assert "ponder_lightning.gates.SingleMLPGate" in out and "PerIterationMLPGate" not in out
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ponder_lightning", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+    result = run_cli("fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--model.init_args.learning_rate", "1e-3", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "learning_rate" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, culprit",
+    [
+        (["--data.data_files", "does/not/exist.jsonl"], "does/not/exist.jsonl"),
+        (["--model.init_args.size", "pythia-15m"], "pythia-15m"),
+        (["--data.seq_len", "4096", "--model.init_args.size", "pythia-14m", "--data.tokenizer", "bytes"], "max_seq_len"),
+        (["--data.tokenizer", "neox", "--model.init_args.vocab_size", "1024"], "vocab_size"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, args, culprit):
+    result = run_cli("fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and culprit in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_pile_jsonl_files_train_with_no_other_change(tmp_path):
+    docs = tmp_path / "pile"
+    docs.mkdir()
+    records = [{"text": f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * 20, "meta": {"pile_set_name": "Pile-CC"}} for i in range(40)]
+    (docs / "00.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    fit(tmp_path, "--data.data_files", str(docs / "*.jsonl"), "--trainer.fast_dev_run", "2")
