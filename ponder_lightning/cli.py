@@ -34,9 +34,23 @@ def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
     )
 
 
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind an exception, if any (jsonargparse wraps errors raised while it
+    instantiates the model or data module)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
     try:
         run_lightning_cli(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error_in(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
