@@ -75,3 +75,56 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
     return "\n".join(lines)
+
+
+class DepthMonitor(Callback):
+    """TensorBoard views of adaptive depth: a histogram of the gate scores of each decision (over
+    the tokens that were active there) every `log_every_n_steps`, and at each validation a
+    depth-vs-NLL figure (tokens per depth and their mean NLL). Silent for one-pass models and
+    without a TensorBoard logger."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trace = getattr(pl_module, "last_trace", None)
+        writer = _tensorboard(trainer)
+        if trace is None or writer is None or (trainer.global_step % max(trainer.log_every_n_steps, 1)):
+            return
+        for i, (scores, active) in enumerate(zip(trace.scores, trace.active)):
+            if scores is not None and active.any():
+                writer.add_histogram(f"gate/scores_iter_{i}", scores[active].float().cpu(), trainer.global_step)
+        writer.add_histogram("depth/tokens", trace.depth()[trace.active[0]].float().cpu(), trainer.global_step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        table = getattr(pl_module, "depth_vs_nll", None)
+        writer = _tensorboard(trainer)
+        if trainer.sanity_checking or not table or writer is None or getattr(pl_module, "n_iterations", 1) < 2:
+            return
+        writer.add_figure("val/depth_vs_nll", depth_vs_nll_figure(table), trainer.global_step)
+
+
+def _tensorboard(trainer: L.Trainer) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def depth_vs_nll_figure(table: list[tuple[int, int, float]]) -> Any:
+    """Bar chart of tokens per depth with the mean NLL of each depth on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths, counts, nlls = zip(*table)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(depths, counts, color="#9ab")
+    ax.set_xlabel("depth (iterations run)")
+    ax.set_ylabel("tokens")
+    nll_axis = ax.twinx()
+    nll_axis.plot(depths, nlls, "o-", color="#c33")
+    nll_axis.set_ylabel("mean NLL", color="#c33")
+    ax.set_xticks(list(depths))
+    fig.tight_layout()
+    return fig

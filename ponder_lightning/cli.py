@@ -9,7 +9,7 @@ import sys
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ponder_lightning.callbacks import FitSummary, TokenThroughput
+from ponder_lightning.callbacks import DepthMonitor, FitSummary, TokenThroughput
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
 from ponder_lightning.models import CausalLMModule
@@ -29,7 +29,7 @@ def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
         save_config_kwargs={"overwrite": True},
         # The DataModule shards batches across ranks itself (sampling is a pure function of
         # seed, step and rank), so Lightning must not wrap its sampler.
-        trainer_defaults={"use_distributed_sampler": False, "callbacks": [TokenThroughput(), FitSummary()]},
+        trainer_defaults={"use_distributed_sampler": False, "callbacks": [TokenThroughput(), DepthMonitor(), FitSummary()]},
         args=args,
     )
 

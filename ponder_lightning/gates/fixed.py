@@ -18,6 +18,11 @@ def active_fractions(schedule: str, n_iterations: int, target_depth: float) -> l
     if not 1.0 <= target_depth <= n_iterations:
         raise ValueError(f"target_depth must be within [1, {n_iterations}], got {target_depth}")
     if schedule == "uniform":
+        if n_iterations > 1 and target_depth < (n_iterations + 1) / 2:
+            raise ValueError(
+                f"a uniform schedule over {n_iterations} iterations reaches mean depth {(n_iterations + 1) / 2} at the least "
+                f"(its last iteration would need a negative active fraction for {target_depth}): use schedule 'geometric'"
+            )
         step = 2 * (n_iterations - target_depth) / (n_iterations * (n_iterations - 1)) if n_iterations > 1 else 0.0
         return [1.0 - i * step for i in range(n_iterations)]
     if schedule == "geometric":
@@ -59,7 +64,7 @@ class FixedRatioGate(Gate):
         super().bind(d_model, n_decisions)
         fractions = active_fractions(self.schedule, n_decisions + 1, self.target_depth)
         # Probability that a token active at iteration i halts before i+1.
-        self.halt_probs = [1.0 - fractions[i + 1] / fractions[i] for i in range(n_decisions)]
+        self.halt_probs = [1.0 - fractions[i + 1] / fractions[i] if fractions[i] > 0 else 1.0 for i in range(n_decisions)]
 
     def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
         draws = token_uniform(tokens, positions, iteration, self.seed)

@@ -41,7 +41,7 @@ class BottomKPonderLoss(PonderRegularizer):
     def k_at(self, step: int) -> float:
         if step < self.start_step:
             return 0.0
-        return self.k_max * min(1.0, (step - self.start_step + 1) / max(self.ramp_steps, 1))
+        return self.k_max * min(1.0, (step - self.start_step) / max(self.ramp_steps, 1))
 
     def __call__(self, scores: list[Tensor | None], active: list[Tensor], step: int) -> Tensor | None:
         entries = [s[a] for s, a in zip(scores, active) if s is not None]

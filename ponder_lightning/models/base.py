@@ -39,7 +39,9 @@ def split_batch(batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor, Tens
     if valid is None:
         return inputs, targets, None
     valid = valid.bool()
-    targets = targets.masked_fill(~valid[:, 1:], IGNORE_INDEX)
+    # A target counts only if it is real and so is the input predicting it (left padding's last
+    # pad position would otherwise "predict" the first real token).
+    targets = targets.masked_fill(~(valid[:, 1:] & valid[:, :-1]), IGNORE_INDEX)
     return inputs, targets, valid[:, :-1]
 
 
