@@ -45,9 +45,37 @@ def user_error_in(err: BaseException) -> UserError | None:
     return None
 
 
+def flops_command(argv: list[str]) -> None:
+    """`flops --config ... [--active 1,0.9,0.8,0.7] [--context N]`: inference FLOPs per token of the
+    configured model at full depth and, optionally, at given per-iteration active fractions."""
+    import argparse
+
+    from ponder_lightning.flops import format_flops_table
+
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning flops", description=flops_command.__doc__)
+    parser.add_argument("--active", action="append", default=[], help="comma-separated active fraction per iteration (repeatable)")
+    parser.add_argument("--context", type=int, default=None, help="attention context in tokens (default: the data seq_len)")
+    own, rest = parser.parse_known_args(argv)
+    cli = PonderCLI(CausalLMModule, PileDataModule, subclass_mode_model=True, run=False, args=rest,
+                    trainer_defaults={"use_distributed_sampler": False, "logger": False})
+    model, context = cli.model, own.context or cli.datamodule.seq_len
+    depths = [[1.0] * model.n_iterations] + [[float(x) for x in spec.split(",")] for spec in own.active]
+    for fractions in depths:
+        if len(fractions) != model.n_iterations:
+            raise UserError(f"--active {','.join(map(str, fractions))} has {len(fractions)} fractions; {type(model).__name__} runs {model.n_iterations} iterations")
+    print(format_flops_table(type(model).__name__, context, [(f, model.realised_flops(f, context)) for f in depths]))
+
+
+COMMANDS = {"flops": flops_command}
+
+
 def main(args: list[str] | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
     try:
-        run_lightning_cli(args)
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
+        else:
+            run_lightning_cli(args)
     except Exception as err:
         cause = user_error_in(err)
         if cause is None:

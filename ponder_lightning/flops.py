@@ -58,3 +58,19 @@ def recurrent_forward_flops(
         "feedback_x_vanilla": feedback / unit,
         "gate_x_vanilla": gates / unit,
     }
+
+
+def format_flops_table(model_name: str, context: int, rows: list[tuple[list[float], dict[str, float]]]) -> str:
+    """Markdown table of inference FLOPs per token (x vanilla) for several depth profiles."""
+    lines = [
+        f"{model_name}, context {context} tokens; FLOPs per token as multiples of one vanilla forward",
+        "| active fraction per iteration | passes | feedback | gates | total x vanilla |",
+        "|---|---|---|---|---|",
+    ]
+    for fractions, result in rows:
+        profile = ", ".join(f"{f:.3g}" for f in fractions)
+        lines.append(
+            f"| {profile} | {result['passes']:.3f} | {result['feedback_x_vanilla']:.3f} | "
+            f"{result['gate_x_vanilla']:.4f} | {result['x_vanilla']:.3f} |"
+        )
+    return "\n".join(lines)

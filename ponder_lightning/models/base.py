@@ -121,9 +121,13 @@ class CausalLMModule(L.LightningModule):
             self._recurrence = Recurrence(self.backbone, self.build_feedback(), self.gate, self.n_iterations, self.embed_scale)
         return self._recurrence
 
+    def effective_gate(self) -> Gate:
+        """The gate in force now (a model may bypass its gate early in training)."""
+        return self.gate
+
     def hidden_states(self, inputs: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
         """Final hidden states [B, T, d] (after the final norm) and the halting trace."""
-        return self.recurrence(inputs, valid)
+        return self.recurrence(inputs, valid, gate=self.effective_gate())
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for input tokens [B, T]."""

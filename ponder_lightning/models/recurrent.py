@@ -11,6 +11,8 @@ from ponder_lightning.gates import AlwaysContinue, Gate, NoPonderLoss, PonderReg
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.nn.recurrence import Trace
 
+ALWAYS_CONTINUE = AlwaysContinue()
+
 
 class RecurrentLM(CausalLMModule):
     """Args:
@@ -19,6 +21,10 @@ class RecurrentLM(CausalLMModule):
     regularizer: loss on the gate scores (default: the model's own; NoPonderLoss = CE only).
     scale_embeds: multiply token embeddings by sqrt(d) (mixture feedback) or sqrt(2.5 d) (hidden feedback).
     train_only_gates: freeze everything but the gate (continued pretraining's first stage).
+    gate_start_step: before this optimizer step the gate is bypassed (every token runs every
+        iteration at full weight), so that the model learns to use its passes before gates may
+        halt them; from scratch, gates met with an untrained mixture learn to skip it. 0 = gated
+        from the start.
     """
 
     def __init__(
@@ -27,6 +33,7 @@ class RecurrentLM(CausalLMModule):
         regularizer: PonderRegularizer | None = None,
         scale_embeds: bool = True,
         train_only_gates: bool = False,
+        gate_start_step: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -36,6 +43,13 @@ class RecurrentLM(CausalLMModule):
         if train_only_gates:
             self.backbone.requires_grad_(False)
 
+    @property
+    def gate_active(self) -> bool:
+        return self.global_step >= self.hparams.gate_start_step
+
+    def effective_gate(self) -> Gate:
+        return self.gate if self.gate_active else ALWAYS_CONTINUE
+
     def default_gate(self) -> Gate:
         return AlwaysContinue()
 
@@ -43,4 +57,6 @@ class RecurrentLM(CausalLMModule):
         return NoPonderLoss()
 
     def aux_loss(self, trace: Trace) -> Tensor | None:
+        if not self.gate_active:
+            return None
         return self.regularizer(trace.scores, trace.active[:-1], self.global_step)

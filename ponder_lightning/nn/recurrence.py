@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ponder_lightning.gates.base import Gate
 from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
+from ponder_lightning.nn.cache import CacheWriter, KVCache
 
 
 class Feedback:
@@ -151,8 +152,10 @@ class Recurrence:
         self.backbone, self.feedback, self.gate = backbone, feedback, gate
         self.n_iterations, self.embed_scale = n_iterations, embed_scale
 
-    def __call__(self, tokens: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
-        """Final hidden states [B, T, d] (after the final norm) and the trace of halting."""
+    def __call__(self, tokens: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+        """Final hidden states [B, T, d] (after the final norm) and the trace of halting.
+        `gate` overrides the recurrence's own gate for this call."""
+        gate = self.gate if gate is None else gate
         b, t = tokens.shape
         if valid is None:
             positions, mask = None, None
@@ -167,20 +170,82 @@ class Recurrence:
         trace, out, alignment = Trace(), None, None
         for i in range(self.n_iterations):
             trace.active.append(active)
-            if self.gate.can_halt:
+            if gate.can_halt:
                 alignment = KVAlignment(alignment if i > 0 else None, active)
             h_raw = self.backbone(self.feedback.inputs(state, embeds, i), positions, mask, kv_hook=alignment, final_norm=False)
             h = self.backbone.final_layer_norm(h_raw)
             out = h if out is None else torch.where(active.unsqueeze(-1), h, out)
             if i == self.n_iterations - 1:
                 break
-            decision = self.gate(h, i, active, tokens, gate_positions)
+            decision = gate(h, i, active, tokens, gate_positions)
             trace.scores.append(decision.scores)
             weight = None
-            if self.gate.can_halt:
+            if gate.can_halt:
                 weight = decision.active.to(h.dtype)
                 if decision.scores is not None:
                     weight = weight * decision.scores.to(h.dtype)
             state = self.feedback.update(self.backbone, state, h_raw, h, weight)
             active = decision.active
         return out, trace
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache, gate: Gate | None = None) -> tuple[Tensor, Tensor, list[int]]:
+        """Incremental form of the same recurrence: run new tokens [B, T_new] (prompt prefill, or
+        one token per row when decoding) against per-iteration caches holding the prefix.
+
+        Unlike the training form, each iteration runs the backbone only on the tokens still active
+        (packed per row with gather/scatter); halted tokens cost nothing there and their K/V are
+        inherited from the previous iteration's cache. Results equal the training form.
+        Returns hidden states [B, T_new, d], depth per token [B, T_new] (0 for padding) and the
+        number of token-evaluations the backbone ran at each iteration.
+        """
+        gate = self.gate if gate is None else gate
+        b, t_new = tokens.shape
+        slots, positions = cache.reserve(valid)
+        total_len = cache.length + t_new
+        embeds = self.backbone.embed_in(tokens)
+        if self.embed_scale != 1.0:
+            embeds = embeds * self.embed_scale
+        state = self.feedback.initial(embeds).clone()  # updated in place below; embeds must survive
+        out = torch.zeros_like(embeds)
+        active = valid.bool().clone()
+        depth = torch.zeros(b, t_new, dtype=torch.long, device=tokens.device)
+        evaluations = [0] * self.n_iterations
+        for i in range(self.n_iterations):
+            if i > 0:
+                halted_rows, halted_cols = (~active).nonzero(as_tuple=True)
+                cache.inherit(i, halted_rows, slots[halted_cols])
+            counts = active.sum(1)
+            rows = counts.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue  # nothing left to run; later iterations only inherit K/V
+            evaluations[i] = int(counts.sum())
+            depth += active
+            # Pack each row's active tokens to the front; padding entries repeat the row's first
+            # active token, so every write they cause is identical to a real one.
+            width = int(counts.max())
+            order = torch.argsort((~active[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
+            real = torch.arange(width, device=tokens.device) < counts[rows].unsqueeze(1)
+            cols = torch.where(real, order, order[:, :1])
+            pick = (rows.unsqueeze(1), cols)
+            query_slots = slots[cols]
+            mask = (torch.arange(total_len, device=tokens.device) <= query_slots.unsqueeze(-1)) & cache.key_valid[rows, None, :total_len]
+            writer = CacheWriter(cache, i, rows, query_slots, total_len, all_rows=rows.numel() == b)
+            x = self.feedback.inputs(state[pick], embeds[pick], i)
+            h_raw = self.backbone(x, positions[pick], mask.unsqueeze(1), kv_hook=writer, final_norm=False)
+            h = self.backbone.final_layer_norm(h_raw)
+            out[pick] = h
+            if i == self.n_iterations - 1:
+                break
+            decision = gate(h, i, torch.ones_like(real), tokens[pick], positions[pick])
+            weight = None
+            if gate.can_halt:
+                weight = decision.active.to(h.dtype)
+                if decision.scores is not None:
+                    weight = weight * decision.scores.to(h.dtype)
+            state[pick] = self.feedback.update(self.backbone, state[pick], h_raw, h, weight)
+            next_active = torch.zeros_like(active)
+            next_active[pick] = decision.active
+            active = next_active
+        cache.commit(valid)
+        return out, depth, evaluations
