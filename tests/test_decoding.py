@@ -1,0 +1,150 @@
+"""Decoding equals the training forward, for every model, with tokens halting at different
+iterations; batching changes nothing; halted tokens really cost no backbone compute."""
+
+import pytest
+import torch
+
+from ponder_lightning.data import load_tokenizer
+from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
+from ponder_lightning.generate import generate, new_cache, sample
+from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
+
+VOCAB = 256
+
+
+def halting_adaponder(gate=None) -> AdaPonderLM:
+    """AdaPonderLM whose gates halt a good share of tokens at every iteration (random last layer
+    with a negative bias), so depths 1..4 all occur."""
+    model = AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=gate)
+    with torch.no_grad():
+        for mlp in getattr(model.gate, "mlps", None) or [model.gate.mlp]:
+            mlp[2].weight.normal_(0, 3)
+            mlp[2].bias.fill_(-6)
+    return model.eval()
+
+
+def trained_bottom_k() -> AdaPonderLM:
+    model = AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=BottomKGate(ratio=0.3, momentum=0.0))
+    model.train()
+    with torch.no_grad():
+        model.hidden_states(torch.randint(0, VOCAB, (4, 32)))  # learns the thresholds
+    return model.eval()
+
+
+MODELS = {
+    "vanilla": lambda: VanillaLM(size="tiny", vocab_size=VOCAB),
+    "ponderlm": lambda: PonderLM(size="tiny", vocab_size=VOCAB),
+    "ponderlm_topk": lambda: PonderLM(size="tiny", vocab_size=VOCAB, mixture_top_k=7, multiply_pondering_steps=True),
+    "loop": lambda: LoopTransformer(size="tiny", vocab_size=VOCAB),
+    "loop_injection": lambda: LoopTransformer(size="tiny", vocab_size=VOCAB, input_injection=True),
+    "adaponder_halting": halting_adaponder,
+    "adaponder_single_mlp": lambda: halting_adaponder(SingleMLPGate()),
+    "adaponder_bottom_k": trained_bottom_k,
+    "ponderlm_fixed_ratio": lambda: PonderLM(size="tiny", vocab_size=VOCAB, gate=FixedRatioGate(target_depth=2.6)),
+    "loop_fixed_ratio": lambda: LoopTransformer(size="tiny", vocab_size=VOCAB, gate=FixedRatioGate(target_depth=2.6, schedule="geometric")),
+}
+
+
+def incremental(model, ids: torch.Tensor, prefill: int):
+    """Prefill `prefill` tokens, then decode the rest one at a time; logits and depth of every position."""
+    cache = new_cache(model, ids.shape[0], ids.shape[1])
+    hiddens, depths = [], []
+    for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+        chunk = ids[:, start:stop]
+        h, d, _ = model.recurrence.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), cache, gate=model.effective_gate())
+        hiddens.append(h)
+        depths.append(d)
+    return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("prefill", [1, 9])
+def test_decoding_equals_teacher_forced(name, prefill):
+    model = MODELS[name]().eval()
+    ids = torch.randint(0, VOCAB, (3, 24))
+    with torch.no_grad():
+        hidden, trace = model.hidden_states(ids)
+        expected = model.backbone.logits(hidden)
+    got, depth = incremental(model, ids, prefill)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    assert torch.equal(depth, trace.depth())
+    if name in ("adaponder_halting", "adaponder_bottom_k", "ponderlm_fixed_ratio"):
+        assert len(depth.unique()) >= 3, f"tokens should halt at several iterations, got depths {depth.unique().tolist()}"
+
+
+@pytest.mark.parametrize("name", ["ponderlm", "adaponder_halting", "loop_fixed_ratio"])
+def test_batch_of_ragged_prompts_equals_each_prompt_alone(name):
+    model = MODELS[name]()
+    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 11, 1)]
+    batched = generate(model, prompts, max_new_tokens=8)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_new_tokens=8)
+        assert batched.tokens[i] == alone.tokens[0]
+        assert batched.depths[i] == alone.depths[0]
+
+
+def test_greedy_generation_follows_teacher_forced_argmax():
+    model = halting_adaponder()
+    prompt = torch.randint(0, VOCAB, (6,)).tolist()
+    out = generate(model, [prompt], max_new_tokens=6)
+    full = torch.tensor([prompt + out.tokens[0]])
+    with torch.no_grad():
+        hidden, trace = model.hidden_states(full)
+        logits = model.backbone.logits(hidden)
+    expected = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
+    assert out.tokens[0] == expected
+    assert out.depths[0] == trace.depth()[0, len(prompt) - 1 : -1].tolist()
+
+
+def test_halted_tokens_cost_no_backbone_compute():
+    """Count the rows each iteration's backbone actually processes (a hook on the first layer)."""
+    model = halting_adaponder()
+    processed: list[int] = []
+    handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
+    ids = torch.randint(0, VOCAB, (4, 16))
+    with torch.no_grad():
+        _, trace = model.hidden_states(ids)
+    processed.clear()
+    cache = new_cache(model, 1, 16)
+    _, _, counts = model.recurrence.extend(ids[:1, :12], torch.ones(1, 12, dtype=torch.bool), cache)  # batch-1 prefill packs exactly
+    prefill_rows = list(processed)
+    active_first_row = [int(a[0, :12].sum()) for a in trace.active]
+    assert counts == active_first_row and [c for c in counts if c] == prefill_rows
+    assert counts[-1] < counts[0], "some tokens must halt for this test to mean anything"
+    handle.remove()
+
+    cache = new_cache(model, 4, 16)
+    model.recurrence.extend(ids[:, :12], torch.ones(4, 12, dtype=torch.bool), cache)
+    handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
+    for t in range(12, 16):
+        processed.clear()
+        _, _, counts = model.recurrence.extend(ids[:, t : t + 1], torch.ones(4, 1, dtype=torch.bool), cache)
+        expected = [int(a[:, t].sum()) for a in trace.active]
+        assert counts == expected
+        assert processed == [c for c in expected if c]  # one backbone row per active token, none for halted ones
+    handle.remove()
+
+
+def test_sampling_controls():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits, 0.0, None, None, None), logits.argmax(-1))
+    assert torch.equal(sample(logits, 1.0, 1, None, None), logits.argmax(-1))
+    assert torch.equal(sample(logits, 1.0, None, 1e-6, None), logits.argmax(-1))
+    draws = lambda: sample(logits, 1.0, 5, None, torch.Generator().manual_seed(3))
+    assert torch.equal(draws(), draws())
+    top5 = logits.topk(5, dim=-1).indices
+    for _ in range(20):
+        token = sample(logits, 2.0, 5, None, None)
+        assert all(token[i] in top5[i] for i in range(4))
+
+
+def test_stop_tokens_and_text_prompts():
+    tokenizer = load_tokenizer("bytes")
+    model = PonderLM(size="tiny", vocab_size=384)
+    free = generate(model, ["abc"], tokenizer=tokenizer, max_new_tokens=6)
+    stop_at = free.tokens[0][2]
+    stopped = generate(model, ["abc"], tokenizer=tokenizer, max_new_tokens=6, stop_tokens=[stop_at])
+    assert stopped.tokens[0] == free.tokens[0][: free.tokens[0].index(stop_at) + 1]
+    assert all(t < tokenizer.vocab_size for t in free.tokens[0])
+    assert isinstance(free.texts[0], str) and free.stats["generated_tokens"] == 6
