@@ -66,7 +66,39 @@ def flops_command(argv: list[str]) -> None:
     print(format_flops_table(type(model).__name__, context, [(f, model.realised_flops(f, context)) for f in depths]))
 
 
-COMMANDS = {"flops": flops_command}
+def generate_command(argv: list[str]) -> None:
+    """`generate --checkpoint CKPT --prompt TEXT [...]`: adaptive-depth decoding; prints the
+    continuation, the depth used for each generated token and the totals."""
+    import argparse
+
+    from ponder_lightning.data import load_tokenizer
+    from ponder_lightning.generate import generate
+    from ponder_lightning.models.checkpoint import load_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning generate", description=generate_command.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`")
+    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tokenizer", default=None, help="default: the one the checkpoint was trained with")
+    args = parser.parse_args(argv)
+    model, data_args = load_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(args.tokenizer or data_args.get("tokenizer", "neox"))
+    result = generate(model, args.prompt, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt, text, tokens, depths in zip(args.prompt, result.texts, result.tokens, result.depths):
+        print(f"--- prompt: {prompt!r}\n{prompt}{text}")
+        print("depth per generated token: " + " ".join(f"{tokenizer.decode([t])!r}:{d}" for t, d in zip(tokens, depths)))
+    s = result.stats
+    print(f"--- {s['generated_tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s (prefill {s['prefill_seconds']:.2f}s, "
+          f"decode {s['decode_seconds']:.2f}s), mean depth {s['mean_depth']:.2f} of {model.n_iterations}, "
+          f"{s['flops_x_vanilla']:.2f}x vanilla FLOPs per token")
+
+
+COMMANDS = {"flops": flops_command, "generate": generate_command}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -99,3 +99,37 @@ def test_pile_jsonl_files_train_with_no_other_change(tmp_path):
     records = [{"text": f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * 20, "meta": {"pile_set_name": "Pile-CC"}} for i in range(40)]
     (docs / "00.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     fit(tmp_path, "--data.data_files", str(docs / "*.jsonl"), "--trainer.fast_dev_run", "2")
+
+
+def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
+    fit(
+        tmp_path,
+        "--trainer.max_steps", "6",
+        "--trainer.val_check_interval", "3",
+        "--trainer.limit_val_batches", "1",
+        "--model.init_args.gate_start_step", "2",
+        config="adaponderlm",
+    )
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    result = run_cli("generate", "--checkpoint", str(ckpt), "--prompt", "def f(x):", "--prompt", "A", "--max_new_tokens", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("--- prompt:") == 2
+    assert result.stdout.count("depth per generated token:") == 2
+    assert "tokens/s" in result.stdout and "x vanilla FLOPs per token" in result.stdout
+
+    from ponder_lightning.models.checkpoint import load_checkpoint
+
+    model, data_args = load_checkpoint(ckpt)
+    assert type(model).__name__ == "AdaPonderLM" and type(model.gate).__name__ == "PerIterationMLPGate"
+    assert data_args["tokenizer"] == "bytes" and model.gate_active  # trained past gate_start_step
+
+    table = run_cli("flops", "--config", str(ROOT / "configs" / "ponderlm.yaml"), "--active", "1,0.5,0.5,0.25", cwd=tmp_path)
+    assert table.returncode == 0, table.stderr[-3000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| 1")]
+    assert len(rows) == 2 and "| 4.000 |" in rows[0] and "| 2.250 |" in rows[1]
+
+
+def test_generate_rejects_missing_checkpoint(tmp_path):
+    result = run_cli("generate", "--checkpoint", "nope.ckpt", "--prompt", "x", cwd=tmp_path)
+    assert result.returncode == 2 and "nope.ckpt" in result.stderr and "Traceback" not in result.stderr

@@ -45,7 +45,12 @@ class RecurrentLM(CausalLMModule):
 
     @property
     def gate_active(self) -> bool:
-        return self.global_step >= self.hparams.gate_start_step
+        # Without a trainer (a model loaded for generation), the step is the checkpoint's.
+        step = self.global_step if self._trainer is not None else getattr(self, "checkpoint_step", 0)
+        return step >= self.hparams.gate_start_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.checkpoint_step = checkpoint.get("global_step", 0)
 
     def effective_gate(self) -> Gate:
         return self.gate if self.gate_active else ALWAYS_CONTINUE

@@ -1,0 +1,152 @@
+"""Adaptive-depth decoding: is the compute saved by halted tokens real wall-clock time?
+
+Side by side in one process, CPU fp32, batch 1 and 8, prefill and decode timed separately:
+- AdaPonderLM with its gate thresholds set for ~10%, ~30% and ~60% of token-iterations halted,
+  vs the same model at full depth (tau = 0): measured speedup, ideal speedup from FLOPs at the
+  realised depth, and measured / ideal (target >= 0.8).
+- PonderLM decode tokens/s vs the rate predicted from FLOPs: vanilla tokens/s x vanilla FLOPs /
+  PonderLM FLOPs (mixture included) (target >= 0.9).
+- PonderLM without caches (the whole prefix recomputed for every token, as the authors' code
+  does), for reference.
+Random weights (speed does not depend on training); the gate's last layer is randomised so that
+scores spread over (0, 1) and a threshold picks the halting rate.
+
+    python -m benchmarks.adaptive_decode [--size pythia-70m] [--prompt_len 128] [--new_tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import alternate, write_results
+from ponder_lightning.generate import new_cache
+from ponder_lightning.models import AdaPonderLM, PonderLM, VanillaLM
+
+VOCAB = 50304
+
+
+def calibrated_tau(model: AdaPonderLM, ids: torch.Tensor, halted: float) -> float:
+    """Threshold giving about `halted` of the token-iterations halted on `ids` (bisection)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        model.gate.tau = (lo + hi) / 2
+        with torch.no_grad():
+            fractions = model.hidden_states(ids)[1].active_fractions()
+        lo, hi = (model.gate.tau, hi) if 1 - fractions.mean().item() < halted else (lo, model.gate.tau)
+    return model.gate.tau
+
+
+class Decoder:
+    """Prefill then greedy decode of `new_tokens` steps on a fresh cache; records evaluations."""
+
+    def __init__(self, model, prompts: torch.Tensor, new_tokens: int) -> None:
+        self.model, self.prompts, self.new_tokens = model, prompts, new_tokens
+        self.prefill_counts: list[int] = []
+        self.decode_counts: list[int] = []
+
+    def prefill(self):
+        self.cache = new_cache(self.model, self.prompts.shape[0], self.prompts.shape[1] + self.new_tokens)
+        valid = torch.ones_like(self.prompts, dtype=torch.bool)
+        hidden, _, counts = self.model.recurrence.extend(self.prompts, valid, self.cache, gate=self.model.effective_gate())
+        self.prefill_counts = counts
+        self.last = hidden[:, -1]
+
+    def decode(self):
+        self.prefill()  # decode needs a fresh prefix; its time is subtracted below
+        totals = [0] * self.model.n_iterations
+        ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool)
+        for _ in range(self.new_tokens):
+            token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
+            hidden, _, counts = self.model.recurrence.extend(token, ones, self.cache, gate=self.model.effective_gate())
+            totals = [t + c for t, c in zip(totals, counts)]
+            self.last = hidden[:, -1]
+        self.decode_counts = totals
+
+
+def no_cache_decode(model, prompts: torch.Tensor, new_tokens: int):
+    def run():
+        ids = prompts
+        for _ in range(new_tokens):
+            with torch.no_grad():
+                token = model(ids)[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, token], 1)
+
+    return run
+
+
+def fractions(counts: list[int]) -> list[float]:
+    return [c / counts[0] for c in counts]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="pythia-70m")
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.3, 0.6])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    context = args.prompt_len + args.new_tokens
+    for batch in args.batches:
+        prompts = torch.randint(0, 50277, (batch, args.prompt_len))
+        # --- AdaPonderLM: adaptive vs the same model at full depth -------------------------
+        full = AdaPonderLM(size=args.size, vocab_size=VOCAB).eval()
+        with torch.no_grad():
+            for mlp in full.gate.mlps:
+                mlp[2].weight.normal_(0, 0.5)
+                mlp[2].bias.zero_()
+        full.gate.tau = 0.0
+        variants = {"full depth": Decoder(full, prompts, args.new_tokens)}
+        for rate in args.rates:
+            model = AdaPonderLM(size=args.size, vocab_size=VOCAB).eval()
+            model.load_state_dict(full.state_dict())
+            calibrated_tau(model, prompts, rate)
+            variants[f"halt~{rate:.0%}"] = Decoder(model, prompts, args.new_tokens)
+        for phase in ("prefill", "decode"):
+            with torch.no_grad():
+                seconds = alternate({name: getattr(d, phase) for name, d in variants.items()}, args.repeats)
+                if phase == "decode":  # decode() includes a prefill: remove it
+                    prefill = alternate({name: d.prefill for name, d in variants.items()}, args.repeats)
+                    seconds = {k: seconds[k] - prefill[k] for k in seconds}
+            ref = variants["full depth"]
+            ref_counts = ref.prefill_counts if phase == "prefill" else ref.decode_counts
+            ref_flops = full.realised_flops(fractions(ref_counts), context)["x_vanilla"]
+            for name, decoder in variants.items():
+                counts = decoder.prefill_counts if phase == "prefill" else decoder.decode_counts
+                flops = decoder.model.realised_flops(fractions(counts), context)
+                measured, ideal = seconds["full depth"] / seconds[name], ref_flops / flops["x_vanilla"]
+                rows.append({
+                    "model": "AdaPonderLM", "batch": batch, "phase": phase, "variant": name,
+                    "halted": 1 - sum(fractions(counts)) / len(counts), "x_vanilla": flops["x_vanilla"],
+                    "tok/s": (sum(counts[:1]) or 1) / seconds[name],
+                    "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
+                })
+        # --- PonderLM vs vanilla, with and without caches ----------------------------------
+        ponder = PonderLM(size=args.size, vocab_size=VOCAB).eval()
+        vanilla = VanillaLM(size=args.size, vocab_size=VOCAB).eval()
+        decoders = {"PonderLM": Decoder(ponder, prompts, args.new_tokens), "vanilla": Decoder(vanilla, prompts, args.new_tokens)}
+        with torch.no_grad():
+            seconds = alternate({name: d.decode for name, d in decoders.items()} | {"PonderLM no cache": no_cache_decode(ponder, prompts, args.new_tokens)}, args.repeats)
+            prefill = alternate({name: d.prefill for name, d in decoders.items()}, args.repeats)
+        tokens = batch * args.new_tokens
+        tps = {name: tokens / (seconds[name] - prefill[name]) for name in decoders}
+        tps["PonderLM no cache"] = tokens / seconds["PonderLM no cache"]
+        ponder_flops = ponder.realised_flops([1.0] * ponder.n_iterations, context)["x_vanilla"]
+        predicted = tps["vanilla"] / ponder_flops
+        for name in ("vanilla", "PonderLM", "PonderLM no cache"):
+            rows.append({
+                "model": name, "batch": batch, "phase": "decode", "variant": "full depth", "halted": 0.0,
+                "x_vanilla": 1.0 if name == "vanilla" else ponder_flops, "tok/s": tps[name],
+                "measured speedup": float("nan"), "ideal speedup": float("nan"),
+                "measured/ideal": tps[name] / predicted if name == "PonderLM" else float("nan"),
+            })
+    write_results("adaptive_decode", rows, list(rows[0]))
+
+
+if __name__ == "__main__":
+    main()
