@@ -21,7 +21,6 @@ import argparse
 import torch
 
 from benchmarks.common import alternate, write_results
-from ponder_lightning.generate import new_cache
 from ponder_lightning.models import AdaPonderLM, PonderLM, VanillaLM
 
 VOCAB = 50304
@@ -47,9 +46,9 @@ class Decoder:
         self.decode_counts: list[int] = []
 
     def prefill(self):
-        self.cache = new_cache(self.model, self.prompts.shape[0], self.prompts.shape[1] + self.new_tokens)
+        self.cache = self.model.new_cache(self.prompts.shape[0], self.prompts.shape[1] + self.new_tokens)
         valid = torch.ones_like(self.prompts, dtype=torch.bool)
-        hidden, _, counts = self.model.recurrence.extend(self.prompts, valid, self.cache, gate=self.model.effective_gate())
+        hidden, _, counts = self.model.extend(self.prompts, valid, self.cache)
         self.prefill_counts = counts
         self.last = hidden[:, -1]
 
@@ -59,7 +58,7 @@ class Decoder:
         ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool)
         for _ in range(self.new_tokens):
             token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
-            hidden, _, counts = self.model.recurrence.extend(token, ones, self.cache, gate=self.model.effective_gate())
+            hidden, _, counts = self.model.extend(token, ones, self.cache)
             totals = [t + c for t, c in zip(totals, counts)]
             self.last = hidden[:, -1]
         self.decode_counts = totals

@@ -6,7 +6,6 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_only
 
 
 def _batch_rows(batch: Any) -> int:
@@ -47,14 +46,15 @@ class FitSummary(Callback):
             return
         self.history.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.history:
-            return
-        print(format_summary(self.history, pl_module, trainer.log_dir))
+        log_dir = trainer.log_dir  # a broadcast in distributed runs: every rank must take part
+        if self.history and trainer.is_global_zero:
+            context = getattr(trainer.datamodule, "seq_len", pl_module.config.max_seq_len)
+            print(format_summary(self.history, pl_module, log_dir, context))
 
 
-def format_summary(history: list[dict[str, float]], model: L.LightningModule, log_dir: str | None) -> str:
+def format_summary(history: list[dict[str, float]], model: L.LightningModule, log_dir: str | None, context: int) -> str:
+    """`context`: the attention context the validation FLOPs were counted at (the data seq_len)."""
     first, last = history[0], history[-1]
     lines = [
         "",
@@ -63,7 +63,7 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
     ]
     if getattr(model, "n_iterations", 1) > 1:
         fractions = [last[f"val/active_fraction/iter_{i}"] for i in range(model.n_iterations)]
-        full = model.realised_flops([1.0] * model.n_iterations, model.config.max_seq_len)["x_vanilla"]
+        full = model.realised_flops([1.0] * model.n_iterations, context)["x_vanilla"]
         halted = 1 - sum(fractions) / len(fractions)
         lines += [
             f"mean depth: {last['val/depth_mean']:.3f} of {model.n_iterations} iterations "

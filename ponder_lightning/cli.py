@@ -5,7 +5,9 @@ User mistakes (`UserError`) print as one line and exit with status 2, never as a
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -98,7 +100,51 @@ def generate_command(argv: list[str]) -> None:
           f"{s['flops_x_vanilla']:.2f}x vanilla FLOPs per token")
 
 
-COMMANDS = {"flops": flops_command, "generate": generate_command}
+def evaluate_command(argv: list[str]) -> None:
+    """`evaluate --checkpoint CKPT [--data_files ...] [--tau 1e-4,1e-3,1e-2] [--out DIR]`: validation
+    loss/perplexity with mean depth, active fraction per iteration and FLOPs per token x vanilla;
+    with --tau, a sweep over the halting threshold written as JSON + PNG."""
+    import argparse
+    import inspect
+
+    from ponder_lightning.data import PileDataModule
+    from ponder_lightning.evaluate import evaluate, format_iso_flops, format_rows, iso_flops_study, write_curve, write_depth_vs_nll
+    from ponder_lightning.models.checkpoint import load_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning evaluate", description=evaluate_command.__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data_files", default=None, help="evaluate on these files instead of the training run's validation split")
+    parser.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's val_batches)")
+    parser.add_argument("--tau", default=None, help="comma-separated halting thresholds to sweep")
+    parser.add_argument("--out", default="evaluation", help="directory for evaluation.json and quality_vs_compute.png")
+    parser.add_argument("--iso_flops", action="store_true", help="also compare the learned gate with random pruning at the same mean depth")
+    args = parser.parse_args(argv)
+    model, data_args = load_checkpoint(args.checkpoint)
+    accepted = inspect.signature(PileDataModule.__init__).parameters
+    data_args = {k: v for k, v in data_args.items() if k in accepted}
+    if args.data_files:
+        data_args.update(data_files=args.data_files, val_files=args.data_files)
+    if args.batches:
+        data_args["val_batches"] = args.batches
+    data = PileDataModule(**data_args)
+    data.setup("validate")
+    taus = [float(t) for t in args.tau.split(",")] if args.tau else None
+    rows = evaluate(model, data.val_dataloader(), data.seq_len, taus)
+    print(f"{type(model).__name__} from {args.checkpoint}, {data.seq_len}-token blocks")
+    print(format_rows(rows))
+    json_path, png_path = write_curve(rows, args.out)
+    print("depth vs NLL (depth, tokens, mean NLL): " + ", ".join(f"({d}, {n}, {nll:.3f})" for d, n, nll in rows[0]["depth_vs_nll"]))
+    print(f"wrote {json_path}, {png_path} and {write_depth_vs_nll(rows[0], args.out)}")
+    if args.iso_flops:
+        study = iso_flops_study(model, data.val_dataloader(), data.seq_len)
+        print("iso-FLOPs: learned gate vs random pruning at the same mean depth")
+        print(format_iso_flops(study))
+        (Path(args.out) / "iso_flops.json").write_text(json.dumps(study, indent=2))
+
+
+COMMANDS = {"flops": flops_command, "generate": generate_command, "evaluate": evaluate_command,
+            "prepare": lambda argv: __import__("ponder_lightning.data.prepare", fromlist=["_"]).prepare_command(argv),
+            "export": lambda argv: __import__("ponder_lightning.models.checkpoint", fromlist=["_"]).export_command(argv)}
 
 
 def main(args: list[str] | None = None) -> None:

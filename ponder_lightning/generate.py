@@ -1,4 +1,7 @@
-"""Adaptive-depth generation for every model, on the library's own per-iteration KV caches.
+"""Adaptive-depth generation for every model, on the library's own KV caches.
+
+Models provide `new_cache(batch, max_len)` and `extend(tokens, valid, cache)`; this module only
+batches prompts, samples and keeps the books.
 
 `generate(model, prompts, ...)` left-pads a batch of prompts, prefills them iteration by
 iteration (only active positions run), then decodes one token per row per step; a token that
@@ -15,7 +18,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.cache import KVCache
 
 
 @dataclass
@@ -26,14 +28,6 @@ class Generation:
     depths: list[list[int]]
     texts: list[str] | None = None
     stats: dict[str, float] = field(default_factory=dict)
-
-
-def new_cache(model, batch: int, max_len: int) -> KVCache:
-    cfg = model.config
-    if max_len > cfg.max_seq_len:
-        raise ValueError(f"prompt + max_new_tokens = {max_len} tokens exceed the model's context max_seq_len={cfg.max_seq_len}")
-    param = model.backbone.embed_in.weight
-    return KVCache(model.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, param.dtype, param.device)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> Tensor:
@@ -84,13 +78,12 @@ def generate(
     for row, prompt in enumerate(prompts):  # left padding: every row's next token lands in the same slot
         ids[row, longest - len(prompt):] = torch.tensor(list(prompt), device=device)
         valid[row, longest - len(prompt):] = True
-    cache = new_cache(model, b, longest + max_new_tokens)
-    gate = model.effective_gate()
+    cache = model.new_cache(b, longest + max_new_tokens)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
 
     start = time.perf_counter()
-    hidden, depth, _ = model.recurrence.extend(ids, valid, cache, gate=gate)
+    hidden, depth, _ = model.extend(ids, valid, cache)
     prefill_seconds = time.perf_counter() - start
     last, last_depth = hidden[:, -1], depth[:, -1]
     running = torch.ones(b, dtype=torch.bool, device=device)
@@ -109,7 +102,7 @@ def generate(
         running = running & ~torch.isin(token, stops)
         if step == max_new_tokens - 1 or not running.any():
             break
-        hidden, depth, counts = model.recurrence.extend(token.unsqueeze(1), running.unsqueeze(1), cache, gate=gate)
+        hidden, depth, counts = model.extend(token.unsqueeze(1), running.unsqueeze(1), cache)
         evaluations = [e + c for e, c in zip(evaluations, counts)]
         last, last_depth = hidden[:, -1], depth[:, -1]
     decode_seconds = time.perf_counter() - start

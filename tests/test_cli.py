@@ -108,9 +108,18 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
         "--trainer.val_check_interval", "3",
         "--trainer.limit_val_batches", "1",
         "--model.init_args.gate_start_step", "2",
+        "--trainer.log_every_n_steps", "2",
         config="adaponderlm",
     )
-    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    version = tmp_path / "lightning_logs" / "version_0"
+    events = EventAccumulator(str(version))
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/depth_mean", "train/halted_fraction", "train/flops_x_vanilla", "train/active_fraction/iter_3", "val/flops_x_vanilla", "val/depth_mean"):
+        assert tag in tags["scalars"], tag
+    assert {"gate/scores_iter_0", "gate/scores_iter_2", "depth/tokens"} <= set(tags["histograms"])
+    assert "val/depth_vs_nll" in tags["images"]
+    ckpt = version / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     result = run_cli("generate", "--checkpoint", str(ckpt), "--prompt", "def f(x):", "--prompt", "A", "--max_new_tokens", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -123,6 +132,11 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     model, data_args = load_checkpoint(ckpt)
     assert type(model).__name__ == "AdaPonderLM" and type(model.gate).__name__ == "PerIterationMLPGate"
     assert data_args["tokenizer"] == "bytes" and model.gate_active  # trained past gate_start_step
+
+    evaluation = run_cli("evaluate", "--checkpoint", str(ckpt), "--tau", "1e-4,0.5", "--batches", "1", "--out", str(tmp_path / "eval"), cwd=tmp_path)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert "| 0.0001 |" in evaluation.stdout and "| 0.5 |" in evaluation.stdout
+    assert (tmp_path / "eval" / "quality_vs_compute.png").is_file()
 
     table = run_cli("flops", "--config", str(ROOT / "configs" / "ponderlm.yaml"), "--active", "1,0.5,0.5,0.25", cwd=tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]

@@ -6,7 +6,7 @@ import torch
 
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
-from ponder_lightning.generate import generate, new_cache, sample
+from ponder_lightning.generate import generate, sample
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
 
 VOCAB = 256
@@ -47,11 +47,11 @@ MODELS = {
 
 def incremental(model, ids: torch.Tensor, prefill: int):
     """Prefill `prefill` tokens, then decode the rest one at a time; logits and depth of every position."""
-    cache = new_cache(model, ids.shape[0], ids.shape[1])
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
     hiddens, depths = [], []
     for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
         chunk = ids[:, start:stop]
-        h, d, _ = model.recurrence.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), cache, gate=model.effective_gate())
+        h, d, _ = model.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), cache)
         hiddens.append(h)
         depths.append(d)
     return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1)
@@ -105,20 +105,20 @@ def test_halted_tokens_cost_no_backbone_compute():
     with torch.no_grad():
         _, trace = model.hidden_states(ids)
     processed.clear()
-    cache = new_cache(model, 1, 16)
-    _, _, counts = model.recurrence.extend(ids[:1, :12], torch.ones(1, 12, dtype=torch.bool), cache)  # batch-1 prefill packs exactly
+    cache = model.new_cache(1, 16)
+    _, _, counts = model.extend(ids[:1, :12], torch.ones(1, 12, dtype=torch.bool), cache)  # batch-1 prefill packs exactly
     prefill_rows = list(processed)
     active_first_row = [int(a[0, :12].sum()) for a in trace.active]
     assert counts == active_first_row and [c for c in counts if c] == prefill_rows
     assert counts[-1] < counts[0], "some tokens must halt for this test to mean anything"
     handle.remove()
 
-    cache = new_cache(model, 4, 16)
-    model.recurrence.extend(ids[:, :12], torch.ones(4, 12, dtype=torch.bool), cache)
+    cache = model.new_cache(4, 16)
+    model.extend(ids[:, :12], torch.ones(4, 12, dtype=torch.bool), cache)
     handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
     for t in range(12, 16):
         processed.clear()
-        _, _, counts = model.recurrence.extend(ids[:, t : t + 1], torch.ones(4, 1, dtype=torch.bool), cache)
+        _, _, counts = model.extend(ids[:, t : t + 1], torch.ones(4, 1, dtype=torch.bool), cache)
         expected = [int(a[:, t].sum()) for a in trace.active]
         assert counts == expected
         assert processed == [c for c in expected if c]  # one backbone row per active token, none for halted ones

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ponder_lightning.data.megatron import is_megatron, load_megatron
 from ponder_lightning.data.packing import PackedBlocks, split_documents
 from ponder_lightning.data.sampling import EvalBatchSampler, TrainBatchSampler
 from ponder_lightning.data.shards import TokenStream, load_token_shards
@@ -43,8 +44,10 @@ class PileDataModule(L.LightningDataModule):
         val_files: Separate validation files in the same forms. Without them the last
             ``val_fraction`` of the documents are held out.
         tokens: Pre-tokenised data instead of ``data_files``: a directory written by
-            ``write_token_shards`` (``meta.json`` + ``*.bin`` shards) or one shard of it. It must
-            have been made with the same tokenizer.
+            ``prepare`` / ``write_token_shards`` (``meta.json`` + ``*.bin`` shards) or one shard
+            of it, or Megatron ``.bin``/``.idx`` data such as Pythia's pre-tokenised Pile (a path
+            prefix, the ``.idx`` or ``.bin`` file, or their directory). It must have been made
+            with the same tokenizer.
         tokenizer: ``neox`` (Pythia's GPT-NeoX-20B tokenizer, bundled), ``bytes`` (UTF-8
             bytes), a local ``tokenizer.json`` or Hugging Face tokenizer directory, or a hub name
             (online only).
@@ -169,7 +172,7 @@ class PileDataModule(L.LightningDataModule):
         """(train, val) token streams, tokenising into the cache when needed."""
         tok = self.tokenizer_obj
         if self.tokens is not None:
-            stream, num_docs = load_token_shards(self.tokens, tok)
+            stream, num_docs = (load_megatron if is_megatron(self.tokens) else load_token_shards)(self.tokens, tok)
         else:
             sources = resolve_sources(self.data_files) if self.data_files is not None else embedded_corpus()
             stream, num_docs = cached_token_stream(sources, tok, self.text_field, self.cache_dir)

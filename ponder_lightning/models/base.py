@@ -9,6 +9,7 @@ and, for learned halting, the gate and an auxiliary loss.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -20,7 +21,9 @@ from ponder_lightning import flops
 from ponder_lightning.errors import UserError
 from ponder_lightning.gates import AlwaysContinue, Gate
 from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, pad_vocab
+from ponder_lightning.nn.hf import load_pretrained
 from ponder_lightning.models.metrics import DepthNLL
+from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 
@@ -59,6 +62,8 @@ class CausalLMModule(L.LightningModule):
         weight_decay: AdamW decay on matrices and embeddings, never on biases and norms.
         betas: AdamW betas (paper: 0.9, 0.95).
         activation_checkpointing: recompute each layer in the backward pass to save memory.
+        pretrained: local Hugging Face GPT-NeoX directory (e.g. a Pythia download) whose weights
+            replace the initial backbone; its shape and vocabulary must match the configured model.
     """
 
     def __init__(
@@ -76,9 +81,14 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
         activation_checkpointing: bool = False,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # Gates are nn.Modules passed as arguments: the CLI stores their class path and init
+            # args (not the module), and their weights live in the state dict, as intended.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
         vocab = vocab_size or pad_vocab(tokenizer_vocab_size or NEOX_TOKENIZER_VOCAB)
         if tokenizer_vocab_size is not None and tokenizer_vocab_size > vocab:
             raise UserError(
@@ -91,6 +101,8 @@ class CausalLMModule(L.LightningModule):
         self.backbone = Backbone(self.config)
         self.backbone.init_weights(passes_per_token=self.n_iterations)
         self.backbone.activation_checkpointing = activation_checkpointing
+        if pretrained is not None:
+            load_pretrained(self.backbone, pretrained)
         self.gate: Gate = AlwaysContinue()
         self.eval_metric = DepthNLL(max_depth=self.n_iterations)
         self.flops_per_batch: float | None = None
@@ -128,6 +140,19 @@ class CausalLMModule(L.LightningModule):
     def hidden_states(self, inputs: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
         """Final hidden states [B, T, d] (after the final norm) and the halting trace."""
         return self.recurrence(inputs, valid, gate=self.effective_gate())
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """Empty decoding caches for `batch` sequences of up to `max_len` tokens."""
+        cfg = self.config
+        if max_len > cfg.max_seq_len:
+            raise UserError(f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={cfg.max_seq_len}")
+        weight = self.backbone.embed_in.weight
+        return KVCache(self.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, weight.dtype, weight.device)
+
+    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
+        """Run new tokens against the cache (prefill or one decode step): hidden states, depth per
+        token and backbone token-evaluations per iteration (see `Recurrence.extend`)."""
+        return self.recurrence.extend(tokens, valid, cache, gate=self.effective_gate())
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for input tokens [B, T]."""
@@ -217,13 +242,20 @@ class CausalLMModule(L.LightningModule):
         self.log(f"{stage}/ppl", torch.exp(result["loss"]))
         if self.n_iterations > 1:
             self.log(f"{stage}/depth_mean", result["depth_mean"])
-            fractions = result["active_fractions"].tolist()
+            fractions = result["active_fractions"].reshape(-1).tolist()
             for i, f in enumerate(fractions):
                 self.log(f"{stage}/active_fraction/iter_{i}", f)
             context = getattr(getattr(self.trainer, "datamodule", None), "seq_len", self.config.max_seq_len)
             self.log(f"{stage}/flops_x_vanilla", self.realised_flops(fractions, context)["x_vanilla"])
         self.depth_vs_nll = self.eval_metric.table()
         self.eval_metric.reset()
+
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy, shard with FSDP2 (`parallel.shard_model`)."""
+        if self.device_mesh is not None:
+            from ponder_lightning.parallel import shard_model
+
+            shard_model(self, self.device_mesh)
 
     def _check_finite(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):

@@ -14,6 +14,7 @@ parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -68,6 +69,7 @@ def load_checkpoint(path: str | Path, model_class: type[CausalLMModule] | None =
 def build_model(hparams: dict[str, Any], model_class: type[CausalLMModule] | None = None, source: str = "checkpoint") -> CausalLMModule:
     """A freshly initialised model from saved init args (`_class_path` as LightningCLI records it)."""
     from lightning.pytorch.cli import instantiate_module
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
     for name in _BUILD_ONLY_ARGS:
@@ -82,7 +84,10 @@ def build_model(hparams: dict[str, Any], model_class: type[CausalLMModule] | Non
     try:
         if class_path is None:
             return model_class(**hparams)
-        return instantiate_module(CausalLMModule, hparams)
+        # As LightningCLI does: the model's hparams stay this plain dict (gates as class_path +
+        # init_args), so that an export or a new checkpoint records them the same way.
+        with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
+            return instantiate_module(CausalLMModule, hparams)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - jsonargparse raises many types for a bad class path
@@ -134,11 +139,16 @@ def _load_hf_dir(path: Path) -> LoadedCheckpoint:
 def _vanilla_from_hf(path: Path) -> CausalLMModule:
     """A VanillaLM shaped like a local GPT-NeoX checkpoint, with its weights."""
     from ponder_lightning.models.vanilla import VanillaLM
+    from ponder_lightning.nn.config import PRESETS, backbone_config
     from ponder_lightning.nn.hf import read_hf_config
 
     cfg = read_hf_config(path)
+    fixed = ("block", "mlp_ratio", "rotary_pct", "rotary_base", "norm_eps")  # not init args: a preset must have them
+    size = next((name for name in PRESETS if all(getattr(backbone_config(name), f) == getattr(cfg, f) for f in fixed)), None)
+    if size is None:
+        raise UserError(f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built as a VanillaLM")
     return VanillaLM(
-        size="pythia-70m", n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
+        size=size, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
         max_seq_len=cfg.max_seq_len, pretrained=str(path),
     )
 
@@ -200,8 +210,8 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if hasattr(value, "__dict__"):  # a gate or regulariser object (models built in Python)
-        init = {k: _jsonable(v) for k, v in vars(value).items() if not k.startswith("_") and not isinstance(v, torch.nn.Module)}
-        init.pop("training", None)
+        accepted = inspect.signature(type(value).__init__).parameters
+        init = {k: _jsonable(v) for k, v in vars(value).items() if k in accepted and k != "self"}
         return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": init}
     return str(value)
 

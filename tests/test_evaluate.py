@@ -1,0 +1,65 @@
+"""`evaluate`: perplexity with compute, consistent with the loss and with flops.py."""
+
+import json
+import math
+
+import torch
+
+from ponder_lightning import flops
+from ponder_lightning.evaluate import evaluate, write_curve
+from ponder_lightning.models import AdaPonderLM, VanillaLM
+
+
+def halting_model() -> AdaPonderLM:
+    model = AdaPonderLM(size="tiny", vocab_size=256)
+    with torch.no_grad():
+        for mlp in model.gate.mlps:
+            mlp[2].weight.normal_(0, 2)
+            mlp[2].bias.fill_(-3)
+    return model
+
+
+def test_numbers_are_consistent(tmp_path):
+    model = halting_model()
+    batches = [torch.randint(0, 256, (2, 33)) for _ in range(3)]
+    rows = evaluate(model, batches, context=32, taus=[1e-4, 1e-2, 0.3])
+    with torch.no_grad():
+        nll = [model.training_loss(b)[0] for b in batches]
+    for row in rows:
+        assert math.isclose(row["ppl"], math.exp(row["loss"]), rel_tol=1e-6)
+        fractions = row["active_fractions"]
+        assert math.isclose(row["depth_mean"], sum(fractions), rel_tol=1e-5)
+        expected = flops.recurrent_forward_flops(model.config, 32, fractions, model.build_feedback().extra_flops_per_token(model.backbone),
+                                                 model.gate.extra_flops_per_token(model.config.d_model))["x_vanilla"]
+        assert math.isclose(row["flops_x_vanilla"], expected, rel_tol=1e-9)
+        counted = sum(n for _, n, _ in row["depth_vs_nll"])
+        assert counted == 3 * 2 * 32
+    # Equal batch sizes: the token-weighted mean loss is the mean of the batch losses.
+    model.gate.tau = 1e-4
+    assert math.isclose(rows[0]["loss"], float(torch.stack(nll).mean()), rel_tol=1e-5)
+    depths = [r["depth_mean"] for r in rows]
+    assert depths[0] >= depths[1] >= depths[2] and depths[2] < depths[0], depths
+    assert model.gate.tau == 1e-4  # restored after the sweep
+    json_path, png_path = write_curve(rows, tmp_path)
+    assert len(json.loads(json_path.read_text())) == 3 and png_path.stat().st_size > 1000
+
+
+def test_vanilla_is_one_pass_at_one_vanilla():
+    rows = evaluate(VanillaLM(size="tiny", vocab_size=256), [torch.randint(0, 256, (2, 17))], context=16)
+    assert rows[0]["depth_mean"] == 1.0 and math.isclose(rows[0]["flops_x_vanilla"], 1.0)
+
+
+def test_iso_flops_study_matches_depth():
+    from ponder_lightning.evaluate import iso_flops_study
+
+    model = halting_model()
+    model.gate.tau = 0.05
+    batches = [torch.randint(0, 256, (4, 65)) for _ in range(3)]
+    rows = iso_flops_study(model, batches, context=64)
+    learned = rows[0]
+    assert rows[0]["gate"] == "PerIterationMLPGate" and type(model.gate).__name__ == "PerIterationMLPGate"
+    for row in rows[1:]:
+        if "error" in row:  # uniform cannot reach a mean depth below (N+1)/2
+            assert learned["depth_mean"] < 2.5 and "uniform" in row["gate"]
+            continue
+        assert abs(row["depth_mean"] - learned["depth_mean"]) < 0.15, (row, learned["depth_mean"])

@@ -1,0 +1,122 @@
+"""Crash safety on one process: a run SIGKILLed at an arbitrary step continues bit-identically with
+`--ckpt_path last`; checkpoints appear atomically; a NaN loss stops training with one line and
+keeps the last good checkpoint."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from scaleout_helpers import ROOT, logged_steps, read_losses, run_fit
+
+from ponder_lightning.training import AtomicModelCheckpoint
+
+pytestmark = pytest.mark.timeout(300)
+
+# AdaPonderLM with every moving part in play within 8 steps: the gate switches on at step 2, the
+# bottom-K ponder loss ramps from step 3, warmup + cosine LR, a validation every 3 steps.
+ARGS = [
+    "--config", str(ROOT / "configs" / "adaponderlm.yaml"),
+    "--data.tokenizer", "bytes", "--data.seq_len", "48", "--data.batch_size", "4",
+    "--model.init_args.size", "tiny", "--model.init_args.lr", "3e-3", "--model.init_args.warmup_fraction", "0.25",
+    "--model.init_args.gate_start_step", "2",
+    "--model.init_args.regularizer.init_args.start_step", "3", "--model.init_args.regularizer.init_args.ramp_steps", "2",
+]
+STEPS = 8
+
+
+def overlay(tmp_path: Path, name: str, losses: Path, every: int, extra: list[dict] | None = None) -> str:
+    trainer = {
+        "max_steps": STEPS, "val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0,
+        "enable_progress_bar": False, "enable_model_summary": False,
+        "callbacks": [
+            {"class_path": "ponder_lightning.training.AtomicModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": every}},
+            {"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}},
+            *(extra or []),
+        ],
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"trainer": trainer}))
+    return str(path)
+
+
+def last_checkpoint(root: Path, version: int) -> dict:
+    return torch.load(root / "lightning_logs" / f"version_{version}" / "checkpoints" / "last.ckpt", weights_only=False)
+
+
+def test_killed_run_resumes_bit_identically(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    straight.mkdir(), broken.mkdir()
+    result = run_fit(*ARGS, "--data.cache_dir", str(tmp_path / "cache"), "--config", overlay(straight, "o", straight / "losses.jsonl", every=2), "--trainer.default_root_dir", str(straight), cwd=straight)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    kill = [{"class_path": "scaleout_helpers.KillAtStep", "init_args": {"step": 5}}]
+    common = [*ARGS, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(broken)]
+    killed = run_fit(*common, "--config", overlay(broken, "killed", broken / "losses.jsonl", every=2, extra=kill), cwd=broken)
+    assert killed.returncode != 0
+    assert last_checkpoint(broken, 0)["global_step"] == 4  # the step-5 checkpoint never happened
+    resumed = run_fit(*common, "--config", overlay(broken, "resumed", broken / "losses.jsonl", every=2), "--ckpt_path", "last", cwd=broken)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert logged_steps(broken / "losses.jsonl") == [0, 1, 2, 3, 4, 4, 5, 6, 7]  # continued from step 4
+    assert read_losses(broken / "losses.jsonl") == read_losses(straight / "losses.jsonl")  # bit-identical
+    a, b = last_checkpoint(straight, 0), last_checkpoint(broken, 1)
+    assert a["global_step"] == b["global_step"] == STEPS
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    poison = [{"class_path": "scaleout_helpers.PoisonAtStep", "init_args": {"step": 3}}]
+    result = run_fit(*ARGS, "--config", overlay(tmp_path, "o", tmp_path / "losses.jsonl", every=1, extra=poison), "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training loss became nan at step 3" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    good = last_checkpoint(tmp_path, 0)
+    assert good["global_step"] == 3
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values())
+
+
+class _Trainer(SimpleNamespace):
+    """The parts of a Trainer that AtomicModelCheckpoint._save_checkpoint touches."""
+
+    def __init__(self, write) -> None:
+        super().__init__(is_global_zero=True, global_step=7, loggers=[], strategy=SimpleNamespace(barrier=lambda name=None: None))
+        self.write = write
+
+    def save_checkpoint(self, path: str, weights_only: bool = False) -> None:
+        self.write(Path(path))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_checkpoints_replace_the_old_one_atomically(tmp_path, sharded):
+    target = tmp_path / "last.ckpt"
+
+    def write(content: str, fail: bool = False):
+        def writer(path: Path) -> None:
+            if sharded:  # FSDP's distributed checkpoint is a directory of shards
+                path.mkdir()
+                (path / "shard_0.distcp").write_text(content)
+            else:
+                path.write_text(content)
+            if fail:
+                raise OSError("No space left on device")
+        return writer
+
+    def content() -> str:
+        return (target / "shard_0.distcp").read_text() if sharded else target.read_text()
+
+    callback = AtomicModelCheckpoint()
+    callback._save_checkpoint(_Trainer(write("first")), str(target))
+    assert content() == "first"
+    with pytest.raises(OSError, match="No space"):
+        callback._save_checkpoint(_Trainer(write("half-writ", fail=True)), str(target))
+    assert content() == "first"  # a failed or killed save never touches the previous checkpoint
+    callback._save_checkpoint(_Trainer(write("second")), str(target))  # cleans up the leftover
+    assert content() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert callback._last_global_step_saved == 7
