@@ -58,7 +58,7 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
     first, last = history[0], history[-1]
     lines = [
         "",
-        f"== {type(model).__name__} summary ==",
+        f"== {model_name(model)} summary ==",
         f"val ppl: {first['val/ppl']:.2f} at the first check -> {last['val/ppl']:.2f} at the last ({len(history)} checks)",
     ]
     if getattr(model, "n_iterations", 1) > 1:
@@ -128,3 +128,8 @@ def depth_vs_nll_figure(table: list[tuple[int, int, float]]) -> Any:
     ax.set_xticks(list(depths))
     fig.tight_layout()
     return fig
+
+
+def model_name(model: L.LightningModule) -> str:
+    """The model's own class name (FSDP2's fully_shard swaps in a generated FSDP<Name> subclass)."""
+    return next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))

@@ -6,6 +6,7 @@ User mistakes (`UserError`) print as one line and exit with status 2, never as a
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -142,9 +143,26 @@ def evaluate_command(argv: list[str]) -> None:
         (Path(args.out) / "iso_flops.json").write_text(json.dumps(study, indent=2))
 
 
-COMMANDS = {"flops": flops_command, "generate": generate_command, "evaluate": evaluate_command,
-            "prepare": lambda argv: __import__("ponder_lightning.data.prepare", fromlist=["_"]).prepare_command(argv),
-            "export": lambda argv: __import__("ponder_lightning.models.checkpoint", fromlist=["_"]).export_command(argv)}
+def prepare_command(argv: list[str]) -> None:
+    from ponder_lightning.data.prepare import prepare_command as run
+
+    run(argv)
+
+
+def export_command(argv: list[str]) -> None:
+    from ponder_lightning.models.checkpoint import export_command as run
+
+    run(argv)
+
+
+# Commands beyond LightningCLI's fit/validate/test/predict; each imports its module only when used.
+COMMANDS = {
+    "flops": flops_command,
+    "generate": generate_command,
+    "evaluate": evaluate_command,
+    "prepare": prepare_command,
+    "export": export_command,
+}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -158,5 +176,6 @@ def main(args: list[str] | None = None) -> None:
         cause = user_error_in(err)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank raises it; one line is enough
+            print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -258,9 +258,14 @@ class CausalLMModule(L.LightningModule):
             shard_model(self, self.device_mesh)
 
     def _check_finite(self, loss: Tensor) -> None:
-        if not torch.isfinite(loss):
+        """Stop on a NaN/Inf loss. Every rank must stop together, or the others would hang in the
+        next collective: the flag is reduced across ranks (min) before deciding."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if not finite:
             raise UserError(
-                f"training loss became {loss.item()} at step {self.global_step}: lower model.init_args.lr or check the data; "
+                f"training loss became {loss.item()} at step {self.global_step} (on at least one rank): lower model.init_args.lr or check the data; "
                 f"the last checkpoint before this step is intact"
             )
 
