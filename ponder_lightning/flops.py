@@ -12,7 +12,8 @@ from ponder_lightning.nn.config import BackboneConfig
 def stack_flops(cfg: BackboneConfig, context: int) -> float:
     """One pass of the decoder layers for one token attending over `context` keys."""
     d = cfg.d_model
-    dense = 2 * (3 * d * d + d * d + 2 * d * cfg.d_ff)  # qkv, attention out, MLP in + out
+    mlp_matrices = 3 if cfg.block == "llama" else 2  # SwiGLU: gate, up, down
+    dense = 2 * (3 * d * d + d * d + mlp_matrices * d * cfg.d_ff)  # qkv, attention out, MLP
     attention = 2 * 2 * d * context  # QK^T and AV
     return cfg.n_layer * (dense + attention)
 
@@ -58,6 +59,28 @@ def recurrent_forward_flops(
         "feedback_x_vanilla": feedback / unit,
         "gate_x_vanilla": gates / unit,
     }
+
+
+def slot_forward_flops(cfg: BackboneConfig, context: int, slot_fractions: list[float], router_flops: float = 0.0) -> dict[str, float]:
+    """Inference FLOPs per token of a latent-slot model (PonderLM-2/3): sum_t (1 + steps_t)
+    slot-forwards, i.e. `slot_fractions[k]` = fraction of tokens that ran slot k (the token slot:
+    1). The KV cache holds that many slots per token, so attention spans `context` x slots keys.
+    The router runs once per token; the LM head once. Same keys as `recurrent_forward_flops`
+    (`passes` = slot-forwards per token; latent feedback costs nothing)."""
+    unit = vanilla_forward_flops(cfg, context)
+    slots = float(sum(slot_fractions))
+    total = stack_flops(cfg, context * slots) * slots + head_flops(cfg) + router_flops
+    return {"x_vanilla": total / unit, "passes": slots, "feedback_x_vanilla": 0.0, "gate_x_vanilla": router_flops / unit}
+
+
+def latent_training_forward_flops(cfg: BackboneConfig, context: int, latent_steps: int, jacobi_passes: float, router_flops: float = 0.0) -> float:
+    """Forward FLOPs per token of one latent-slot training step: build-up passes over 1..K slots
+    per token, then J Jacobi passes and a final pass over K+1 slots (about (3 + 2J) x vanilla for
+    K = 1), the router after every pass but the last, the LM head once."""
+    full = latent_steps + 1
+    build_up = sum(w * stack_flops(cfg, context * w) for w in range(1, full))
+    jacobi = (jacobi_passes + 1) * full * stack_flops(cfg, context * full)
+    return build_up + jacobi + head_flops(cfg) + router_flops * (latent_steps + jacobi_passes)
 
 
 def format_flops_table(model_name: str, context: int, rows: list[tuple[list[float], dict[str, float]]]) -> str:

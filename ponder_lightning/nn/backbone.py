@@ -1,4 +1,5 @@
-"""The GPT-NeoX (Pythia) decoder, written so that callers can intercept every layer's K and V.
+"""The GPT-NeoX (Pythia) decoder, and a LLaMA-style block as a second block type, written so
+that callers can intercept every layer's K and V.
 
 Module names mirror transformers' `GPTNeoXForCausalLM` (minus the `gpt_neox.` prefix) so that
 Pythia checkpoints load by name. Pondering models run this backbone several times per token; the
@@ -59,6 +60,17 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    """What every block type's attention shares: rotary on q and k, the K/V hook, SDPA.
+    q, k, v are [B, H, T, Dh]; returns the heads concatenated, [B, T, H * Dh]."""
+    b, _, t, _ = q.shape
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if kv_hook is not None:
+        k, v = kv_hook(layer, k, v)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+    return y.transpose(1, 2).reshape(b, t, -1)
+
+
 class NeoXAttention(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -67,15 +79,11 @@ class NeoXAttention(nn.Module):
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
-        b, t, d = x.shape
+        b, t, _ = x.shape
         # Pythia's fused layout is per head [q|k|v]; keep it so released checkpoints load unchanged.
         qkv = self.query_key_value(x).view(b, t, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if kv_hook is not None:
-            k, v = kv_hook(layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
-        return self.dense(y.transpose(1, 2).reshape(b, t, d))
+        return self.dense(attend(q, k, v, cos, sin, mask, kv_hook, layer))
 
 
 class NeoXMLP(nn.Module):
@@ -107,15 +115,65 @@ class NeoXBlock(nn.Module):
         return [self.attention.dense, self.mlp.dense_4h_to_h]
 
 
+class LlamaAttention(nn.Module):
+    """Separate q/k/v/o projections without biases, named as in transformers' LLaMA."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4))
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.o_proj(attend(q, k, v, cos, sin, mask, kv_hook, layer))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """Sequential residual with RMSNorm: h = x + attn(norm1(x)); h + mlp(norm2(h))."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def output_projections(self) -> list[nn.Linear]:
+        return [self.self_attn.o_proj, self.mlp.down_proj]
+
+
+BLOCKS: dict[str, type[nn.Module]] = {"neox": NeoXBlock, "llama": LlamaBlock}
+FINAL_NORMS: dict[str, type[nn.Module]] = {"neox": nn.LayerNorm, "llama": nn.RMSNorm}
+
+
 class Backbone(nn.Module):
-    """Embedding, decoder layers, final norm and untied LM head of a Pythia-style model."""
+    """Embedding, decoder layers, final norm and untied LM head of a Pythia-style model; the
+    decoder block (GPT-NeoX or LLaMA) follows `cfg.block`, the top-level names stay the same."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.config = cfg
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(NeoXBlock(cfg) for _ in range(cfg.n_layer))
-        self.final_layer_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.layers = nn.ModuleList(BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer))
+        self.final_layer_norm = FINAL_NORMS[cfg.block](cfg.d_model, eps=cfg.norm_eps)
         self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
         self.activation_checkpointing = False
@@ -130,9 +188,10 @@ class Backbone(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if getattr(module, "bias", None) is not None:  # RMSNorm has none
+                    nn.init.zeros_(module.bias)
         for layer in self.layers:
             for proj in layer.output_projections():
                 nn.init.trunc_normal_(proj.weight, std=out_sigma, a=-3 * out_sigma, b=3 * out_sigma)

@@ -15,7 +15,7 @@ from ponder_lightning.errors import UserError
 VOCAB_MULTIPLE = 128
 PYTHIA_VOCAB = 50304
 
-BlockType = Literal["neox"]
+BlockType = Literal["neox", "llama"]
 
 
 def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
@@ -25,7 +25,12 @@ def pad_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 @dataclass
 class BackboneConfig:
-    """Shape of a GPT-NeoX (Pythia) decoder. Defaults are pythia-70m."""
+    """Shape of a GPT-NeoX (Pythia) or LLaMA-style decoder (`block`). Defaults are pythia-70m.
+
+    `mlp_ratio`: MLP hidden width / d_model (a float so that LLaMA's SwiGLU width fits: the
+    PonderLM-2/3 authors' LLaMA configs use 43/16 = 2.6875, about 8/3, so that SwiGLU's three
+    matrices cost what GELU's two cost at 4).
+    """
 
     n_layer: int = 6
     d_model: int = 512
@@ -36,13 +41,13 @@ class BackboneConfig:
     rotary_pct: float = 0.25
     rotary_base: float = 10000.0
     norm_eps: float = 1e-5
-    mlp_ratio: int = 4
+    mlp_ratio: float = 4
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise UserError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}: pick sizes with d_model % n_head == 0")
-        if self.block != "neox":
-            raise UserError(f"unknown block type {self.block!r}: use 'neox'")
+        if self.block not in ("neox", "llama"):
+            raise UserError(f"unknown block type {self.block!r}: use 'neox' or 'llama'")
         if self.rotary_dims % 2:
             raise UserError(f"rotary_pct={self.rotary_pct} gives an odd number of rotary dims ({self.rotary_dims}) per head: choose rotary_pct so that head_dim*rotary_pct is even")
 
@@ -56,7 +61,7 @@ class BackboneConfig:
 
     @property
     def d_ff(self) -> int:
-        return self.mlp_ratio * self.d_model
+        return round(self.mlp_ratio * self.d_model)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +77,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pythia-1b": dict(n_layer=16, d_model=2048, n_head=8),
     "pythia-1.4b": dict(n_layer=24, d_model=2048, n_head=16),
     "pythia-2.8b": dict(n_layer=32, d_model=2560, n_head=32),
+}
+
+# LLaMA-style block (RMSNorm, SwiGLU, full rotary, no biases), vocab 50304 with the Pythia
+# tokenizer. 125m..2.8b are the PonderLM-2/3 authors' LLaMA configs (PonderLM-3: llama-410m);
+# tiny/14m/70m take the Pythia shapes for CPU runs.
+LLAMA = dict(block="llama", rotary_pct=1.0, mlp_ratio=2.6875)
+PRESETS |= {
+    "llama-tiny": dict(PRESETS["tiny"], **LLAMA),
+    "llama-14m": dict(PRESETS["pythia-14m"], **LLAMA),
+    "llama-70m": dict(PRESETS["pythia-70m"], **LLAMA),
+    "llama-125m": dict(n_layer=12, d_model=768, n_head=12, **LLAMA),
+    "llama-410m": dict(n_layer=24, d_model=1024, n_head=16, **LLAMA),
+    "llama-834m": dict(n_layer=24, d_model=1536, n_head=24, **LLAMA),
+    "llama-1.4b": dict(n_layer=24, d_model=2048, n_head=32, **LLAMA),
+    "llama-2.8b": dict(n_layer=48, d_model=2048, n_head=32, **LLAMA),
 }
 
 

@@ -1,0 +1,208 @@
+"""Latent-thought slots (PonderLM-2, PonderLM-3): K latent slots after every token.
+
+A sequence of T tokens becomes T*(K+1) slots `x_1 z_1^1 .. z_1^K x_2 ..`, held as [B, T, K+1, d]
+and flattened for the backbone, so interleaving is a reshape. The input of latent slot (t, k) is
+the output (after the final norm) of slot (t, k-1); every slot of token t takes rotary position t;
+slot (t, K)'s output predicts token t+1 (with PonderLM-3's router: the s-weighted sum of the
+slots' outputs, and log w of each slot added to every query's attention logit for it).
+
+The model is sequential: a latent depends on every earlier slot. Decoding runs it so (`extend`:
+K+1 single-slot passes per token on one KV cache). Training runs the Jacobi form (`__call__`):
+build-up passes over the first 1..K slots of every token grow the latents, J passes over all K+1
+slots update every latent in parallel from the previous pass, and a final pass reads out. Each
+full-width pass makes at least one more latent (in sequence order) exact, and a token's router
+output is exact when its first latent is, so with J >= T*K the training form equals decoding
+exactly; the default J (2-3) is the paper's approximation.
+
+Why not `nn.recurrence.Recurrence`: its passes share one sequence shape and one attention mask,
+here the width grows during build-up and PonderLM-3's mask changes every pass (the router is
+refined from each pass's token-slot output). Shared with it: the backbone and its K/V hook,
+`causal_mask`, rotary positions, `CacheWriter` and `Trace`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
+from ponder_lightning.nn.cache import CacheWriter
+from ponder_lightning.nn.recurrence import Trace
+
+
+def tail_weights(probs: Tensor) -> Tensor:
+    """w_k = sum_{j>=k} s_j over the last dim (the slot-k visibility of PonderLM-3); w_0 = 1."""
+    tail = probs.flip(-1).cumsum(-1).flip(-1)
+    return torch.cat([torch.ones_like(tail[..., :1]), tail[..., 1:]], dim=-1)
+
+
+def log_weights(w: Tensor) -> Tensor:
+    """log w, exactly -inf where w == 0 (the slot is invisible), with a finite gradient everywhere."""
+    positive = w > 0
+    return torch.where(positive, w, torch.ones_like(w)).log().masked_fill(~positive, float("-inf"))
+
+
+def slot_positions(positions: Tensor, width: int) -> Tensor:
+    """Rotary positions of the slots: every slot of a token at the token's position."""
+    return positions.repeat_interleave(width, dim=-1)
+
+
+def slot_mask(valid: Tensor | None, width: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Attention mask over the flattened [T*width] slots: causal in slot order, padding keys
+    hidden, `bias` [B, T, width] (log w) added to every query's logit for that key slot.
+    None when plain causal attention suffices."""
+    if bias is None:
+        return None if valid is None else causal_mask(valid.repeat_interleave(width, dim=1))
+    if valid is None:
+        valid = torch.ones(bias.shape[:2], dtype=torch.bool, device=bias.device)
+    allowed = causal_mask(valid.repeat_interleave(width, dim=1))
+    return torch.where(allowed, bias.flatten(1)[:, None, None, :].to(dtype), float("-inf"))
+
+
+class SlotRouter(nn.Module):
+    """PonderLM-3's router: s_t = softmax(router(h_t^(0))) over k = 0..K latent steps, read from
+    the token slot's output. `hidden`: None = Linear(d, K+1) (the default), else a two-layer MLP
+    d -> hidden -> K+1 with GELU."""
+
+    def __init__(self, d_model: int, latent_steps: int, hidden: int | None = None) -> None:
+        super().__init__()
+        out = latent_steps + 1
+        self.net = nn.Linear(d_model, out) if hidden is None else nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def forward(self, h0: Tensor) -> Tensor:
+        return self.net(h0).float().softmax(-1)
+
+    def extra_flops_per_token(self) -> float:
+        return 2.0 * sum(p.numel() for p in self.parameters() if p.dim() == 2)
+
+
+class LatentCache:
+    """The decoding KV cache of the interleaved slots: one per batch, packed per row (a row's
+    slots are the slots its tokens ran, in order), so padding and pruned slots take no space and
+    never enter attention. Each cached slot keeps its log w (0 without a router).
+
+    K/V have a leading axis of size 1 so that `CacheWriter` (iteration 0) writes them.
+    `length` counts token steps (same for every row), as `KVCache.length` does.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_tokens: int, slots_per_token: int, dtype: torch.dtype, device: torch.device) -> None:
+        max_slots = max_tokens * slots_per_token
+        self.k = torch.zeros(1, n_layers, batch, n_heads, max_slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.key_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
+        self.key_bias = torch.zeros(batch, max_slots, dtype=dtype, device=device)
+        self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # slots used per row
+        self.n_real = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row = next position
+        self.length, self.max_tokens, self.batch = 0, max_tokens, batch
+
+
+class LatentRecurrence:
+    """Training (Jacobi) and decoding (sequential) forms of the latent-slot model.
+
+    A plain object like `Recurrence`: the backbone and router are registered on the LightningModule.
+
+    Args:
+        latent_steps: K latent slots per token.
+        embed_scale: token embeddings are multiplied by this (sqrt(2.5 d) in the papers).
+        router: PonderLM-3's router; None = PonderLM-2 (read out the last slot, no attention bias).
+        tau: a slot whose w is below tau is pruned at inference (and counted so in the trace).
+    """
+
+    def __init__(self, backbone: Backbone, latent_steps: int, embed_scale: float, router: SlotRouter | None = None, tau: float = 1e-4) -> None:
+        if latent_steps < 1:
+            raise ValueError(f"latent_steps must be >= 1, got {latent_steps}")
+        self.backbone, self.latent_steps, self.embed_scale = backbone, latent_steps, embed_scale
+        self.router, self.tau = router, tau
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        embeds = self.backbone.embed_in(tokens)
+        return embeds * self.embed_scale if self.embed_scale != 1.0 else embeds
+
+    # -- training form ---------------------------------------------------------------------
+    def __call__(self, tokens: Tensor, valid: Tensor | None, jacobi_passes: int) -> tuple[Tensor, Trace]:
+        """Hidden states [B, T, d] that predict the next tokens, and the trace: `active[k]` = the
+        tokens that run slot k at inference (all of them without a router), `scores[k-1]` = w_k."""
+        b, t = tokens.shape
+        k_max = self.latent_steps
+        embeds = self.embed(tokens).unsqueeze(2)  # the token slots, [B, T, 1, d]
+        positions = torch.arange(t, device=tokens.device) if valid is None else positions_from_valid(valid)
+        widths = list(range(1, k_max + 1)) + [k_max + 1] * (jacobi_passes + 1)
+        slots, probs = embeds, None
+        for n, width in enumerate(widths):
+            bias = None if probs is None else self._key_bias(probs, valid)[..., :width]
+            mask = slot_mask(valid, width, bias, embeds.dtype)
+            h = self.backbone(slots.flatten(1, 2), slot_positions(positions, width), mask).view(b, t, width, -1)
+            if n == len(widths) - 1:
+                break
+            if self.router is not None:  # refined from every pass; used by the next one
+                probs = self.router(h[:, :, 0])
+            slots = torch.cat([embeds, h[:, :, : widths[n + 1] - 1]], dim=2)
+        real = torch.ones(b, t, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()
+        if probs is None:
+            return h[:, :, k_max], Trace(active=[real] * (k_max + 1), scores=[None] * k_max)
+        w = tail_weights(probs)
+        out = (probs.unsqueeze(-1).to(h.dtype) * h).sum(2)
+        trace = Trace(active=[real] + [real & (w[..., k] >= self.tau) for k in range(1, k_max + 1)], scores=list(w[..., 1:].unbind(-1)))
+        return out, trace
+
+    @staticmethod
+    def _key_bias(probs: Tensor, valid: Tensor | None) -> Tensor:
+        """log w per slot, 0 for padding tokens (hidden anyway; keeps their own rows finite)."""
+        bias = log_weights(tail_weights(probs))
+        return bias if valid is None else bias.masked_fill(~valid.bool().unsqueeze(-1), 0.0)
+
+    # -- decoding form ---------------------------------------------------------------------
+    def new_cache(self, batch: int, max_tokens: int) -> LatentCache:
+        cfg, weight = self.backbone.config, self.backbone.embed_in.weight
+        return LatentCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_tokens, self.latent_steps + 1, weight.dtype, weight.device)
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor, valid: Tensor, cache: LatentCache) -> tuple[Tensor, Tensor, list[int]]:
+        """Run new tokens [B, T_new] (a prompt, or one token per row) slot by slot: for each token,
+        slot 0, then (with a router) only the latent slots whose w >= tau. Returns the hidden
+        states that predict the next tokens [B, T_new, d], the slots each token ran [B, T_new]
+        (1 + latent steps; 0 for padding) and the tokens that ran each slot k, [K+1]."""
+        b, t_new = tokens.shape
+        if cache.length + t_new > cache.max_tokens:
+            raise ValueError(f"latent cache full: {cache.length} + {t_new} tokens exceed its {cache.max_tokens}")
+        embeds = self.embed(tokens)
+        out = torch.zeros_like(embeds)
+        depth = torch.zeros(b, t_new, dtype=torch.long, device=tokens.device)
+        evaluations = [0] * (self.latent_steps + 1)
+        for col in range(t_new):
+            rows = valid[:, col].nonzero().squeeze(1)
+            x, probs, w = embeds[rows, col], None, None
+            for k in range(self.latent_steps + 1):
+                if k > 0 and w is not None:  # prune: w is non-increasing, so a pruned token stops here
+                    keep = w[:, k] >= self.tau
+                    rows, x, probs, w = rows[keep], x[keep], probs[keep], w[keep]
+                if rows.numel() == 0:
+                    break
+                h = self._slot(x, rows, cache, torch.zeros_like(x[:, 0]) if w is None else log_weights(w[:, k]))
+                evaluations[k] += rows.numel()
+                depth[rows, col] += 1
+                if self.router is not None and k == 0:
+                    probs = self.router(h)
+                    w = tail_weights(probs)
+                if probs is None:
+                    out[rows, col] = h  # PonderLM-2 reads out the last slot
+                else:
+                    out[rows, col] += probs[:, k : k + 1].to(h.dtype) * h
+                x = h
+            cache.n_real += valid[:, col]
+            cache.length += 1
+        return out, depth, evaluations
+
+    def _slot(self, x: Tensor, rows: Tensor, cache: LatentCache, bias: Tensor) -> Tensor:
+        """One single-slot pass for `rows`: append the slot to each row's cache (with its log w)
+        and attend over the row's cached slots."""
+        slot = cache.fill[rows]
+        cache.key_valid[rows, slot] = True
+        cache.key_bias[rows, slot] = bias.to(cache.key_bias.dtype)
+        total = int(slot.max()) + 1
+        keys = cache.key_valid[rows, :total]
+        mask = torch.where(keys, cache.key_bias[rows, :total], float("-inf")).to(x.dtype)[:, None, None, :]
+        writer = CacheWriter(cache, 0, rows, slot.unsqueeze(1), total, all_rows=rows.numel() == cache.batch)
+        h = self.backbone(x.unsqueeze(1), cache.n_real[rows].unsqueeze(1), mask, kv_hook=writer)
+        cache.fill[rows] += 1
+        return h[:, 0]
