@@ -29,7 +29,7 @@ VOCAB = 50304
 def calibrated_tau(model: AdaPonderLM, ids: torch.Tensor, halted: float) -> float:
     """Threshold giving about `halted` of the token-iterations halted on `ids` (bisection)."""
     lo, hi = 0.0, 1.0
-    for _ in range(30):
+    for _ in range(12):  # 2^-12 resolution on tau is far finer than the rates we aim at
         model.gate.tau = (lo + hi) / 2
         with torch.no_grad():
             fractions = model.hidden_states(ids)[1].active_fractions()

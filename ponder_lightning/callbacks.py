@@ -70,7 +70,7 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
             f"({100 * halted:.1f}% of token-iterations halted)",
             "active fraction per iteration: " + ", ".join(f"{f:.3f}" for f in fractions),
             f"inference FLOPs per token: {last['val/flops_x_vanilla']:.2f}x vanilla "
-            f"(the same model at fixed full depth, i.e. PonderLM: {full:.2f}x)",
+            f"(the same model at full depth: {full:.2f}x)",
         ]
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")

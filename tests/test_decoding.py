@@ -3,6 +3,7 @@ iterations; batching changes nothing; halted tokens really cost no backbone comp
 
 import pytest
 import torch
+from decode_helpers import decode_incrementally
 
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
@@ -45,18 +46,6 @@ MODELS = {
 }
 
 
-def incremental(model, ids: torch.Tensor, prefill: int):
-    """Prefill `prefill` tokens, then decode the rest one at a time; logits and depth of every position."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1])
-    hiddens, depths = [], []
-    for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
-        chunk = ids[:, start:stop]
-        h, d, _ = model.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), cache)
-        hiddens.append(h)
-        depths.append(d)
-    return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("prefill", [1, 9])
 def test_decoding_equals_teacher_forced(name, prefill):
@@ -65,7 +54,7 @@ def test_decoding_equals_teacher_forced(name, prefill):
     with torch.no_grad():
         hidden, trace = model.hidden_states(ids)
         expected = model.backbone.logits(hidden)
-    got, depth = incremental(model, ids, prefill)
+    got, depth, _ = decode_incrementally(model, ids, prefill)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
     assert torch.equal(depth, trace.depth())
     if name in ("adaponder_halting", "adaponder_bottom_k", "ponderlm_fixed_ratio"):

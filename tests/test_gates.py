@@ -22,14 +22,7 @@ from ponder_lightning.gates.fixed import active_fractions, token_uniform
 D = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The shapes here are tiny: one intra-op thread is as fast, and it avoids the thread
-    oversubscription that makes a 2-core CI box crawl when other jobs share it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def hidden(b: int, t: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from decode_helpers import decode_incrementally
 from transformers import LlamaForCausalLM
 
 from ponder_lightning.cli import main
@@ -46,18 +47,6 @@ def test_llama_logits_equal_transformers(tmp_path):
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def decode(model, ids: torch.Tensor, prefill: int = 1):
-    """Prefill `prefill` tokens, then one at a time: logits and slots run per position, and the cache."""
-    cache = model.new_cache(ids.shape[0], ids.shape[1])
-    hiddens, depths = [], []
-    for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
-        chunk = ids[:, start:stop]
-        h, d, _ = model.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), cache)
-        hiddens.append(h)
-        depths.append(d)
-    return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1), cache
-
-
 def teacher_forced(model, ids: torch.Tensor, jacobi: int):
     with torch.no_grad():
         hidden, trace = model.latent(ids, None, jacobi)
@@ -89,7 +78,7 @@ def sharpened(model, scale: float):
 def test_jacobi_training_form_converges_to_sequential_decoding(cls, latent_steps, length, scale):
     model = sharpened(cls(size="tiny", vocab_size=VOCAB, latent_steps=latent_steps).eval(), scale)
     ids = torch.randint(0, VOCAB, (2, length))
-    expected, depth, _ = decode(model, ids, prefill=3)
+    expected, depth, _ = decode_incrementally(model, ids, prefill=3)
     assert torch.equal(depth, torch.full_like(depth, latent_steps + 1))  # PonderLM-3's soft router prunes nothing here
     bound = length * latent_steps  # J >= number of latents: exact
     gaps = {j: (teacher_forced(model, ids, j)[0] - expected).abs().max().item() for j in (0, 1, 2, 3, bound)}
@@ -115,7 +104,7 @@ def test_ponder2_jacobi_count_drawn_per_step_and_fixed_at_eval():
 def test_ponder3_saturated_router_equals_pruned_inference():
     model = saturated_ponder3()
     ids = torch.randint(0, VOCAB, (2, 8))
-    expected, depth, cache = decode(model, ids, prefill=3)
+    expected, depth, cache = decode_incrementally(model, ids, prefill=3)
     got, trace = teacher_forced(model, ids, jacobi=ids.shape[1] * 3)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
     assert torch.equal(depth, trace.depth())
@@ -132,7 +121,7 @@ def test_ponder3_constant_router_prunes_every_token_alike():
         model.router.net.weight.zero_()
         model.router.net.bias.copy_(torch.tensor([-1e4, 1e4, -1e4, -1e4]))
     ids = torch.randint(0, VOCAB, (2, 8))
-    expected, depth, _ = decode(model, ids, prefill=1)
+    expected, depth, _ = decode_incrementally(model, ids, prefill=1)
     got, trace = teacher_forced(model, ids, jacobi=ids.shape[1])  # one visible latent per token
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     assert torch.all(depth == 2) and torch.equal(depth, trace.depth())

@@ -29,14 +29,7 @@ BYTES_VOCAB = 384  # the `bytes` tokenizer (256 bytes + EOS) padded to a multipl
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The shapes here are tiny: one intra-op thread is as fast, and it avoids the thread
-    oversubscription that makes a 2-core CI box crawl when other jobs share it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def ids(b: int, t: int, vocab: int = VOCAB) -> torch.Tensor:

@@ -52,7 +52,7 @@ class CausalLMModule(L.LightningModule):
     """Base LightningModule for Pythia-style causal LMs.
 
     Args:
-        size: backbone preset (`tiny`, `pythia-14m` ... `pythia-2.8b`).
+        size: backbone preset (`tiny`, `pythia-14m` ... `pythia-2.8b`, `llama-tiny` ... `llama-2.8b`).
         vocab_size: model vocabulary; default = the tokenizer's, padded to a multiple of 128.
         tokenizer_vocab_size: set by the CLI from the DataModule's tokenizer; checked against vocab_size.
         n_layer, d_model, n_head, max_seq_len: optional overrides of the preset.

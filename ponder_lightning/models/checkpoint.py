@@ -6,8 +6,9 @@
 - a directory written by `export_hf` (config.json + model.safetensors + ponder_lightning_config.json);
 - a plain Hugging Face GPT-NeoX directory (a Pythia download), as a `VanillaLM`.
 
-`export_hf` writes the backbone in transformers' GPT-NeoX layout (so that
-`GPTNeoXForCausalLM.from_pretrained` loads it; for VanillaLM that *is* the model) and, for
+`export_hf` writes the backbone in transformers' layout, GPT-NeoX (or LLaMA for the LLaMA block),
+so that `GPTNeoXForCausalLM.from_pretrained` (or `LlamaForCausalLM`) loads it; for VanillaLM that
+*is* the model. For
 pondering models, `ponder_lightning_config.json` (model class, init args, tokenizer) plus the
 parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
 """
@@ -174,7 +175,7 @@ def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = No
             "init_args": _jsonable(init_args),
             "tokenizer": tokenizer,
             "global_step": global_step,
-            "note": "config.json/model.safetensors hold the backbone in GPT-NeoX layout; transformers loads it as a "
+            "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); transformers loads it as a "
                     "plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
                     "ponder_lightning.models.checkpoint.load_checkpoint(<this directory>)",
         }
@@ -226,7 +227,7 @@ def export_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, data = load_checkpoint(args.checkpoint)
     out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
-    kind = "GPT-NeoX checkpoint" if not (out / EXPORT_CONFIG).exists() else f"{type(model).__name__} (backbone in GPT-NeoX layout + {EXPORT_CONFIG})"
+    kind = "GPT-NeoX checkpoint" if not (out / EXPORT_CONFIG).exists() else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
     print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")
 
 

@@ -1,0 +1,16 @@
+"""Shared by the decoding tests: run a sequence through a model's incremental path."""
+
+import torch
+
+
+def decode_incrementally(model, ids: torch.Tensor, prefill: int):
+    """Prefill `prefill` tokens, then decode the rest one at a time. Returns the logits and the
+    depth of every position, and the cache."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1])
+    hiddens, depths = [], []
+    for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+        chunk = ids[:, start:stop]
+        h, d, _ = model.extend(chunk, torch.ones_like(chunk, dtype=torch.bool), cache)
+        hiddens.append(h)
+        depths.append(d)
+    return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1), cache
