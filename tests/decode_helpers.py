@@ -2,6 +2,8 @@
 
 import torch
 
+from ponder_lightning.generate import Generation, generate
+
 
 def decode_incrementally(model, ids: torch.Tensor, prefill: int):
     """Prefill `prefill` tokens, then decode the rest one at a time. Returns the logits and the
@@ -14,3 +16,14 @@ def decode_incrementally(model, ids: torch.Tensor, prefill: int):
         hiddens.append(h)
         depths.append(d)
     return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1), cache
+
+
+def assert_batch_equals_each_alone(model, vocab: int, max_new_tokens: int) -> Generation:
+    """Greedy generation for ragged prompts in one batch gives each prompt's tokens and depths alone."""
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 11, 1)]
+    batched = generate(model, prompts, max_new_tokens=max_new_tokens)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_new_tokens=max_new_tokens)
+        assert batched.tokens[i] == alone.tokens[0]
+        assert batched.depths[i] == alone.depths[0]
+    return batched

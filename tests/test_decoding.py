@@ -3,7 +3,7 @@ iterations; batching changes nothing; halted tokens really cost no backbone comp
 
 import pytest
 import torch
-from decode_helpers import decode_incrementally
+from decode_helpers import assert_batch_equals_each_alone, decode_incrementally
 
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
@@ -63,13 +63,7 @@ def test_decoding_equals_teacher_forced(name, prefill):
 
 @pytest.mark.parametrize("name", ["ponderlm", "adaponder_halting", "loop_fixed_ratio"])
 def test_batch_of_ragged_prompts_equals_each_prompt_alone(name):
-    model = MODELS[name]()
-    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 11, 1)]
-    batched = generate(model, prompts, max_new_tokens=8)
-    for i, prompt in enumerate(prompts):
-        alone = generate(model, [prompt], max_new_tokens=8)
-        assert batched.tokens[i] == alone.tokens[0]
-        assert batched.depths[i] == alone.depths[0]
+    assert_batch_equals_each_alone(MODELS[name](), VOCAB, max_new_tokens=8)
 
 
 def test_greedy_generation_follows_teacher_forced_argmax():

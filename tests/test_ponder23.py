@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from decode_helpers import decode_incrementally
+from decode_helpers import assert_batch_equals_each_alone, decode_incrementally
 from transformers import LlamaForCausalLM
 
 from ponder_lightning.cli import main
-from ponder_lightning.generate import generate
 from ponder_lightning.models import PonderLM2, PonderLM3
 from ponder_lightning.nn import Backbone, backbone_config, causal_mask, positions_from_valid
 from ponder_lightning.nn.hf import load_hf_backbone, read_hf_config, save_hf_backbone
@@ -170,12 +169,7 @@ def test_ponder3_left_padding_changes_nothing():
 @pytest.mark.parametrize("cls", [PonderLM2, saturated_ponder3])
 def test_generate_batch_of_ragged_prompts_equals_each_alone(cls):
     model = cls(size="tiny", vocab_size=VOCAB) if cls is PonderLM2 else cls()
-    prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 11, 1)]
-    batched = generate(model, prompts, max_new_tokens=6)
-    for i, prompt in enumerate(prompts):
-        alone = generate(model, [prompt], max_new_tokens=6)
-        assert batched.tokens[i] == alone.tokens[0]
-        assert batched.depths[i] == alone.depths[0]
+    batched = assert_batch_equals_each_alone(model, VOCAB, max_new_tokens=6)
     assert batched.stats["flops_x_vanilla"] > 1
 
 
