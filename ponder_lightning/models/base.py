@@ -173,7 +173,7 @@ class CausalLMModule(L.LightningModule):
             self.config,
             context,
             active_fractions,
-            self.build_feedback().extra_flops_per_token(self.backbone),
+            self.recurrence.feedback.extra_flops_per_token(self.backbone),
             self.gate.extra_flops_per_token(self.config.d_model),
         )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ponder_lightning.gates.base import Gate
+from ponder_lightning.gates.base import Gate, GateDecision
 from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
 
@@ -98,6 +98,15 @@ class LoopFeedback(Feedback):
 
     def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
         return h_raw if weight is None else state + weight.unsqueeze(-1).to(h_raw.dtype) * (h_raw - state)
+
+
+def feedback_weight(gate: Gate, decision: GateDecision, dtype: torch.dtype) -> Tensor | None:
+    """m^{i+1} * s^i, the per-token weight of the feedback update: None when no token can halt
+    (the exact ungated update), the mask alone for gates without scores."""
+    if not gate.can_halt:
+        return None
+    weight = decision.active.to(dtype)
+    return weight if decision.scores is None else weight * decision.scores.to(dtype)
 
 
 class KVAlignment:
@@ -179,11 +188,7 @@ class Recurrence:
                 break
             decision = gate(h, i, active, tokens, gate_positions)
             trace.scores.append(decision.scores)
-            weight = None
-            if gate.can_halt:
-                weight = decision.active.to(h.dtype)
-                if decision.scores is not None:
-                    weight = weight * decision.scores.to(h.dtype)
+            weight = feedback_weight(gate, decision, h.dtype)
             state = self.feedback.update(self.backbone, state, h_raw, h, weight)
             active = decision.active
         return out, trace
@@ -238,11 +243,7 @@ class Recurrence:
             if i == self.n_iterations - 1:
                 break
             decision = gate(h, i, torch.ones_like(real), tokens[pick], positions[pick])
-            weight = None
-            if gate.can_halt:
-                weight = decision.active.to(h.dtype)
-                if decision.scores is not None:
-                    weight = weight * decision.scores.to(h.dtype)
+            weight = feedback_weight(gate, decision, h.dtype)
             state[pick] = self.feedback.update(self.backbone, state[pick], h_raw, h, weight)
             next_active = torch.zeros_like(active)
             next_active[pick] = decision.active
