@@ -3,7 +3,9 @@
 Side by side in one process, CPU fp32, batch 1 and 8, prefill and decode timed separately:
 - AdaPonderLM with its gate thresholds set for ~10%, ~30% and ~60% of token-iterations halted,
   vs the same model at full depth (tau = 0): measured speedup, ideal speedup from FLOPs at the
-  realised depth, and measured / ideal (target >= 0.8).
+  realised depth, and measured / ideal (target >= 0.8). Decoding is timed as `generate` runs it
+  (row-wise: each backbone call advances every row by one pass of its own token) and, for
+  comparison, in lock-step (every row runs iteration i before any row runs i+1).
 - PonderLM decode tokens/s vs the rate predicted from FLOPs: vanilla tokens/s x vanilla FLOPs /
   PonderLM FLOPs (mixture included) (target >= 0.9).
 - PonderLM without caches (the whole prefix recomputed for every token, as the authors' code
@@ -20,7 +22,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import alternate, write_results
+from benchmarks.common import Decoder, Generate, alternate, write_results
 from ponder_lightning.models import AdaPonderLM, PonderLM, VanillaLM
 
 VOCAB = 50304
@@ -35,33 +37,6 @@ def calibrated_tau(model: AdaPonderLM, ids: torch.Tensor, halted: float) -> floa
             fractions = model.hidden_states(ids)[1].active_fractions()
         lo, hi = (model.gate.tau, hi) if 1 - fractions.mean().item() < halted else (lo, model.gate.tau)
     return model.gate.tau
-
-
-class Decoder:
-    """Prefill then greedy decode of `new_tokens` steps on a fresh cache; records evaluations."""
-
-    def __init__(self, model, prompts: torch.Tensor, new_tokens: int) -> None:
-        self.model, self.prompts, self.new_tokens = model, prompts, new_tokens
-        self.prefill_counts: list[int] = []
-        self.decode_counts: list[int] = []
-
-    def prefill(self):
-        self.cache = self.model.new_cache(self.prompts.shape[0], self.prompts.shape[1] + self.new_tokens)
-        valid = torch.ones_like(self.prompts, dtype=torch.bool)
-        hidden, _, counts = self.model.extend(self.prompts, valid, self.cache)
-        self.prefill_counts = counts
-        self.last = hidden[:, -1]
-
-    def decode(self):
-        self.prefill()  # decode needs a fresh prefix; its time is subtracted below
-        totals = [0] * self.model.n_iterations
-        ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool)
-        for _ in range(self.new_tokens):
-            token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
-            hidden, _, counts = self.model.extend(token, ones, self.cache)
-            totals = [t + c for t, c in zip(totals, counts)]
-            self.last = hidden[:, -1]
-        self.decode_counts = totals
 
 
 def no_cache_decode(model, prompts: torch.Tensor, new_tokens: int):
@@ -100,41 +75,43 @@ def main() -> None:
                 mlp[2].weight.normal_(0, 0.5)
                 mlp[2].bias.zero_()
         full.gate.tau = 0.0
-        variants = {"full depth": Decoder(full, prompts, args.new_tokens)}
+        models = {"full depth": full}
         for rate in args.rates:
             model = AdaPonderLM(size=args.size, vocab_size=VOCAB).eval()
             model.load_state_dict(full.state_dict())
             calibrated_tau(model, prompts, rate)
-            variants[f"halt~{rate:.0%}"] = Decoder(model, prompts, args.new_tokens)
-        for phase in ("prefill", "decode"):
-            with torch.no_grad():
-                seconds = alternate({name: getattr(d, phase) for name, d in variants.items()}, args.repeats)
-                if phase == "decode":  # decode() includes a prefill: remove it
-                    prefill = alternate({name: d.prefill for name, d in variants.items()}, args.repeats)
-                    seconds = {k: seconds[k] - prefill[k] for k in seconds}
-            ref = variants["full depth"]
-            ref_counts = ref.prefill_counts if phase == "prefill" else ref.decode_counts
-            ref_flops = full.realised_flops(fractions(ref_counts), context)["x_vanilla"]
-            for name, decoder in variants.items():
-                counts = decoder.prefill_counts if phase == "prefill" else decoder.decode_counts
-                flops = decoder.model.realised_flops(fractions(counts), context)
-                measured, ideal = seconds["full depth"] / seconds[name], ref_flops / flops["x_vanilla"]
+            models[f"halt~{rate:.0%}"] = model
+        generators = {name: Generate(model, prompts, args.new_tokens) for name, model in models.items()}
+        lockstep = {name: Decoder(model, prompts, args.new_tokens) for name, model in models.items()}
+        with torch.no_grad():
+            alternate(generators, args.repeats)
+            lockstep_total = alternate({name: d.decode for name, d in lockstep.items()}, args.repeats)
+            lockstep_prefill = alternate({name: d.prefill for name, d in lockstep.items()}, args.repeats)
+        timings = {
+            "prefill": ({name: g.seconds("prefill") for name, g in generators.items()}, {name: g.counts("prefill") for name, g in generators.items()}),
+            "decode row-wise": ({name: g.seconds("decode") for name, g in generators.items()}, {name: g.counts("decode") for name, g in generators.items()}),
+            "decode lock-step": ({name: lockstep_total[name] - lockstep_prefill[name] for name in lockstep}, {name: d.decode_counts for name, d in lockstep.items()}),
+        }
+        for phase, (seconds, counts) in timings.items():
+            ref_flops = full.realised_flops(fractions(counts["full depth"]), context)["x_vanilla"]
+            for name, model in models.items():
+                flops = model.realised_flops(fractions(counts[name]), context)["x_vanilla"]
+                measured, ideal = seconds["full depth"] / seconds[name], ref_flops / flops
                 rows.append({
                     "model": "AdaPonderLM", "batch": batch, "phase": phase, "variant": name,
-                    "halted": 1 - sum(fractions(counts)) / len(counts), "x_vanilla": flops["x_vanilla"],
-                    "tok/s": (sum(counts[:1]) or 1) / seconds[name],
+                    "halted": 1 - sum(fractions(counts[name])) / len(counts[name]), "x_vanilla": flops,
+                    "tok/s": counts[name][0] / seconds[name],
                     "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
                 })
         # --- PonderLM vs vanilla, with and without caches ----------------------------------
         ponder = PonderLM(size=args.size, vocab_size=VOCAB).eval()
         vanilla = VanillaLM(size=args.size, vocab_size=VOCAB).eval()
-        decoders = {"PonderLM": Decoder(ponder, prompts, args.new_tokens), "vanilla": Decoder(vanilla, prompts, args.new_tokens)}
+        generators = {"PonderLM": Generate(ponder, prompts, args.new_tokens), "vanilla": Generate(vanilla, prompts, args.new_tokens)}
         with torch.no_grad():
-            seconds = alternate({name: d.decode for name, d in decoders.items()} | {"PonderLM no cache": no_cache_decode(ponder, prompts, args.new_tokens)}, args.repeats)
-            prefill = alternate({name: d.prefill for name, d in decoders.items()}, args.repeats)
-        tokens = batch * args.new_tokens
-        tps = {name: tokens / (seconds[name] - prefill[name]) for name in decoders}
-        tps["PonderLM no cache"] = tokens / seconds["PonderLM no cache"]
+            no_cache = alternate(generators | {"PonderLM no cache": no_cache_decode(ponder, prompts, args.new_tokens - 1)}, args.repeats)["PonderLM no cache"]
+        tokens = batch * (args.new_tokens - 1)  # the first new token comes from the prefill
+        tps = {name: tokens / g.seconds("decode") for name, g in generators.items()}
+        tps["PonderLM no cache"] = tokens / no_cache
         ponder_flops = ponder.realised_flops([1.0] * ponder.n_iterations, context)["x_vanilla"]
         predicted = tps["vanilla"] / ponder_flops
         for name in ("vanilla", "PonderLM", "PonderLM no cache"):

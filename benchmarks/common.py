@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from ponder_lightning.generate import Generation, generate
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -43,6 +45,55 @@ def alternate(contenders: dict[str, Callable[[], None]], repeats: int, warmup: i
         for name, fn in contenders.items():
             samples[name].append(time_once(fn))
     return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
+class Decoder:
+    """Prefill, then greedy lock-step decoding: every row runs iteration i of its token before any
+    row runs i+1 (`model.extend` one token per row per step). Records backbone evaluations."""
+
+    def __init__(self, model, prompts: torch.Tensor, new_tokens: int) -> None:
+        self.model, self.prompts, self.new_tokens = model, prompts, new_tokens
+        self.prefill_counts: list[int] = []
+        self.decode_counts: list[int] = []
+
+    def prefill(self) -> None:
+        self.cache = self.model.new_cache(self.prompts.shape[0], self.prompts.shape[1] + self.new_tokens)
+        valid = torch.ones_like(self.prompts, dtype=torch.bool)
+        hidden, _, counts = self.model.extend(self.prompts, valid, self.cache)
+        self.prefill_counts = counts
+        self.last = hidden[:, -1]
+
+    def decode(self) -> None:
+        """Prefill + decode (time the prefill alone too and subtract it)."""
+        self.prefill()
+        totals = [0] * self.model.n_iterations
+        ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool)
+        for _ in range(self.new_tokens - 1):
+            token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
+            hidden, _, counts = self.model.extend(token, ones, self.cache)
+            totals = [t + c for t, c in zip(totals, counts)]
+            self.last = hidden[:, -1]
+        self.decode_counts = totals
+
+
+class Generate:
+    """`ponder_lightning.generate` as users call it (greedy, row-wise decoding); keeps every run's
+    result so that its own prefill and decode timings can be read back."""
+
+    def __init__(self, model, prompts: torch.Tensor, new_tokens: int) -> None:
+        self.model, self.prompts, self.new_tokens = model, prompts.tolist(), new_tokens
+        self.runs: list[Generation] = []
+
+    def __call__(self) -> None:
+        self.runs.append(generate(self.model, self.prompts, max_new_tokens=self.new_tokens))
+
+    def seconds(self, phase: str) -> float:
+        """Median over the timed runs (the first, a warm-up, left out) of `phase`_seconds."""
+        values = sorted(run.stats[f"{phase}_seconds"] for run in self.runs[1:])
+        return values[len(values) // 2]
+
+    def counts(self, phase: str) -> list[int]:
+        return self.runs[-1].evaluations[phase]
 
 
 def write_results(name: str, rows: list[dict], columns: list[str]) -> Path:

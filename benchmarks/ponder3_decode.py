@@ -1,10 +1,12 @@
 """PonderLM-3 decoding: do the latent steps its router prunes save real wall-clock time?
 
-Side by side in one process, CPU fp32, decode phase timed (prefill subtracted): PonderLM-2 with
-K = 3 (every token runs 4 slots) vs PonderLM-3 on the same backbone weights with tau set for
-about 2.5, 2 and 1.5 mean latent steps per token (of 3), and PonderLM-3 at tau = 0 (no pruning:
-the router and its attention bias only). Per row: tokens/s, mean latent steps, FLOPs x vanilla at
-the realised depth, measured speedup over PonderLM-2, ideal speedup from FLOPs and measured/ideal.
+Side by side in one process, CPU fp32, decode phase timed: PonderLM-2 with K = 3 (every token
+runs 4 slots) vs PonderLM-3 on the same backbone weights with tau set for about 2.5, 2 and 1.5
+mean latent steps per token (of 3), and PonderLM-3 at tau = 0 (no pruning: the router and its
+attention bias only). Decoding as `generate` runs it (row-wise: each backbone call runs every
+row's own next slot) and, for comparison, in lock-step (`extend`: every row's token finishes
+before the next starts). Per row: tokens/s, mean latent steps, FLOPs x vanilla at the realised
+depth, measured speedup over PonderLM-2, ideal speedup from FLOPs and measured/ideal.
 Random weights (speed does not depend on training); the router's weights are randomised so that
 its distributions spread over tokens and a threshold picks the pruning rate.
 
@@ -20,8 +22,8 @@ import argparse
 
 import torch
 
-from benchmarks.adaptive_decode import Decoder, fractions
-from benchmarks.common import alternate, write_results
+from benchmarks.adaptive_decode import fractions
+from benchmarks.common import Decoder, Generate, alternate, write_results
 from ponder_lightning.models import PonderLM2, PonderLM3
 
 VOCAB = 50304
@@ -67,22 +69,27 @@ def main() -> None:
                 model.router.net.weight.normal_(0, 0.5)
             model.latent.tau = 0.0 if steps is None else calibrated_tau(model, prompts, steps)
             models[name] = model
-        decoders = {name: Decoder(model, prompts, args.new_tokens) for name, model in models.items()}
+        generators = {name: Generate(model, prompts, args.new_tokens) for name, model in models.items()}
+        lockstep = {name: Decoder(model, prompts, args.new_tokens) for name, model in models.items()}
         with torch.no_grad():
-            seconds = alternate({name: d.decode for name, d in decoders.items()}, args.repeats)
-            prefill = alternate({name: d.prefill for name, d in decoders.items()}, args.repeats)
-        decode_seconds = {name: seconds[name] - prefill[name] for name in decoders}
+            alternate(generators, args.repeats)
+            total = alternate({name: d.decode for name, d in lockstep.items()}, args.repeats)
+            prefill = alternate({name: d.prefill for name, d in lockstep.items()}, args.repeats)
+        schedules = {
+            "row-wise": ({name: g.seconds("decode") for name, g in generators.items()}, {name: g.counts("decode") for name, g in generators.items()}),
+            "lock-step": ({name: total[name] - prefill[name] for name in lockstep}, {name: d.decode_counts for name, d in lockstep.items()}),
+        }
         ref_name = "PonderLM-2 K=3"
-        ref_flops = ponder2.realised_flops(fractions(decoders[ref_name].decode_counts), context)["x_vanilla"]
-        for name, decoder in decoders.items():
-            counts = decoder.decode_counts
-            flops = decoder.model.realised_flops(fractions(counts), context)["x_vanilla"]
-            measured, ideal = decode_seconds[ref_name] / decode_seconds[name], ref_flops / flops
-            rows.append({
-                "batch": batch, "model": name, "tau": f"{decoder.model.latent.tau:.2g}" if decoder.model.latent.router is not None else "-",
-                "mean steps": sum(counts[1:]) / counts[0], "x_vanilla": flops, "tok/s": counts[0] / decode_seconds[name],
-                "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
-            })
+        for schedule, (seconds, counts) in schedules.items():
+            ref_flops = ponder2.realised_flops(fractions(counts[ref_name]), context)["x_vanilla"]
+            for name, model in models.items():
+                flops = model.realised_flops(fractions(counts[name]), context)["x_vanilla"]
+                measured, ideal = seconds[ref_name] / seconds[name], ref_flops / flops
+                rows.append({
+                    "batch": batch, "decode": schedule, "model": name, "tau": f"{model.latent.tau:.2g}" if model.latent.router is not None else "-",
+                    "mean steps": sum(counts[name][1:]) / counts[name][0], "x_vanilla": flops, "tok/s": counts[name][0] / seconds[name],
+                    "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
+                })
     write_results("ponder3_decode", rows, list(rows[0]))
 
 

@@ -1,12 +1,13 @@
 """Adaptive-depth generation for every model, on the library's own KV caches.
 
-Models provide `new_cache(batch, max_len)` and `extend(tokens, valid, cache)`; this module only
-batches prompts, samples and keeps the books.
+Models provide `new_cache(batch, max_len)`, `extend(tokens, valid, cache)` (prefill) and
+`row_decoder(cache)` (decoding); this module only batches prompts, samples and keeps the books.
 
-`generate(model, prompts, ...)` left-pads a batch of prompts, prefills them iteration by
-iteration (only active positions run), then decodes one token per row per step; a token that
-halts after iteration j costs no backbone compute in later iterations. Finished rows stop costing
-anything too: their new positions are padding.
+`generate(model, prompts, ...)` left-pads a batch of prompts and prefills them iteration by
+iteration (only active positions run). It then decodes row-wise (`nn/rowwise.py`): each backbone
+pass advances every row by one pass of its own current token, so a row whose token halts early
+starts its next token at once instead of waiting for the other rows; a halted token costs no
+backbone compute in later iterations. Finished rows leave the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Generation:
     depths: list[list[int]]
     texts: list[str] | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    #: backbone token-evaluations per iteration (or slot), for the prompt and for the new tokens
+    evaluations: dict[str, list[int]] = field(default_factory=dict)
 
 
 def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> Tensor:
@@ -69,6 +72,8 @@ def generate(
         prompts = [tokenizer.encode(p) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if stop_tokens is None:
         stop_tokens = [tokenizer.eos_id] if tokenizer is not None else []
     device = model.backbone.embed_in.weight.device
@@ -83,31 +88,37 @@ def generate(
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
 
     start = time.perf_counter()
-    hidden, depth, _ = model.extend(ids, valid, cache)
+    hidden, depth, prefill_counts = model.extend(ids, valid, cache)
     prefill_seconds = time.perf_counter() - start
-    last, last_depth = hidden[:, -1], depth[:, -1]
-    running = torch.ones(b, dtype=torch.bool, device=device)
     new_tokens: list[list[int]] = [[] for _ in range(b)]
     depths: list[list[int]] = [[] for _ in range(b)]  # depth of the pass whose logits chose the token
-    evaluations = [0] * model.n_iterations
-    start = time.perf_counter()
-    for step in range(max_new_tokens):
-        logits = model.backbone.logits(last)
+
+    def emit(rows: Tensor, logits: Tensor, depth: Tensor) -> tuple[Tensor, Tensor]:
+        """Sample the next token of `rows`, record it, and return the rows that go on with it."""
         if tokenizer is not None:  # ids of the padded vocabulary beyond the tokenizer are not text
             logits[:, tokenizer.vocab_size :] = float("-inf")
         token = sample(logits, temperature, top_k, top_p, generator)
-        for row in running.nonzero().flatten().tolist():
-            new_tokens[row].append(int(token[row]))
-            depths[row].append(int(last_depth[row]))
-        running = running & ~torch.isin(token, stops)
-        if step == max_new_tokens - 1 or not running.any():
-            break
-        hidden, depth, counts = model.extend(token.unsqueeze(1), running.unsqueeze(1), cache)
-        evaluations = [e + c for e, c in zip(evaluations, counts)]
-        last, last_depth = hidden[:, -1], depth[:, -1]
+        for row, t, d in zip(rows.tolist(), token.tolist(), depth.tolist()):
+            new_tokens[row].append(t)
+            depths[row].append(d)
+        produced = torch.tensor([len(new_tokens[row]) for row in rows.tolist()], dtype=torch.long, device=device)
+        going = ~torch.isin(token, stops) & (produced < max_new_tokens)
+        return rows[going], token[going]
+
+    start = time.perf_counter()
+    decoder = model.row_decoder(cache)
+    in_flight, token = emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1])
+    decoder.start(in_flight, token)
+    while in_flight.numel():  # one backbone pass per tick; each row runs its own token's next pass
+        step = decoder.step(in_flight)
+        going, token = emit(in_flight[step.finished], step.logits, step.depth)
+        decoder.start(going, token)
+        in_flight = torch.cat([in_flight[~step.finished], going]).sort().values
     decode_seconds = time.perf_counter() - start
     n_generated = sum(len(t) for t in new_tokens)
+    evaluations = decoder.evaluations
     fractions = [e / max(evaluations[0], 1) for e in evaluations]
+    context = longest + n_generated / b
     stats = {
         "prompt_tokens": int(valid.sum()),
         "generated_tokens": n_generated,
@@ -115,7 +126,7 @@ def generate(
         "decode_seconds": decode_seconds,
         "tokens_per_second": n_generated / (prefill_seconds + decode_seconds),
         "mean_depth": sum(map(sum, depths)) / max(n_generated, 1),
-        "flops_x_vanilla": model.realised_flops(fractions, cache.length)["x_vanilla"] if evaluations[0] else float("nan"),
+        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"] if evaluations[0] else float("nan"),
     }
     texts = [tokenizer.decode(t) for t in new_tokens] if tokenizer is not None else None
-    return Generation(tokens=new_tokens, depths=depths, texts=texts, stats=stats)
+    return Generation(tokens=new_tokens, depths=depths, texts=texts, stats=stats, evaluations={"prefill": prefill_counts, "decode": evaluations})

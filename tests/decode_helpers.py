@@ -18,6 +18,36 @@ def decode_incrementally(model, ids: torch.Tensor, prefill: int):
     return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1), cache
 
 
+def decode_rowwise(model, ids: torch.Tensor, prefill: int, with_evaluations: bool = False):
+    """Prefill `prefill` tokens, then feed the rest through the model's row decoder, each row
+    starting its next (given) token as soon as its current one is done. Returns the logits and
+    depth of every position after the prefill, the number of ticks (backbone calls) taken and,
+    with `with_evaluations`, the decoder's backbone token-evaluations per iteration."""
+    b, t = ids.shape
+    cache = model.new_cache(b, t)
+    model.extend(ids[:, :prefill], torch.ones(b, prefill, dtype=torch.bool), cache)
+    decoder = model.row_decoder(cache)
+    logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    depths: list[list[int]] = [[] for _ in range(b)]
+    next_col = torch.full((b,), prefill + 1)
+    in_flight = torch.arange(b)
+    decoder.start(in_flight, ids[:, prefill])
+    ticks = 0
+    while in_flight.numel():
+        step = decoder.step(in_flight)
+        ticks += 1
+        done = in_flight[step.finished]
+        for j, row in enumerate(done.tolist()):
+            logits[row].append(step.logits[j])
+            depths[row].append(int(step.depth[j]))
+        going = done[next_col[done] < t]
+        decoder.start(going, ids[going, next_col[going]])
+        next_col[going] += 1
+        in_flight = torch.cat([in_flight[~step.finished], going]).sort().values
+    result = torch.stack([torch.stack(row) for row in logits]), torch.tensor(depths), ticks
+    return result + (decoder.evaluations,) if with_evaluations else result
+
+
 def assert_batch_equals_each_alone(model, vocab: int, max_new_tokens: int) -> Generation:
     """Greedy generation for ragged prompts in one batch gives each prompt's tokens and depths alone."""
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 11, 1)]

@@ -3,7 +3,7 @@ iterations; batching changes nothing; halted tokens really cost no backbone comp
 
 import pytest
 import torch
-from decode_helpers import assert_batch_equals_each_alone, decode_incrementally
+from decode_helpers import assert_batch_equals_each_alone, decode_incrementally, decode_rowwise
 
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
@@ -59,6 +59,43 @@ def test_decoding_equals_teacher_forced(name, prefill):
     assert torch.equal(depth, trace.depth())
     if name in ("adaponder_halting", "adaponder_bottom_k", "ponderlm_fixed_ratio"):
         assert len(depth.unique()) >= 3, f"tokens should halt at several iterations, got depths {depth.unique().tolist()}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rowwise_decoding_equals_teacher_forced(name):
+    """Rows run their own tokens' iterations in each backbone call, so they drift apart when
+    tokens halt at different depths; the logits must still be those of the training forward, and
+    the backbone calls must follow the deepest row's total passes, not depth x tokens."""
+    model = MODELS[name]().eval()
+    ids = torch.randint(0, VOCAB, (4, 20))
+    with torch.no_grad():
+        hidden, trace = model.hidden_states(ids)
+        expected = model.backbone.logits(hidden)[:, 6:]
+    got, depth, ticks = decode_rowwise(model, ids, prefill=6)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    assert torch.equal(depth, trace.depth()[:, 6:])
+    assert ticks == int(depth.sum(1).max())
+    if name == "adaponder_halting":
+        assert ticks < 14 * model.n_iterations and len(depth.sum(1).unique()) > 1, "rows should drift apart"
+
+
+def test_rowwise_decoding_runs_one_backbone_row_per_pass():
+    """Each tick runs one backbone row per row in flight, and the rows add up to the passes the
+    tokens needed, per iteration: halted tokens cost nothing, also when rows are at different
+    iterations in the same backbone call."""
+    model = halting_adaponder()
+    ids = torch.randint(0, VOCAB, (4, 16))
+    with torch.no_grad():
+        _, trace = model.hidden_states(ids)
+    processed: list[int] = []
+    handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
+    try:
+        _, depth, ticks, evaluations = decode_rowwise(model, ids, prefill=8, with_evaluations=True)
+    finally:
+        handle.remove()
+    assert evaluations == [int(a[:, 8:].sum()) for a in trace.active]
+    assert sum(processed[-ticks:]) == int(depth.sum()) == sum(evaluations)
+    assert evaluations[-1] < evaluations[0], "some tokens must halt for this test to mean anything"
 
 
 @pytest.mark.parametrize("name", ["ponderlm", "adaponder_halting", "loop_fixed_ratio"])

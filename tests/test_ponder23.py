@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from decode_helpers import assert_batch_equals_each_alone, decode_incrementally
+from decode_helpers import assert_batch_equals_each_alone, decode_incrementally, decode_rowwise
 from transformers import LlamaForCausalLM
 
 from ponder_lightning.cli import main
@@ -111,6 +111,22 @@ def test_ponder3_saturated_router_equals_pruned_inference():
     assert torch.equal(cache.fill, depth.sum(1)), "pruned slots must not enter the KV cache"
     for w in trace.scores:
         assert torch.all((w == 0) | (w == 1))
+
+
+@pytest.mark.parametrize("cls", [PonderLM2, saturated_ponder3])
+def test_rowwise_decoding_equals_sequential(cls):
+    """Each pass runs every row's own next slot, so rows whose router prunes run ahead; logits,
+    slots used and the cache contents match token-by-token decoding, and the passes taken are the
+    busiest row's slots."""
+    model = cls(size="tiny", vocab_size=VOCAB).eval() if cls is PonderLM2 else cls()
+    ids = torch.randint(0, VOCAB, (3, 12))
+    expected, depth, cache = decode_incrementally(model, ids, prefill=4)
+    got, got_depth, ticks, evaluations = decode_rowwise(model, ids, prefill=4, with_evaluations=True)
+    assert torch.allclose(got, expected[:, 4:], atol=1e-5, rtol=0), (got - expected[:, 4:]).abs().max()
+    assert torch.equal(got_depth, depth[:, 4:])
+    assert ticks == int(got_depth.sum(1).max()) and sum(evaluations) == int(got_depth.sum())
+    if cls is not PonderLM2:
+        assert len(got_depth.sum(1).unique()) > 1, "rows should use different numbers of slots"
 
 
 def test_ponder3_constant_router_prunes_every_token_alike():

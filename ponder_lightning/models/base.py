@@ -26,6 +26,7 @@ from ponder_lightning.models.metrics import DepthNLL
 from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
+from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
 
 NEOX_TOKENIZER_VOCAB = 50277
 
@@ -153,6 +154,11 @@ class CausalLMModule(L.LightningModule):
         """Run new tokens against the cache (prefill or one decode step): hidden states, depth per
         token and backbone token-evaluations per iteration (see `Recurrence.extend`)."""
         return self.recurrence.extend(tokens, valid, cache, gate=self.effective_gate())
+
+    def row_decoder(self, cache: KVCache) -> RecurrenceRowDecoder:
+        """Token-by-token decoding where each row moves through iterations at its own pace, on a
+        cache prefilled by `extend` (see `nn/rowwise.py`)."""
+        return RecurrenceRowDecoder(self.recurrence, cache, self.effective_gate())
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for input tokens [B, T]."""

@@ -12,7 +12,7 @@ from torch import Tensor
 from ponder_lightning import flops
 from ponder_lightning.errors import UserError
 from ponder_lightning.models.base import CausalLMModule
-from ponder_lightning.nn.latent import LatentCache, LatentRecurrence
+from ponder_lightning.nn.latent import LatentCache, LatentRecurrence, LatentRowDecoder
 from ponder_lightning.nn.recurrence import Trace
 
 
@@ -77,6 +77,10 @@ class PonderLM2(CausalLMModule):
     def extend(self, tokens: Tensor, valid: Tensor, cache: LatentCache) -> tuple[Tensor, Tensor, list[int]]:
         """Exact sequential decoding: K+1 single-slot passes per token (see `LatentRecurrence.extend`)."""
         return self.latent.extend(tokens, valid, cache)
+
+    def row_decoder(self, cache: LatentCache) -> LatentRowDecoder:
+        """Decoding where every row runs its own next slot in each pass (see `nn/rowwise.py`)."""
+        return LatentRowDecoder(self.latent, cache)
 
     def _router_flops(self) -> float:
         router = self.latent.router

@@ -46,22 +46,29 @@ class KVCache:
 
 
 class CacheWriter:
-    """KV hook for one iteration of packed queries: writes the new tokens' K/V into their slots of
-    this iteration's cache and lets them attend over the whole cached prefix.
+    """KV hook for one backbone pass of packed queries: writes the new tokens' K/V into their slots
+    of the cache and lets them attend over the whole cached prefix.
 
-    `rows` [B'] are the batch rows that have active tokens, `slots` [B', A] the slot of each packed
-    query (padding entries duplicate a real one of the same row, so their writes are identical).
+    `iteration` is the cache every row uses (an int), or one per row ([B'] tensor) when rows are
+    at different iterations (row-wise decoding). `rows` [B'] are the batch rows that run, `slots`
+    [B', A] the slot of each packed query (padding entries duplicate a real one of the same row,
+    so their writes are identical).
     """
 
-    def __init__(self, cache: KVCache, iteration: int, rows: Tensor, slots: Tensor, total_len: int, all_rows: bool) -> None:
-        self.cache, self.iteration, self.rows, self.slots = cache, iteration, rows, slots
+    def __init__(self, cache: KVCache, iteration: int | Tensor, rows: Tensor, slots: Tensor, total_len: int, all_rows: bool) -> None:
+        self.cache, self.rows, self.slots = cache, rows, slots
+        self.iteration = iteration if isinstance(iteration, int) else iteration.unsqueeze(1)
         self.total_len, self.all_rows = total_len, all_rows
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        cache_k, cache_v = self.cache.k[self.iteration, layer], self.cache.v[self.iteration, layer]
-        index = (self.rows.unsqueeze(1), slice(None), self.slots)
+        cache_k, cache_v = self.cache.k[:, layer], self.cache.v[:, layer]
+        index = (self.iteration, self.rows.unsqueeze(1), slice(None), self.slots)
         cache_k[index] = k.transpose(1, 2)
         cache_v[index] = v.transpose(1, 2)
-        if self.all_rows:  # a view, no copy
-            return cache_k[:, :, : self.total_len], cache_v[:, :, : self.total_len]
-        return cache_k[self.rows, :, : self.total_len], cache_v[self.rows, :, : self.total_len]
+        if isinstance(self.iteration, int):
+            cache_k, cache_v = cache_k[self.iteration], cache_v[self.iteration]
+            if self.all_rows:  # a view, no copy
+                return cache_k[:, :, : self.total_len], cache_v[:, :, : self.total_len]
+            return cache_k[self.rows, :, : self.total_len], cache_v[self.rows, :, : self.total_len]
+        index = (self.iteration.squeeze(1), self.rows, slice(None), slice(None, self.total_len))
+        return cache_k[index], cache_v[index]

@@ -7,7 +7,8 @@ slot (t, K)'s output predicts token t+1 (with PonderLM-3's router: the s-weighte
 slots' outputs, and log w of each slot added to every query's attention logit for it).
 
 The model is sequential: a latent depends on every earlier slot. Decoding runs it so (`extend`:
-K+1 single-slot passes per token on one KV cache). Training runs the Jacobi form (`__call__`):
+K+1 single-slot passes per token on one KV cache; `LatentRowDecoder` lets every row of a batch
+run its own next slot in each pass, see `nn/rowwise.py`). Training runs the Jacobi form (`__call__`):
 build-up passes over the first 1..K slots of every token grow the latents, J passes over all K+1
 slots update every latent in parallel from the previous pass, and a final pass reads out. Each
 full-width pass makes at least one more latent (in sequence order) exact, and a token's router
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter
 from ponder_lightning.nn.recurrence import Trace
+from ponder_lightning.nn.rowwise import RowStep
 
 
 def tail_weights(probs: Tensor) -> Tensor:
@@ -206,3 +208,55 @@ class LatentRecurrence:
         h = self.backbone(x.unsqueeze(1), cache.n_real[rows].unsqueeze(1), mask, kv_hook=writer)
         cache.fill[rows] += 1
         return h[:, 0]
+
+
+class LatentRowDecoder:
+    """Row-wise decoding of latent slots (see `nn/rowwise.py`): each pass runs every given row's
+    next slot, whichever token and slot that is, so a row whose router prunes its latent steps
+    starts its next token while other rows still think. Same results as `LatentRecurrence.extend`."""
+
+    def __init__(self, latent: LatentRecurrence, cache: LatentCache) -> None:
+        self.latent, self.cache = latent, cache
+        b, device = cache.batch, cache.fill.device
+        d, dtype = latent.backbone.config.d_model, cache.k.dtype
+        self.slot_index = torch.zeros(b, dtype=torch.long, device=device)  # k of each row's next slot
+        self.x = torch.zeros(b, d, dtype=dtype, device=device)
+        self.out = torch.zeros(b, d, dtype=dtype, device=device)
+        self.probs = torch.zeros(b, latent.latent_steps + 1, device=device)
+        self.w = torch.ones(b, latent.latent_steps + 1, device=device)
+        self.evaluations = [0] * (latent.latent_steps + 1)
+
+    def start(self, rows: Tensor, tokens: Tensor) -> None:
+        """Rows `rows` begin new tokens `tokens` [n] at their token slot."""
+        max_slots = self.cache.key_valid.shape[1]
+        if rows.numel() and int(self.cache.fill[rows].max()) + self.latent.latent_steps + 1 > max_slots:
+            raise ValueError(f"latent cache full: its {self.cache.max_tokens} tokens are used")
+        self.x[rows] = self.latent.embed(tokens)
+        self.out[rows] = 0.0
+        self.slot_index[rows] = 0
+        self.w[rows] = 1.0
+
+    @torch.no_grad()
+    def step(self, rows: Tensor) -> RowStep:
+        latent, k = self.latent, self.slot_index[rows]
+        bias = torch.zeros(rows.numel(), dtype=self.x.dtype, device=rows.device) if latent.router is None else log_weights(self.w[rows, k])
+        h = latent._slot(self.x[rows], rows, self.cache, bias)
+        for i, count in enumerate(torch.bincount(k, minlength=latent.latent_steps + 1).tolist()):
+            self.evaluations[i] += count
+        if latent.router is None:
+            self.out[rows] = h  # PonderLM-2 reads out the last slot
+        else:
+            first = (k == 0).nonzero().squeeze(1)
+            if first.numel():
+                self.probs[rows[first]] = latent.router(h[first])
+                self.w[rows[first]] = tail_weights(self.probs[rows[first]])
+            self.out[rows] += self.probs[rows, k].unsqueeze(1).to(h.dtype) * h
+        self.x[rows] = h
+        next_k = k + 1
+        finished = next_k > latent.latent_steps
+        if latent.router is not None:  # w is non-increasing: a pruned slot ends the token
+            finished |= self.w[rows, next_k.clamp(max=latent.latent_steps)] < latent.tau
+        self.slot_index[rows] = next_k
+        done = rows[finished]
+        self.cache.n_real[done] += 1
+        return RowStep(finished=finished, logits=latent.backbone.logits(self.out[done]), depth=next_k[finished])

@@ -28,15 +28,21 @@ from ponder_lightning.nn.cache import CacheWriter, KVCache
 class Feedback:
     """How one iteration's output becomes the next iteration's input (no parameters of its own)."""
 
+    #: True when the update reads the LM head's logits of the pass (decoding then computes them
+    #: once for the tokens that go on and the tokens that are done).
+    reads_logits: bool = False
+
     def initial(self, embeds: Tensor) -> Tensor:
         return embeds
 
-    def inputs(self, state: Tensor, embeds: Tensor, iteration: int) -> Tensor:
+    def inputs(self, state: Tensor, embeds: Tensor, iteration: int | Tensor) -> Tensor:
+        """Backbone input; `iteration` is one int, or one per token (row-wise decoding)."""
         return state
 
-    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
+    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
         """Next state from the pass's output before (`h_raw`) and after (`h`) the final norm.
-        `weight` [B, T] = m^{i+1} * s^i, or None when every token continues ungated."""
+        `weight` [B, T] = m^{i+1} * s^i, or None when every token continues ungated; `logits`
+        = backbone.logits(h) when the caller has them already."""
         return h_raw
 
     def extra_flops_per_token(self, backbone: Backbone) -> float:
@@ -59,19 +65,21 @@ class PonderFeedback(Feedback):
     def initial(self, embeds: Tensor) -> Tensor:
         return embeds * self.start_multiplier if self.start_multiplier != 1.0 else embeds
 
-    def mixture(self, backbone: Backbone, h: Tensor) -> Tensor:
-        logits = backbone.logits(h).float()
+    reads_logits = True
+
+    def mixture(self, backbone: Backbone, h: Tensor, logits: Tensor | None = None) -> Tensor:
+        logits = (backbone.logits(h) if logits is None else logits).float()
         table = backbone.embed_in.weight
         if self.top_k is None:
             mixed = logits.softmax(dim=-1).to(table.dtype) @ table
         else:
             top_logits, top_ids = logits.topk(self.top_k, dim=-1)
             probs = top_logits.softmax(dim=-1).to(table.dtype)
-            mixed = torch.einsum("btk,btkd->btd", probs, table[top_ids])
+            mixed = torch.einsum("...k,...kd->...d", probs, table[top_ids])
         return mixed * self.embed_scale
 
-    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
-        mixed = self.mixture(backbone, h)
+    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
+        mixed = self.mixture(backbone, h, logits)
         return state + mixed if weight is None else state + weight.unsqueeze(-1).to(mixed.dtype) * mixed
 
     def extra_flops_per_token(self, backbone: Backbone) -> float:
@@ -93,10 +101,14 @@ class LoopFeedback(Feedback):
     def __init__(self, input_injection: bool = False) -> None:
         self.input_injection = input_injection
 
-    def inputs(self, state: Tensor, embeds: Tensor, iteration: int) -> Tensor:
-        return state + embeds if self.input_injection and iteration > 0 else state
+    def inputs(self, state: Tensor, embeds: Tensor, iteration: int | Tensor) -> Tensor:
+        if not self.input_injection:
+            return state
+        if isinstance(iteration, int):
+            return state + embeds if iteration > 0 else state
+        return torch.where((iteration > 0).unsqueeze(-1), state + embeds, state)
 
-    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None) -> Tensor:
+    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
         return h_raw if weight is None else state + weight.unsqueeze(-1).to(h_raw.dtype) * (h_raw - state)
 
 
@@ -244,7 +256,11 @@ class Recurrence:
                 break
             decision = gate(h, i, torch.ones_like(real), tokens[pick], positions[pick])
             weight = feedback_weight(gate, decision, h.dtype)
-            state[pick] = self.feedback.update(self.backbone, state[pick], h_raw, h, weight)
+            # Only the tokens that go on need a next state (PonderLM's mixture reads the vocabulary).
+            go = (decision.active & real).nonzero(as_tuple=True)
+            if go[0].numel():
+                target = (rows[go[0]], cols[go])
+                state[target] = self.feedback.update(self.backbone, state[target], h_raw[go], h[go], None if weight is None else weight[go])
             next_active = torch.zeros_like(active)
             next_active[pick] = decision.active
             active = next_active
