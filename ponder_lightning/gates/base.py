@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ponder_lightning.nn.skinny import Linear
+
 
 @dataclass
 class GateDecision:
@@ -61,7 +63,7 @@ def halt_below(scores: Tensor, active: Tensor, threshold: float | Tensor) -> Ten
 def mlp_scorer(d_model: int, hidden_mult: int, init_bias: float) -> nn.Sequential:
     """d -> hidden_mult*d -> 1 with GELU; the last bias starts at `init_bias` so that sigmoid
     scores begin near 'continue' (sigmoid(2) = 0.88) and nothing halts before the gate learns."""
-    mlp = nn.Sequential(nn.Linear(d_model, hidden_mult * d_model), nn.GELU(), nn.Linear(hidden_mult * d_model, 1))
+    mlp = nn.Sequential(Linear(d_model, hidden_mult * d_model), nn.GELU(), Linear(hidden_mult * d_model, 1))
     with torch.no_grad():
         mlp[2].bias.fill_(init_bias)
     return mlp

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ponder_lightning.nn.config import BackboneConfig
+from ponder_lightning.nn.skinny import Linear
 
 
 class KVHook(Protocol):
@@ -75,8 +76,8 @@ class NeoXAttention(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.query_key_value = Linear(cfg.d_model, 3 * cfg.d_model)
+        self.dense = Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
         b, t, _ = x.shape
@@ -89,8 +90,8 @@ class NeoXAttention(nn.Module):
 class NeoXMLP(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.dense_4h_to_h = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dense_h_to_4h = Linear(cfg.d_model, cfg.d_ff)
+        self.dense_4h_to_h = Linear(cfg.d_ff, cfg.d_model)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
@@ -121,7 +122,7 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
         b, t, _ = x.shape
@@ -134,9 +135,9 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -174,7 +175,7 @@ class Backbone(nn.Module):
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(BLOCKS[cfg.block](cfg) for _ in range(cfg.n_layer))
         self.final_layer_norm = FINAL_NORMS[cfg.block](cfg.d_model, eps=cfg.norm_eps)
-        self.embed_out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.embed_out = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
         self.activation_checkpointing = False
 

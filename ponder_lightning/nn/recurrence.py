@@ -23,6 +23,7 @@ from torch import Tensor
 from ponder_lightning.gates.base import Gate, GateDecision
 from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
+from ponder_lightning.nn.skinny import vocab_mixture
 
 
 class Feedback:
@@ -71,7 +72,7 @@ class PonderFeedback(Feedback):
         logits = (backbone.logits(h) if logits is None else logits).float()
         table = backbone.embed_in.weight
         if self.top_k is None:
-            mixed = logits.softmax(dim=-1).to(table.dtype) @ table
+            mixed = vocab_mixture(logits.softmax(dim=-1).to(table.dtype), table)
         else:
             top_logits, top_ids = logits.topk(self.top_k, dim=-1)
             probs = top_logits.softmax(dim=-1).to(table.dtype)
