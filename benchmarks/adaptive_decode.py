@@ -84,13 +84,11 @@ def main() -> None:
         generators = {name: Generate(model, prompts, args.new_tokens) for name, model in models.items()}
         lockstep = {name: Decoder(model, prompts, args.new_tokens) for name, model in models.items()}
         with torch.no_grad():
-            alternate(generators, args.repeats)
-            lockstep_total = alternate({name: d.decode for name, d in lockstep.items()}, args.repeats)
-            lockstep_prefill = alternate({name: d.prefill for name, d in lockstep.items()}, args.repeats)
+            alternate(generators | {f"{name} lock-step": d for name, d in lockstep.items()}, args.repeats)
         timings = {
             "prefill": ({name: g.seconds("prefill") for name, g in generators.items()}, {name: g.counts("prefill") for name, g in generators.items()}),
             "decode row-wise": ({name: g.seconds("decode") for name, g in generators.items()}, {name: g.counts("decode") for name, g in generators.items()}),
-            "decode lock-step": ({name: lockstep_total[name] - lockstep_prefill[name] for name in lockstep}, {name: d.decode_counts for name, d in lockstep.items()}),
+            "decode lock-step": ({name: d.seconds() for name, d in lockstep.items()}, {name: d.decode_counts for name, d in lockstep.items()}),
         }
         for phase, (seconds, counts) in timings.items():
             ref_flops = full.realised_flops(fractions(counts["full depth"]), context)["x_vanilla"]

@@ -49,12 +49,14 @@ def alternate(contenders: dict[str, Callable[[], None]], repeats: int, warmup: i
 
 class Decoder:
     """Prefill, then greedy lock-step decoding: every row runs iteration i of its token before any
-    row runs i+1 (`model.extend` one token per row per step). Records backbone evaluations."""
+    row runs i+1 (`model.extend` one token per row per step). Records backbone evaluations and
+    the seconds of each phase of every run."""
 
     def __init__(self, model, prompts: torch.Tensor, new_tokens: int) -> None:
         self.model, self.prompts, self.new_tokens = model, prompts, new_tokens
         self.prefill_counts: list[int] = []
         self.decode_counts: list[int] = []
+        self.decode_seconds: list[float] = []
 
     def prefill(self) -> None:
         self.cache = self.model.new_cache(self.prompts.shape[0], self.prompts.shape[1] + self.new_tokens)
@@ -63,9 +65,11 @@ class Decoder:
         self.prefill_counts = counts
         self.last = hidden[:, -1]
 
-    def decode(self) -> None:
-        """Prefill + decode (time the prefill alone too and subtract it)."""
+    def __call__(self) -> None:
+        """Prefill, then decode `new_tokens - 1` steps (the first new token comes from the prefill),
+        timing the decoding alone."""
         self.prefill()
+        start = time.perf_counter()
         totals = [0] * self.model.n_iterations
         ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool)
         for _ in range(self.new_tokens - 1):
@@ -73,7 +77,12 @@ class Decoder:
             hidden, _, counts = self.model.extend(token, ones, self.cache)
             totals = [t + c for t, c in zip(totals, counts)]
             self.last = hidden[:, -1]
+        self.decode_seconds.append(time.perf_counter() - start)
         self.decode_counts = totals
+
+    def seconds(self) -> float:
+        """Median decode seconds over the timed runs (the first, a warm-up, left out)."""
+        return _median(self.decode_seconds[1:])
 
 
 class Generate:
@@ -89,11 +98,14 @@ class Generate:
 
     def seconds(self, phase: str) -> float:
         """Median over the timed runs (the first, a warm-up, left out) of `phase`_seconds."""
-        values = sorted(run.stats[f"{phase}_seconds"] for run in self.runs[1:])
-        return values[len(values) // 2]
+        return _median([run.stats[f"{phase}_seconds"] for run in self.runs[1:]])
 
     def counts(self, phase: str) -> list[int]:
         return self.runs[-1].evaluations[phase]
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def write_results(name: str, rows: list[dict], columns: list[str]) -> Path:

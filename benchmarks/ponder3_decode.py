@@ -72,12 +72,10 @@ def main() -> None:
         generators = {name: Generate(model, prompts, args.new_tokens) for name, model in models.items()}
         lockstep = {name: Decoder(model, prompts, args.new_tokens) for name, model in models.items()}
         with torch.no_grad():
-            alternate(generators, args.repeats)
-            total = alternate({name: d.decode for name, d in lockstep.items()}, args.repeats)
-            prefill = alternate({name: d.prefill for name, d in lockstep.items()}, args.repeats)
+            alternate(generators | {f"{name} lock-step": d for name, d in lockstep.items()}, args.repeats)
         schedules = {
             "row-wise": ({name: g.seconds("decode") for name, g in generators.items()}, {name: g.counts("decode") for name, g in generators.items()}),
-            "lock-step": ({name: total[name] - prefill[name] for name in lockstep}, {name: d.decode_counts for name, d in lockstep.items()}),
+            "lock-step": ({name: d.seconds() for name, d in lockstep.items()}, {name: d.decode_counts for name, d in lockstep.items()}),
         }
         ref_name = "PonderLM-2 K=3"
         for schedule, (seconds, counts) in schedules.items():

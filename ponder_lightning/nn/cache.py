@@ -1,7 +1,8 @@
 """Per-iteration KV caches for incremental decoding, owned by the library.
 
-One K and one V tensor hold every (iteration, layer) of a batch of sequences that grow together
-(prompts are left-padded to a common length, so slot s is the same step for every row). A token
+One K and one V tensor hold every (layer, iteration) of a batch of sequences. Prefill fills them
+together (prompts are left-padded to a common length, so slot s is the same step for every row);
+row-wise decoding (`nn/rowwise.py`) then lets each row fill its own next slots. A token
 that halts after iteration j has its iteration-j K/V copied into every later iteration's cache
 (one slot per layer, cheap), so later tokens see exactly what the training-time KV alignment
 shows them.
@@ -15,7 +16,8 @@ from torch import Tensor
 
 class KVCache:
     def __init__(self, n_iterations: int, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (n_iterations, n_layers, batch, n_heads, max_len, head_dim)
+        # Layer first, so that one layer's (iteration, row) caches form one [N * B] axis to gather from.
+        shape = (n_layers, n_iterations, batch, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
@@ -41,8 +43,8 @@ class KVCache:
     def inherit(self, iteration: int, rows: Tensor, slots: Tensor) -> None:
         """Halted tokens (rows[j], slots[j]) keep the K/V of the previous iteration in this one."""
         if rows.numel():
-            self.k[iteration][:, rows, :, slots] = self.k[iteration - 1][:, rows, :, slots]
-            self.v[iteration][:, rows, :, slots] = self.v[iteration - 1][:, rows, :, slots]
+            self.k[:, iteration][:, rows, :, slots] = self.k[:, iteration - 1][:, rows, :, slots]
+            self.v[:, iteration][:, rows, :, slots] = self.v[:, iteration - 1][:, rows, :, slots]
 
 
 class CacheWriter:
@@ -61,14 +63,15 @@ class CacheWriter:
         self.total_len, self.all_rows = total_len, all_rows
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        cache_k, cache_v = self.cache.k[:, layer], self.cache.v[:, layer]
+        cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # [N, B, H, L, Dh]
         index = (self.iteration, self.rows.unsqueeze(1), slice(None), self.slots)
         cache_k[index] = k.transpose(1, 2)
         cache_v[index] = v.transpose(1, 2)
         if isinstance(self.iteration, int):
-            cache_k, cache_v = cache_k[self.iteration], cache_v[self.iteration]
+            cache_k, cache_v = cache_k[self.iteration, :, :, : self.total_len], cache_v[self.iteration, :, :, : self.total_len]
             if self.all_rows:  # a view, no copy
-                return cache_k[:, :, : self.total_len], cache_v[:, :, : self.total_len]
-            return cache_k[self.rows, :, : self.total_len], cache_v[self.rows, :, : self.total_len]
-        index = (self.iteration.squeeze(1), self.rows, slice(None), slice(None, self.total_len))
-        return cache_k[index], cache_v[index]
+                return cache_k, cache_v
+            return cache_k.index_select(0, self.rows), cache_v.index_select(0, self.rows)
+        n_iterations, batch = cache_k.shape[:2]
+        flat = self.iteration.squeeze(1) * batch + self.rows  # (iteration, row) -> one index
+        return tuple(c.view(n_iterations * batch, *c.shape[2:])[:, :, : self.total_len].index_select(0, flat) for c in (cache_k, cache_v))

@@ -83,13 +83,13 @@ class LatentCache:
     slots are the slots its tokens ran, in order), so padding and pruned slots take no space and
     never enter attention. Each cached slot keeps its log w (0 without a router).
 
-    K/V have a leading axis of size 1 so that `CacheWriter` (iteration 0) writes them.
+    K/V have an iteration axis of size 1 so that `CacheWriter` (iteration 0) writes them.
     `length` counts token steps (same for every row), as `KVCache.length` does.
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_tokens: int, slots_per_token: int, dtype: torch.dtype, device: torch.device) -> None:
         max_slots = max_tokens * slots_per_token
-        self.k = torch.zeros(1, n_layers, batch, n_heads, max_slots, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(n_layers, 1, batch, n_heads, max_slots, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.key_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
         self.key_bias = torch.zeros(batch, max_slots, dtype=dtype, device=device)
