@@ -53,12 +53,14 @@ class Rotary(nn.Module):
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply rotary embedding (GPT-NeoX 'rotate half' convention) to the first dims of x."""
+    """Apply rotary embedding (GPT-NeoX 'rotate half' convention) to the first dims of x, in x's
+    dtype as transformers does (under bf16 autocast the fp32 tables would promote q and k)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     n = cos.shape[-1]
     x_rot, x_pass = x[..., :n], x[..., n:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated.to(x.dtype), x_pass), dim=-1)
+    return torch.cat((rotated, x_pass), dim=-1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
@@ -68,6 +70,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tens
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     if kv_hook is not None:
         k, v = kv_hook(layer, k, v)
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        # An additive mask must match q's dtype (bf16 under autocast) for SDPA's memory-efficient
+        # kernel; otherwise it falls back to the math kernel, which keeps [B, H, T, T] per layer.
+        mask = mask.to(q.dtype)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
     return y.transpose(1, 2).reshape(b, t, -1)
 

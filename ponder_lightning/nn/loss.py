@@ -15,6 +15,16 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def _matmul_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the three head matmuls run in: autocast's (bf16 under `bf16-mixed`), else the
+    inputs'. Set explicitly because autocast skips `out=` and in-place matmuls, which would
+    otherwise run two of the three in fp32."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:  # type: ignore[override]
@@ -23,12 +33,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        acc_dtype = torch.promote_types(h.dtype, torch.float32)  # bf16 logits are summed in fp32
+        mm_dtype = _matmul_dtype(h, weight)
+        w_mm = weight.to(mm_dtype)  # one cast of the head for every chunk
+        acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # bf16 logits are summed in fp32
         total = h.new_zeros((), dtype=acc_dtype)
         for start in range(0, h.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, h.shape[0])
-            h_c, t_c, v_c = h[start:stop], targets[start:stop], valid[start:stop]
-            logits = (h_c @ weight.T).to(acc_dtype)
+            h_c, t_c, v_c = h[start:stop].to(mm_dtype), targets[start:stop], valid[start:stop]
+            logits = (h_c @ w_mm.T).to(acc_dtype)
             safe_t = t_c.clamp(min=0).unsqueeze(1)
             target_logit = logits.gather(1, safe_t).squeeze(1)
             row_max = logits.amax(dim=1, keepdim=True)
@@ -42,11 +54,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             scale = v_c.unsqueeze(1) / (sum_exp * n_valid)
             grad_logits = probs.mul_(scale)
             grad_logits.scatter_add_(1, safe_t, -(v_c.to(acc_dtype) / n_valid).unsqueeze(1))
-            grad_logits = grad_logits.to(h.dtype)
+            grad_logits = grad_logits.to(mm_dtype)
             if need_h:
-                torch.mm(grad_logits, weight, out=grad_h[start:stop])
+                if grad_h.dtype == mm_dtype:
+                    torch.mm(grad_logits, w_mm, out=grad_h[start:stop])
+                else:
+                    grad_h[start:stop] = grad_logits @ w_mm
             if need_w:
-                grad_w.addmm_(grad_logits.T, h_c)
+                if grad_w.dtype == mm_dtype:
+                    grad_w.addmm_(grad_logits.T, h_c)
+                else:  # each chunk's product rounded once to bf16, the sum kept in fp32
+                    grad_w += grad_logits.T @ h_c
         ctx.save_for_backward(grad_h, grad_w)
         return total / n_valid
 
