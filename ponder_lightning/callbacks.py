@@ -23,14 +23,26 @@ def _batch_tokens(batch: Any) -> int:
 
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor with tokens as items: logs `train/device/items_per_sec`
-    (tokens/s per device), `train/device/flops_per_sec` and, on GPUs with a known peak, MFU.
+    (tokens/s per device), `train/device/flops_per_sec` and, on GPUs with a known peak, MFU
+    (`train/device/mfu`).
 
     Args:
         window_size: batches averaged per reading (short, so that short CPU runs log it too).
+        peak_flops: the chip's peak FLOP/s per device for MFU (`fit --peak_tflops`). By default
+            Lightning's table, which misses some names (e.g. 'NVIDIA H200') and lists Hopper's
+            with-sparsity figures (twice the dense peak, so half the MFU one usually quotes).
     """
 
-    def __init__(self, window_size: int = 5) -> None:
+    def __init__(self, window_size: int = 5, peak_flops: float | None = None) -> None:
         super().__init__(batch_size_fn=_batch_rows, length_fn=_batch_tokens, window_size=window_size, separator="/")
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is not None:
+            self.available_flops = self.peak_flops
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.peak_flops
 
 
 class FitSummary(Callback):

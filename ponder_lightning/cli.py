@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -22,6 +23,17 @@ class PonderCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model's vocabulary follows the tokenizer (padded to a multiple of 128 by the model).
         parser.link_arguments("data.vocab_size", "model.init_args.tokenizer_vocab_size", apply_on="instantiate")
+        parser.add_argument(
+            "--peak_tflops", type=Optional[float], default=None,
+            help="peak TFLOP/s per device for the MFU in TensorBoard (e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
+        )
+
+    def before_fit(self) -> None:
+        peak = self.config[self.subcommand].get("peak_tflops")
+        if peak is not None:
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, TokenThroughput):
+                    callback.peak_flops = peak * 1e12
 
 
 def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
@@ -166,12 +178,12 @@ COMMANDS = {
 
 
 def main(args: list[str] | None = None) -> None:
-    args = sys.argv[1:] if args is None else args
+    argv = sys.argv[1:] if args is None else args
     try:
-        if args and args[0] in COMMANDS:
-            COMMANDS[args[0]](args[1:])
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
         else:
-            run_lightning_cli(args)
+            run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
     except Exception as err:
         cause = user_error_in(err)
         if cause is None:

@@ -38,11 +38,13 @@ def test_short_run_learns_and_logs_to_tensorboard(tmp_path):
         "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "5",
         "--model.init_args.lr", "3e-3",
+        "--peak_tflops", "0.001",  # MFU against a 1 GFLOP/s chip
     )
     version = tmp_path / "lightning_logs" / "version_0"
     logged = scalars(version)
-    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "train/device/items_per_sec"):
+    for tag in ("train/loss", "train/lr", "val/loss", "val/ppl", "train/device/items_per_sec", "train/device/mfu"):
         assert tag in logged, f"{tag} missing from TensorBoard; have {sorted(logged)}"
+    assert logged["train/device/mfu"][-1] == pytest.approx(logged["train/device/flops_per_sec"][-1] / 1e9)
     val = logged["val/loss"]
     assert len(val) == 3 and val[-1] < val[1] < val[0] - 0.1, val
     assert (version / "checkpoints" / "last.ckpt").is_file()

@@ -77,6 +77,12 @@ def test_train_and_val_come_from_disjoint_documents(tmp_path):
     assert documents_of(stream_ids(dm, "val")) == DOCS[36:]
 
 
+def test_validation_split_smaller_than_a_batch_warns(tmp_path):
+    dm = make_dm(tmp_path, data_files=str(write_jsonl(tmp_path / "a.jsonl", DOCS)), val_fraction=0.1, seq_len=64)
+    with pytest.warns(UserWarning, match=r"fewer than one global batch \(data.batch_size=4\), so nothing is validated"):
+        assert len(dm.val_dataloader()) == 0
+
+
 def test_separate_val_files(tmp_path):
     train, val = write_jsonl(tmp_path / "train.jsonl", DOCS[:30]), write_jsonl(tmp_path / "val.jsonl", DOCS[30:])
     dm = make_dm(tmp_path, data_files=str(train), val_files=str(val))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import Any, Callable
 
 import lightning as L
@@ -243,16 +244,17 @@ class CausalLMModule(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
-        result = self.eval_metric.compute()
-        self.log(f"{stage}/loss", result["loss"], prog_bar=True)
-        self.log(f"{stage}/ppl", torch.exp(result["loss"]))
+        result = self.eval_metric.compute()  # a torchmetrics Metric: already reduced over ranks
+        log = partial(self.log, sync_dist=True)  # the same on every rank; says so to Lightning (no DDP warning)
+        log(f"{stage}/loss", result["loss"], prog_bar=True)
+        log(f"{stage}/ppl", torch.exp(result["loss"]))
         if self.n_iterations > 1:
-            self.log(f"{stage}/depth_mean", result["depth_mean"])
+            log(f"{stage}/depth_mean", result["depth_mean"])
             fractions = result["active_fractions"].reshape(-1).tolist()
             for i, f in enumerate(fractions):
-                self.log(f"{stage}/active_fraction/iter_{i}", f)
+                log(f"{stage}/active_fraction/iter_{i}", f)
             context = getattr(getattr(self.trainer, "datamodule", None), "seq_len", self.config.max_seq_len)
-            self.log(f"{stage}/flops_x_vanilla", self.realised_flops(fractions, context)["x_vanilla"])
+            log(f"{stage}/flops_x_vanilla", self.realised_flops(fractions, context)["x_vanilla"])
         self.depth_vs_nll = self.eval_metric.table()
         self.eval_metric.reset()
 
