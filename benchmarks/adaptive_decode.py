@@ -1,6 +1,6 @@
 """Adaptive-depth decoding: is the compute saved by halted tokens real wall-clock time?
 
-Side by side in one process, CPU fp32, batch 1 and 8, prefill and decode timed separately:
+Side by side in one process, fp32 (CPU by default, `--device cuda` for a GPU), batch 1 and 8, prefill and decode timed separately:
 - AdaPonderLM with its gate thresholds set for ~10%, ~30% and ~60% of token-iterations halted,
   vs the same model at full depth (tau = 0): measured speedup, ideal speedup from FLOPs at the
   realised depth, and measured / ideal (target >= 0.8). Decoding is timed as `generate` runs it
@@ -13,7 +13,7 @@ Side by side in one process, CPU fp32, batch 1 and 8, prefill and decode timed s
 Random weights (speed does not depend on training); the gate's last layer is randomised so that
 scores spread over (0, 1) and a threshold picks the halting rate.
 
-    python -m benchmarks.adaptive_decode [--size pythia-70m] [--prompt_len 128] [--new_tokens 32]
+    python -m benchmarks.adaptive_decode [--size pythia-70m] [--prompt_len 128] [--new_tokens 32] [--device cuda]
 """
 
 from __future__ import annotations
@@ -62,14 +62,15 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.3, 0.6])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
     context = args.prompt_len + args.new_tokens
     for batch in args.batches:
-        prompts = torch.randint(0, 50277, (batch, args.prompt_len))
+        prompts = torch.randint(0, 50277, (batch, args.prompt_len), device=args.device)
         # --- AdaPonderLM: adaptive vs the same model at full depth -------------------------
-        full = AdaPonderLM(size=args.size, vocab_size=VOCAB).eval()
+        full = AdaPonderLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
         with torch.no_grad():
             for mlp in full.gate.mlps:
                 mlp[2].weight.normal_(0, 0.5)
@@ -77,7 +78,7 @@ def main() -> None:
         full.gate.tau = 0.0
         models = {"full depth": full}
         for rate in args.rates:
-            model = AdaPonderLM(size=args.size, vocab_size=VOCAB).eval()
+            model = AdaPonderLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
             model.load_state_dict(full.state_dict())
             calibrated_tau(model, prompts, rate)
             models[f"halt~{rate:.0%}"] = model
@@ -102,8 +103,8 @@ def main() -> None:
                     "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
                 })
         # --- PonderLM vs vanilla, with and without caches ----------------------------------
-        ponder = PonderLM(size=args.size, vocab_size=VOCAB).eval()
-        vanilla = VanillaLM(size=args.size, vocab_size=VOCAB).eval()
+        ponder = PonderLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
+        vanilla = VanillaLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
         generators = {"PonderLM": Generate(ponder, prompts, args.new_tokens), "vanilla": Generate(vanilla, prompts, args.new_tokens)}
         with torch.no_grad():
             no_cache = alternate(generators | {"PonderLM no cache": no_cache_decode(ponder, prompts, args.new_tokens - 1)}, args.repeats)["PonderLM no cache"]

@@ -25,12 +25,21 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    host = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{torch.cuda.get_device_name()}, {host}" if torch.cuda.is_available() else host
+
+
+def wait_for_gpu() -> None:
+    """CUDA runs asynchronously: wait for queued work before reading a clock."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_once(fn: Callable[[], None]) -> float:
+    wait_for_gpu()
     start = time.perf_counter()
     fn()
+    wait_for_gpu()
     return time.perf_counter() - start
 
 
@@ -71,12 +80,13 @@ class Decoder:
         self.prefill()
         start = time.perf_counter()
         totals = [0] * self.model.n_iterations
-        ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool)
+        ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool, device=self.prompts.device)
         for _ in range(self.new_tokens - 1):
             token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
             hidden, _, counts = self.model.extend(token, ones, self.cache)
             totals = [t + c for t, c in zip(totals, counts)]
             self.last = hidden[:, -1]
+        wait_for_gpu()
         self.decode_seconds.append(time.perf_counter() - start)
         self.decode_counts = totals
 

@@ -50,6 +50,12 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
 
 
 @torch.no_grad()
+def _wait_for(device: torch.device) -> None:
+    """Let queued GPU work finish, so that a phase's seconds are its own (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def generate(
     model,
     prompts: Sequence[Sequence[int]] | Sequence[str],
@@ -89,6 +95,7 @@ def generate(
 
     start = time.perf_counter()
     hidden, depth, prefill_counts = model.extend(ids, valid, cache)
+    _wait_for(device)
     prefill_seconds = time.perf_counter() - start
     new_tokens: list[list[int]] = [[] for _ in range(b)]
     depths: list[list[int]] = [[] for _ in range(b)]  # depth of the pass whose logits chose the token
@@ -114,6 +121,7 @@ def generate(
         going, token = emit(in_flight[step.finished], step.logits, step.depth)
         decoder.start(going, token)
         in_flight = torch.cat([in_flight[~step.finished], going]).sort().values
+    _wait_for(device)
     decode_seconds = time.perf_counter() - start
     n_generated = sum(len(t) for t in new_tokens)
     evaluations = decoder.evaluations

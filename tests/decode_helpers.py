@@ -25,12 +25,12 @@ def decode_rowwise(model, ids: torch.Tensor, prefill: int, with_evaluations: boo
     with `with_evaluations`, the decoder's backbone token-evaluations per iteration."""
     b, t = ids.shape
     cache = model.new_cache(b, t)
-    model.extend(ids[:, :prefill], torch.ones(b, prefill, dtype=torch.bool), cache)
+    model.extend(ids[:, :prefill], torch.ones(b, prefill, dtype=torch.bool, device=ids.device), cache)
     decoder = model.row_decoder(cache)
     logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
     depths: list[list[int]] = [[] for _ in range(b)]
-    next_col = torch.full((b,), prefill + 1)
-    in_flight = torch.arange(b)
+    next_col = torch.full((b,), prefill + 1, device=ids.device)
+    in_flight = torch.arange(b, device=ids.device)
     decoder.start(in_flight, ids[:, prefill])
     ticks = 0
     while in_flight.numel():
