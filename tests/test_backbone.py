@@ -7,6 +7,7 @@ from transformers import GPTNeoXForCausalLM
 
 from ponder_lightning.errors import UserError
 from ponder_lightning.nn import Backbone, backbone_config, causal_mask, positions_from_valid
+from ponder_lightning.nn.backbone import causal_attention_with_key_bias
 from ponder_lightning.nn.hf import load_hf_backbone, save_hf_backbone
 from ponder_lightning.nn.loss import linear_cross_entropy
 
@@ -157,3 +158,25 @@ def test_fused_linear_cross_entropy_runs_the_head_in_the_autocast_dtype():
     assert torch.allclose(got, ref, atol=1e-6)
     assert torch.allclose(gh, rh, atol=1e-6), (gh - rh).abs().max()  # an fp32 matmul would differ by ~3e-4
     assert torch.allclose(gw, rw, atol=1e-3)  # per-chunk bf16 rounding of the weight gradient
+
+
+def test_causal_key_bias_equals_the_float_mask_it_replaces():
+    """PonderLM-3's per-key log w, carried in an extra head dim with plain causal SDPA, gives the
+    outputs and gradients of the additive [T, T] mask; log 0 keys get exactly zero weight."""
+    b, h, t, dh = 2, 3, 10, 16
+    q, k, v = (torch.randn(b, h, t, dh, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.rand(b, t, dtype=torch.float64)
+    w[0, 3] = w[1, 7] = 0.0  # pruned slots
+    bias = torch.where(w > 0, w, 1.0).log().masked_fill(w == 0, float("-inf")).requires_grad_()
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    mask = torch.where(causal, bias[:, None, None, :], float("-inf"))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = causal_attention_with_key_bias(q, k, v, bias)
+    assert torch.allclose(got, ref, atol=1e-12)
+    grads_ref = torch.autograd.grad((ref * ref).sum(), (q, k, v, bias))
+    grads_got = torch.autograd.grad((got * got).sum(), (q, k, v, bias))
+    for name, g, r in zip("qkv", grads_got, grads_ref):
+        assert torch.allclose(g, r, atol=1e-10), name
+    finite = torch.isfinite(bias)
+    assert torch.allclose(grads_got[3][finite], grads_ref[3][finite], atol=1e-10)
+    assert (grads_got[3][~finite] == 0).all()  # a pruned key has no weight, so no gradient

@@ -10,6 +10,7 @@ decode caches) without a second copy of the attention code.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -63,13 +64,50 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((rotated, x_pass), dim=-1)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+@dataclass(frozen=True)
+class CausalKeyBias:
+    """Causal attention plus an additive bias per key, `bias` [B, T] (PonderLM-3's log w): the
+    same logits as the float mask `causal + bias[:, None, None, :]`, passed as this so that the
+    attention needs no [T, T] mask (see `causal_attention_with_key_bias`)."""
+
+    bias: Tensor
+
+
+#: Head dims appended to carry a key bias; flash attention wants head dims in multiples of 8.
+KEY_BIAS_DIMS = 8
+#: Stands in for log 0 = -inf in the key-bias column: exp(-1000) is exactly 0 in fp32, and
+#: -1000 * sqrt(Dh) stays finite in fp16.
+LOG_ZERO = -1.0e3
+
+
+def causal_attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(Dh) + bias_key + causal) v, computed as plain causal SDPA.
+
+    q.k + bias = [q, 1] . [k, bias * sqrt(Dh)], so one extra head dim (padded to 8) carries the
+    bias and `is_causal=True` replaces the mask: on GPUs flash attention runs instead of the
+    memory-efficient kernel with a [B, H, T, T] bias gradient, and no mask is stored per pass.
+    The bias still gets its gradient, through the extra key dim.
+    """
+    b, h, t, dh = q.shape
+    scale = dh**-0.5
+    extra_q = q.new_zeros(b, h, t, KEY_BIAS_DIMS)
+    extra_q[..., 0] = 1.0
+    column = (bias.clamp(min=LOG_ZERO) / scale).to(k.dtype)[:, None, :, None].expand(b, h, t, 1)
+    extra_k = torch.cat([column, k.new_zeros(b, h, t, KEY_BIAS_DIMS - 1)], dim=-1)
+    q, k = torch.cat([q, extra_q], dim=-1), torch.cat([k, extra_k], dim=-1)
+    v = torch.cat([v, v.new_zeros(b, h, t, KEY_BIAS_DIMS)], dim=-1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dh]
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
     """What every block type's attention shares: rotary on q and k, the K/V hook, SDPA.
     q, k, v are [B, H, T, Dh]; returns the heads concatenated, [B, T, H * Dh]."""
     b, _, t, _ = q.shape
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     if kv_hook is not None:
         k, v = kv_hook(layer, k, v)
+    if isinstance(mask, CausalKeyBias):
+        return causal_attention_with_key_bias(q, k, v, mask.bias).transpose(1, 2).reshape(b, t, -1)
     if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
         # An additive mask must match q's dtype (bf16 under autocast) for SDPA's memory-efficient
         # kernel; otherwise it falls back to the math kernel, which keeps [B, H, T, T] per layer.
@@ -85,7 +123,7 @@ class NeoXAttention(nn.Module):
         self.query_key_value = Linear(cfg.d_model, 3 * cfg.d_model)
         self.dense = Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
         b, t, _ = x.shape
         # Pythia's fused layout is per head [q|k|v]; keep it so released checkpoints load unchanged.
         qkv = self.query_key_value(x).view(b, t, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)
@@ -113,7 +151,7 @@ class NeoXBlock(nn.Module):
         self.attention = NeoXAttention(cfg)
         self.mlp = NeoXMLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
         attn = self.attention(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
         return x + attn + self.mlp(self.post_attention_layernorm(x))
 
@@ -130,7 +168,7 @@ class LlamaAttention(nn.Module):
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
         b, t, _ = x.shape
         q, k, v = (proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         return self.o_proj(attend(q, k, v, cos, sin, mask, kv_hook, layer))
@@ -159,7 +197,7 @@ class LlamaBlock(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -207,14 +245,15 @@ class Backbone(nn.Module):
         self,
         x: Tensor,
         positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        mask: Tensor | CausalKeyBias | None = None,
         kv_hook: KVHook | None = None,
         final_norm: bool = True,
     ) -> Tensor:
         """Run every layer on input embeddings `x` [B, T, d].
 
-        `mask`: None means plain causal attention over x itself; otherwise a bool (True = attend)
-        or additive float mask broadcastable to [B, H, T, T_keys]. Returns hidden states, after the
+        `mask`: None means plain causal attention over x itself; `CausalKeyBias` adds a bias per
+        key to it; otherwise a bool (True = attend) or additive float mask broadcastable to
+        [B, H, T, T_keys]. Returns hidden states, after the
         final LayerNorm unless `final_norm=False` (LoopTransformer applies it once at the end).
         """
         cos, sin = self.rotary(positions, x.shape[1])

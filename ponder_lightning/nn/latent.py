@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
+from ponder_lightning.nn.backbone import Backbone, CausalKeyBias, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter
 from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.nn.rowwise import RowStep
@@ -49,14 +49,15 @@ def slot_positions(positions: Tensor, width: int) -> Tensor:
     return positions.repeat_interleave(width, dim=-1)
 
 
-def slot_mask(valid: Tensor | None, width: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+def slot_mask(valid: Tensor | None, width: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor | CausalKeyBias | None:
     """Attention mask over the flattened [T*width] slots: causal in slot order, padding keys
     hidden, `bias` [B, T, width] (log w) added to every query's logit for that key slot.
-    None when plain causal attention suffices."""
+    None when plain causal attention suffices; without padding the bias goes as `CausalKeyBias`
+    (no [T*width]^2 mask, flash attention on GPUs)."""
     if bias is None:
         return None if valid is None else causal_mask(valid.repeat_interleave(width, dim=1))
     if valid is None:
-        valid = torch.ones(bias.shape[:2], dtype=torch.bool, device=bias.device)
+        return CausalKeyBias(bias.flatten(1))
     allowed = causal_mask(valid.repeat_interleave(width, dim=1))
     return torch.where(allowed, bias.flatten(1)[:, None, None, :].to(dtype), float("-inf"))
 
