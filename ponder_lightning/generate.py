@@ -49,13 +49,13 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def _wait_for(device: torch.device) -> None:
     """Let queued GPU work finish, so that a phase's seconds are its own (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+@torch.no_grad()
 def generate(
     model,
     prompts: Sequence[Sequence[int]] | Sequence[str],

@@ -103,6 +103,25 @@ def test_batch_of_ragged_prompts_equals_each_prompt_alone(name):
     assert_batch_equals_each_alone(MODELS[name](), VOCAB, max_new_tokens=8)
 
 
+def test_generation_runs_without_autograd():
+    """Decoding keeps no graph (memory), and the CPU skinny kernels need autograd off."""
+    model = halting_adaponder()
+    grad_modes = []
+
+    def recording(method):
+        def call(*args, **kwargs):
+            grad_modes.append(torch.is_grad_enabled())
+            return method(*args, **kwargs)
+
+        return call
+
+    model.backbone.forward = recording(model.backbone.forward)
+    model.backbone.logits = recording(model.backbone.logits)
+    with torch.enable_grad():
+        generate(model, [[1, 2, 3]], max_new_tokens=3)
+    assert grad_modes and not any(grad_modes)
+
+
 def test_greedy_generation_follows_teacher_forced_argmax():
     model = halting_adaponder()
     prompt = torch.randint(0, VOCAB, (6,)).tolist()
