@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ponder_lightning.nn.packed import decoding
 
 
 @dataclass
@@ -56,6 +57,7 @@ def _wait_for(device: torch.device) -> None:
 
 
 @torch.no_grad()
+@decoding()
 def generate(
     model,
     prompts: Sequence[Sequence[int]] | Sequence[str],

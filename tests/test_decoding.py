@@ -9,6 +9,7 @@ from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate, sample
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
+from ponder_lightning.nn import packed
 
 VOCAB = 256
 
@@ -104,7 +105,7 @@ def test_batch_of_ragged_prompts_equals_each_prompt_alone(name):
 
 
 def test_generation_runs_without_autograd():
-    """Decoding keeps no graph (memory), and the CPU skinny kernels need autograd off."""
+    """Decoding keeps no graph (memory), and the CPU packed-weight kernels need autograd off."""
     model = halting_adaponder()
     grad_modes = []
 
@@ -187,3 +188,14 @@ def test_stop_tokens_and_text_prompts():
     assert stopped.tokens[0] == free.tokens[0][: free.tokens[0].index(stop_at) + 1]
     assert all(t < tokenizer.vocab_size for t in free.tokens[0])
     assert isinstance(free.texts[0], str) and free.stats["generated_tokens"] == 6
+
+
+def test_cpu_generation_multiplies_on_packed_weights():
+    """On CPU, decoding's matmuls run on oneDNN-packed copies of the weights (`nn/packed.py`), so
+    the equality tests above cover that path."""
+    model = PonderLM(size="tiny", vocab_size=VOCAB).eval()
+    generate(model, [[1, 2, 3]], max_new_tokens=2)
+    backbone = model.backbone
+    for weight in (backbone.embed_out.weight, backbone.layers[0].attention.query_key_value.weight, backbone.layers[-1].mlp.dense_4h_to_h.weight):
+        assert (id(weight), False) in packed._packed
+    assert (id(backbone.embed_in.weight), True) in packed._packed  # the mixture's table, transposed

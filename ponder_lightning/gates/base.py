@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ponder_lightning.nn.skinny import Linear
+from ponder_lightning.nn.packed import Linear
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ponder_lightning.nn.config import BackboneConfig
-from ponder_lightning.nn.skinny import Linear
+from ponder_lightning.nn.packed import Linear
 
 
 class KVHook(Protocol):

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ponder_lightning.nn.backbone import Backbone, CausalKeyBias, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter
+from ponder_lightning.nn.packed import decoding
 from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.nn.rowwise import RowStep
 
@@ -160,6 +161,7 @@ class LatentRecurrence:
         return LatentCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_tokens, self.latent_steps + 1, weight.dtype, weight.device)
 
     @torch.no_grad()
+    @decoding()
     def extend(self, tokens: Tensor, valid: Tensor, cache: LatentCache) -> tuple[Tensor, Tensor, list[int]]:
         """Run new tokens [B, T_new] (a prompt, or one token per row) slot by slot: for each token,
         slot 0, then (with a router) only the latent slots whose w >= tau. Returns the hidden
@@ -238,6 +240,7 @@ class LatentRowDecoder:
         self.w[rows] = 1.0
 
     @torch.no_grad()
+    @decoding()
     def step(self, rows: Tensor) -> RowStep:
         latent, k = self.latent, self.slot_index[rows]
         bias = torch.zeros(rows.numel(), dtype=self.x.dtype, device=rows.device) if latent.router is None else log_weights(self.w[rows, k])

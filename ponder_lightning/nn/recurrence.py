@@ -23,7 +23,7 @@ from torch import Tensor
 from ponder_lightning.gates.base import Gate, GateDecision
 from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
-from ponder_lightning.nn.skinny import vocab_mixture
+from ponder_lightning.nn.packed import decoding, vocab_mixture
 
 
 class Feedback:
@@ -207,6 +207,7 @@ class Recurrence:
         return out, trace
 
     @torch.no_grad()
+    @decoding()
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache, gate: Gate | None = None) -> tuple[Tensor, Tensor, list[int]]:
         """Incremental form of the same recurrence: run new tokens [B, T_new] (prompt prefill, or
         one token per row when decoding) against per-iteration caches holding the prefix.

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ponder_lightning.gates.base import Gate
 from ponder_lightning.nn.cache import CacheWriter, KVCache
+from ponder_lightning.nn.packed import decoding
 from ponder_lightning.nn.recurrence import Recurrence, feedback_weight
 
 
@@ -77,6 +78,7 @@ class RecurrenceRowDecoder:
         self.state[rows] = self.feedback.initial(embeds)
 
     @torch.no_grad()
+    @decoding()
     def step(self, rows: Tensor) -> RowStep:
         """One backbone pass for each of `rows`, each at its own token's next iteration."""
         n_iterations = self.recurrence.n_iterations

@@ -1,11 +1,11 @@
-"""Decode-step matmuls on CPU: the plain forms vs `nn/skinny.py`, at each row count 1..16.
+"""Decoding's matmuls on CPU: plain (MKL) vs on oneDNN-packed weights (`nn/packed.py`), by rows.
 
-A decode pass multiplies one row per running sequence by the weights; halting changes how many
-rows run. For the pythia-70m shape (d 512, vocabulary 50304) this times, side by side in one
-process, the LM head (`x @ W.T` vs `(W @ x.T).T`), the vocabulary mixture (`p @ E` vs the chunked
-batched form) and the six layers' linears, with the rows forced through each form.
+A decode pass multiplies one row per running sequence by the weights, a prefill iteration one row
+per prompt token still active; halting changes how many rows run. For the pythia-70m shape (d 512,
+vocabulary 50304) this times, side by side in one process, the LM head (`x @ W.T`), the vocabulary
+mixture (`p @ E`) and the six layers' linears, plain and packed.
 
-    python -m benchmarks.skinny_matmul [--threads N]
+    python -m benchmarks.decode_matmul [--rows 1 2 4 ...] [--threads N]
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, write_results
-from ponder_lightning.nn import skinny
+from ponder_lightning.nn import packed
 from ponder_lightning.nn.config import backbone_config
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="pythia-70m")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8, 12, 16])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32, 64, 512])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    skinny.max_rows = lambda: max(args.rows)  # time the skinny form at every row count asked for
+    if not packed.available():
+        raise SystemExit("this build of torch has no oneDNN packed linear: nothing to compare")
     torch.manual_seed(0)
     cfg = backbone_config(args.size, vocab_size=50304)
     d, vocab = cfg.d_model, cfg.vocab_size
@@ -37,25 +38,25 @@ def main() -> None:
     shapes = [(3 * d, d), (d, d), (cfg.d_ff, d), (d, cfg.d_ff)] * cfg.n_layer
     layers = [(torch.randn(out, inp), torch.randn(out)) for out, inp in shapes]
     rows_out = []
-    with torch.no_grad():
+    with torch.no_grad(), packed.decoding():
         for n in args.rows:
             x, probs = torch.randn(n, d), torch.randn(n, vocab).softmax(-1)
             inputs = {inp: torch.randn(n, inp) for inp in (d, cfg.d_ff)}
             contenders = {
                 "head plain": lambda: F.linear(x, head),
-                "head skinny": lambda: skinny.linear(x, head),
+                "head packed": lambda: packed.linear(x, head),
                 "mixture plain": lambda: probs @ table,
-                "mixture skinny": lambda: skinny.vocab_mixture(probs, table),
+                "mixture packed": lambda: packed.vocab_mixture(probs, table),
                 "layers plain": lambda: [F.linear(inputs[w.shape[1]], w, b) for w, b in layers],
-                "layers skinny": lambda: [skinny.linear(inputs[w.shape[1]], w, b) for w, b in layers],
+                "layers packed": lambda: [packed.linear(inputs[w.shape[1]], w, b) for w, b in layers],
             }
             ms = {k: 1000 * v for k, v in alternate(contenders, args.repeats).items()}
             row = {"rows": n}
             for part in ("head", "mixture", "layers"):
-                row[f"{part} plain ms"], row[f"{part} skinny ms"] = ms[f"{part} plain"], ms[f"{part} skinny"]
-                row[f"{part} plain/skinny"] = ms[f"{part} plain"] / ms[f"{part} skinny"]
+                row[f"{part} plain ms"], row[f"{part} packed ms"] = ms[f"{part} plain"], ms[f"{part} packed"]
+                row[f"{part} plain/packed"] = ms[f"{part} plain"] / ms[f"{part} packed"]
             rows_out.append(row)
-    write_results("skinny_matmul", rows_out, list(rows_out[0]))
+    write_results("decode_matmul", rows_out, list(rows_out[0]))
 
 
 if __name__ == "__main__":

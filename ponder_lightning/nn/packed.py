@@ -1,0 +1,110 @@
+"""CPU matmuls for decoding, on weights packed once for oneDNN.
+
+Decoding multiplies a few rows (one per sequence still running a pass, or the prompt tokens
+still active at an iteration) by large weights: the LM head, PonderLM's vocabulary mixture, the
+layers. On CPU, torch's fp32 matmuls go to MKL, which on the machine we measure on (AMD EPYC)
+takes 2-6x longer for such products than reading the weight once would: it repacks the weight on
+every call, and some row counts hit slow kernels. Halting then saves less time than it should.
+oneDNN's inner product on a weight reordered once into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does for frozen
+linears) costs about one read of the weight for a single row and grows smoothly with the rows, up
+to prompt-sized batches (benchmarks/RESULTS.md).
+
+Scope: only inside `decoding()` (prefill, decode steps and `generate` enter it), with autograd off,
+on CPU, in fp32; everywhere else, and where oneDNN is missing, these are plain `F.linear` and
+`@`. Results equal those up to float rounding. Packed weights are cached per weight tensor and
+repacked when it changes (its version counter or storage moves: optimizer steps,
+`load_state_dict`, `.data =`); the cache holds a second copy of the weights while the model lives.
+Training never sees it, so sharded or replicated parameters are never packed.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import ContextDecorator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: rows oneDNN tunes the packed layout for; one layout serves 1 to 512 rows well (measured)
+ROWS_HINT = 8
+
+_state = threading.local()
+_packed: dict[tuple[int, bool], tuple[weakref.ref, int, int, Tensor]] = {}
+
+
+def available() -> bool:
+    """oneDNN is built in and has the packed linear ops (any x86 or ARM build of torch 2.x)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class decoding(ContextDecorator):
+    """Within it (also as a decorator), matmuls of this module run on packed weights where they
+    can. Re-entrant and per thread."""
+
+    def __enter__(self) -> decoding:
+        _state.depth = getattr(_state, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _state.depth -= 1
+
+
+def _uses_packed(x: Tensor, weight: Tensor) -> bool:
+    return (
+        getattr(_state, "depth", 0) > 0
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and available()
+    )
+
+
+def _packed_weight(weight: Tensor, transposed: bool) -> Tensor:
+    """The oneDNN-packed copy of `weight` (of `weight.T` if `transposed`), packed on first use
+    and again whenever the weight has changed since."""
+    key = (id(weight), transposed)
+    entry = _packed.get(key)
+    if entry is not None and entry[0]() is weight and entry[1:3] == (weight._version, weight.data_ptr()):
+        return entry[3]
+    source = weight.detach().t().contiguous() if transposed else weight.detach().contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(source, ROWS_HINT)
+
+    def forget(ref: weakref.ref, key: tuple[int, bool] = key) -> None:
+        if key in _packed and _packed[key][0] is ref:  # the id may belong to a newer tensor by now
+            del _packed[key]
+
+    _packed[key] = (weakref.ref(weight, forget), weight._version, weight.data_ptr(), packed)
+    return packed
+
+
+def _packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, on the packed weight when decoding on CPU."""
+    if not _uses_packed(x, weight):
+        return F.linear(x, weight, bias)
+    return _packed_linear(x, _packed_weight(weight, transposed=False), None if bias is None else bias.detach(), weight.shape[0])
+
+
+def vocab_mixture(probs: Tensor, table: Tensor) -> Tensor:
+    """`probs @ table` ([..., V] @ [V, d]): PonderLM's probability-weighted embedding, on the
+    packed table when decoding on CPU."""
+    if not _uses_packed(probs, table):
+        return probs @ table
+    return _packed_linear(probs, _packed_weight(table, transposed=True), None, table.shape[1])
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict names) whose forward runs on the packed weight
+    when decoding on CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
