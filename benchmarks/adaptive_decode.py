@@ -5,7 +5,9 @@ Side by side in one process, fp32 (CPU by default, `--device cuda` for a GPU), b
   vs the same model at full depth (tau = 0): measured speedup, ideal speedup from FLOPs at the
   realised depth, and measured / ideal (target >= 0.8). Decoding is timed as `generate` runs it
   (row-wise: each backbone call advances every row by one pass of its own token) and, for
-  comparison, in lock-step (every row runs iteration i before any row runs i+1).
+  comparison, in lock-step (every row runs iteration i before any row runs i+1). `passes` counts
+  the backbone calls; where a call costs the same at any number of active rows (a small batch
+  is bound by reading the weights), the speedup cannot beat full depth's passes / these passes.
 - PonderLM decode tokens/s vs the rate predicted from FLOPs: vanilla tokens/s x vanilla FLOPs /
   PonderLM FLOPs (mixture included) (target >= 0.9).
 - PonderLM without caches (the whole prefix recomputed for every token, as the authors' code
@@ -87,11 +89,19 @@ def main() -> None:
         with torch.no_grad():
             alternate(generators | {f"{name} lock-step": d for name, d in lockstep.items()}, args.repeats)
         timings = {
-            "prefill": ({name: g.seconds("prefill") for name, g in generators.items()}, {name: g.counts("prefill") for name, g in generators.items()}),
-            "decode row-wise": ({name: g.seconds("decode") for name, g in generators.items()}, {name: g.counts("decode") for name, g in generators.items()}),
-            "decode lock-step": ({name: d.seconds() for name, d in lockstep.items()}, {name: d.decode_counts for name, d in lockstep.items()}),
+            phase: (
+                {name: g.seconds(key) for name, g in generators.items()},
+                {name: g.counts(key) for name, g in generators.items()},
+                {name: g.passes(key) for name, g in generators.items()},
+            )
+            for phase, key in (("prefill", "prefill"), ("decode row-wise", "decode"))
         }
-        for phase, (seconds, counts) in timings.items():
+        timings["decode lock-step"] = (
+            {name: d.seconds() for name, d in lockstep.items()},
+            {name: d.decode_counts for name, d in lockstep.items()},
+            {name: d.decode_passes for name, d in lockstep.items()},
+        )
+        for phase, (seconds, counts, passes) in timings.items():
             ref_flops = full.realised_flops(fractions(counts["full depth"]), context)["x_vanilla"]
             for name, model in models.items():
                 flops = model.realised_flops(fractions(counts[name]), context)["x_vanilla"]
@@ -101,6 +111,7 @@ def main() -> None:
                     "halted": 1 - sum(fractions(counts[name])) / len(counts[name]), "x_vanilla": flops,
                     "tok/s": counts[name][0] / seconds[name],
                     "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
+                    "passes": passes[name], "speedup if passes cost alike": passes["full depth"] / passes[name],
                 })
         # --- PonderLM vs vanilla, with and without caches ----------------------------------
         ponder = PonderLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
@@ -119,6 +130,7 @@ def main() -> None:
                 "x_vanilla": 1.0 if name == "vanilla" else ponder_flops, "tok/s": tps[name],
                 "measured speedup": float("nan"), "ideal speedup": float("nan"),
                 "measured/ideal": tps[name] / predicted if name == "PonderLM" else float("nan"),
+                "passes": float("nan"), "speedup if passes cost alike": float("nan"),
             })
     write_results("adaptive_decode", rows, list(rows[0]))
 

@@ -66,6 +66,7 @@ class Decoder:
         self.model, self.prompts, self.new_tokens = model, prompts, new_tokens
         self.prefill_counts: list[int] = []
         self.decode_counts: list[int] = []
+        self.decode_passes = 0  # backbone calls of the last run's decoding
         self.decode_seconds: list[float] = []
 
     def prefill(self) -> None:
@@ -81,16 +82,17 @@ class Decoder:
         timing the decoding alone."""
         self.prefill()
         start = time.perf_counter()
-        totals = [0] * self.model.n_iterations
+        totals, passes = [0] * self.model.n_iterations, 0
         ones = torch.ones(self.prompts.shape[0], 1, dtype=torch.bool, device=self.prompts.device)
         for _ in range(self.new_tokens - 1):
             token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
             hidden, _, counts = self.model.extend(token, ones, self.cache)
             totals = [t + c for t, c in zip(totals, counts)]
+            passes += sum(1 for c in counts if c)
             self.last = hidden[:, -1]
         wait_for_gpu()
         self.decode_seconds.append(time.perf_counter() - start)
-        self.decode_counts = totals
+        self.decode_counts, self.decode_passes = totals, passes
 
     def seconds(self) -> float:
         """Median decode seconds over the timed runs (the first, a warm-up, left out)."""
@@ -114,6 +116,12 @@ class Generate:
 
     def counts(self, phase: str) -> list[int]:
         return self.runs[-1].evaluations[phase]
+
+    def passes(self, phase: str) -> int:
+        """Backbone calls of the last run's `phase`: one per iteration that ran for the prefill."""
+        if phase == "decode":
+            return int(self.runs[-1].stats["decode_passes"])
+        return sum(1 for c in self.counts(phase) if c)
 
 
 def _median(values: list[float]) -> float:

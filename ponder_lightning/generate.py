@@ -118,8 +118,10 @@ def generate(
     decoder = model.row_decoder(cache)
     in_flight, token = emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1])
     decoder.start(in_flight, token)
+    passes = 0
     while in_flight.numel():  # one backbone pass per tick; each row runs its own token's next pass
         step = decoder.step(in_flight)
+        passes += 1
         going, token = emit(in_flight[step.finished], step.logits, step.depth)
         decoder.start(going, token)
         in_flight = torch.cat([in_flight[~step.finished], going]).sort().values
@@ -134,6 +136,7 @@ def generate(
         "generated_tokens": n_generated,
         "prefill_seconds": prefill_seconds,
         "decode_seconds": decode_seconds,
+        "decode_passes": passes,  # backbone calls while decoding: the deepest row's summed depth
         "tokens_per_second": n_generated / (prefill_seconds + decode_seconds),
         "mean_depth": sum(map(sum, depths)) / max(n_generated, 1),
         "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"] if evaluations[0] else float("nan"),

@@ -199,3 +199,13 @@ def test_cpu_generation_multiplies_on_packed_weights():
     for weight in (backbone.embed_out.weight, backbone.layers[0].attention.query_key_value.weight, backbone.layers[-1].mlp.dense_4h_to_h.weight):
         assert (id(weight), False) in packed._packed
     assert (id(backbone.embed_in.weight), True) in packed._packed  # the mixture's table, transposed
+
+
+def test_a_batch_decodes_in_as_many_passes_as_its_deepest_row_needs():
+    """Row-wise decoding: each backbone call advances every row, so a batch whose rows halt at
+    different iterations takes the passes of its deepest row, not the sum of per-token maxima."""
+    model = halting_adaponder()
+    out = generate(model, torch.randint(0, VOCAB, (4, 6)).tolist(), max_new_tokens=12)
+    per_row = [sum(d[1:]) for d in out.depths]  # the first token comes from the prompt's passes
+    lock_step = sum(max(d[k] for d in out.depths) for k in range(1, 12))
+    assert out.stats["decode_passes"] == max(per_row) < lock_step
