@@ -109,7 +109,7 @@ def generate_command(argv: list[str]) -> None:
         print("depth per generated token: " + " ".join(f"{tokenizer.decode([t])!r}:{d}" for t, d in zip(tokens, depths)))
     s = result.stats
     print(f"--- {s['generated_tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s (prefill {s['prefill_seconds']:.2f}s, "
-          f"decode {s['decode_seconds']:.2f}s), mean depth {s['mean_depth']:.2f} of {model.n_iterations}, "
+          f"decode {s['decode_seconds']:.2f}s in {s['decode_passes']} backbone passes), mean depth {s['mean_depth']:.2f} of {model.n_iterations}, "
           f"{s['flops_x_vanilla']:.2f}x vanilla FLOPs per token")
 
 

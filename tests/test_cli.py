@@ -127,7 +127,7 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("--- prompt:") == 2
     assert result.stdout.count("depth per generated token:") == 2
-    assert "tokens/s" in result.stdout and "x vanilla FLOPs per token" in result.stdout
+    assert "tokens/s" in result.stdout and "backbone passes" in result.stdout and "x vanilla FLOPs per token" in result.stdout
 
     from ponder_lightning.models.checkpoint import load_checkpoint
 
