@@ -82,3 +82,20 @@ def test_plain_ops_outside_decoding_with_autograd_or_in_other_dtypes():
     with torch.no_grad(), packed.decoding():
         got = packed.linear(x.detach().double(), weight64)
     assert packed_entries(weight64) == 0 and got.dtype == torch.float64
+
+
+def test_a_failing_packed_op_falls_back_to_plain_matmuls(monkeypatch):
+    """The packed ops are internal to torch: if they fail on some machine, decoding warns once and
+    goes on with the plain ops, with the same results."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(packed, "_packed_weight", broken)
+    monkeypatch.setattr(packed, "_failures", [])
+    weight, x = torch.randn(8, 16), torch.randn(3, 16)
+    with torch.no_grad(), packed.decoding():
+        with pytest.warns(RuntimeWarning, match="no oneDNN kernel"):
+            got = packed.linear(x, weight)
+        assert torch.equal(got, F.linear(x, weight))
+        assert not packed._uses_packed(x, weight)

@@ -5,14 +5,14 @@ still active at an iteration) by large weights: the LM head, PonderLM's vocabula
 layers. On CPU, torch's fp32 matmuls go to MKL, which on the machine we measure on (AMD EPYC)
 takes 2-6x longer for such products than reading the weight once would: it repacks the weight on
 every call, and some row counts hit slow kernels. Halting then saves less time than it should.
-oneDNN's inner product on a weight reordered once into its blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does for frozen
-linears) costs about one read of the weight for a single row and grows smoothly with the rows, up
-to prompt-sized batches (benchmarks/RESULTS.md).
+oneDNN's inner product on a weight reordered once into its blocked layout (torch's internal ops
+`mkldnn._reorder_linear_weight` and `mkldnn._linear_pointwise`) costs about one read of the weight
+for a single row and grows smoothly with the rows, up to prompt-sized batches
+(benchmarks/RESULTS.md).
 
 Scope: only inside `decoding()` (prefill, decode steps and `generate` enter it), with autograd off,
-on CPU, in fp32; everywhere else, and where oneDNN is missing, these are plain `F.linear` and
-`@`. Results equal those up to float rounding. Packed weights are cached per weight tensor and
+on CPU, in fp32; everywhere else, and where oneDNN is missing or its ops fail (they are internal
+to torch), these are plain `F.linear` and `@`. Results equal those up to float rounding. Packed weights are cached per weight tensor and
 repacked when it changes (its version counter or storage moves: optimizer steps,
 `load_state_dict`, `.data =`); the cache holds a second copy of the weights while the model lives.
 Training never sees it, so sharded or replicated parameters are never packed.
@@ -21,9 +21,11 @@ Training never sees it, so sharded or replicated parameters are never packed.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from contextlib import ContextDecorator
-from typing import Any
+from functools import cache
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +36,10 @@ ROWS_HINT = 8
 
 _state = threading.local()
 _packed: dict[tuple[int, bool], tuple[weakref.ref, int, int, Tensor]] = {}
+_failures: list[str] = []  # why the packed ops failed on this machine, if they did
 
 
+@cache
 def available() -> bool:
     """oneDNN is built in and has the packed linear ops (any x86 or ARM build of torch 2.x)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -60,6 +64,7 @@ def _uses_packed(x: Tensor, weight: Tensor) -> bool:
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
         and available()
+        and not _failures
     )
 
 
@@ -81,17 +86,25 @@ def _packed_weight(weight: Tensor, transposed: bool) -> Tensor:
     return packed
 
 
-def _packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")
-    return out.reshape(*x.shape[:-1], out_features)
+def _packed_linear(x: Tensor, weight: Tensor, transposed: bool, bias: Tensor | None, plain: Callable[[], Tensor]) -> Tensor:
+    """x @ W.T (W = weight, or weight.T if `transposed`) + bias on the packed copy of W; `plain()`,
+    and plain ops from then on, if oneDNN fails here."""
+    try:
+        packed = _packed_weight(weight, transposed)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, packed, None if bias is None else bias.detach(), "none", [], "")
+    except RuntimeError as error:
+        _failures.append(str(error))
+        warnings.warn(f"oneDNN's packed linear failed ({error}); decoding goes on with plain matmuls", RuntimeWarning, stacklevel=3)
+        return plain()
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)`, on the packed weight when decoding on CPU."""
     if not _uses_packed(x, weight):
         return F.linear(x, weight, bias)
-    return _packed_linear(x, _packed_weight(weight, transposed=False), None if bias is None else bias.detach(), weight.shape[0])
+    return _packed_linear(x, weight, False, bias, lambda: F.linear(x, weight, bias))
 
 
 def vocab_mixture(probs: Tensor, table: Tensor) -> Tensor:
@@ -99,7 +112,7 @@ def vocab_mixture(probs: Tensor, table: Tensor) -> Tensor:
     packed table when decoding on CPU."""
     if not _uses_packed(probs, table):
         return probs @ table
-    return _packed_linear(probs, _packed_weight(table, transposed=True), None, table.shape[1])
+    return _packed_linear(probs, table, True, None, lambda: probs @ table)
 
 
 class Linear(nn.Linear):
