@@ -3,7 +3,7 @@
 Decoding multiplies a few rows (one per sequence still running a pass, or the prompt tokens
 still active at an iteration) by large weights: the LM head, PonderLM's vocabulary mixture, the
 layers. On CPU, torch's fp32 matmuls go to MKL, which on the machine we measure on (AMD EPYC)
-takes 2-6x longer for such products than reading the weight once would: it repacks the weight on
+takes up to 5x longer for such products than on a packed weight: it repacks the weight on
 every call, and some row counts hit slow kernels. Halting then saves less time than it should.
 oneDNN's inner product on a weight reordered once into its blocked layout (torch's internal ops
 `mkldnn._reorder_linear_weight` and `mkldnn._linear_pointwise`) costs about one read of the weight
