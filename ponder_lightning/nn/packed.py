@@ -12,10 +12,11 @@ for a single row and grows smoothly with the rows, up to prompt-sized batches
 
 Scope: only inside `decoding()` (prefill, decode steps and `generate` enter it), with autograd off,
 on CPU, in fp32; everywhere else, and where oneDNN is missing or its ops fail (they are internal
-to torch), these are plain `F.linear` and `@`. Results equal those up to float rounding. Packed weights are cached per weight tensor and
-repacked when it changes (its version counter or storage moves: optimizer steps,
-`load_state_dict`, `.data =`); the cache holds a second copy of the weights while the model lives.
-Training never sees it, so sharded or replicated parameters are never packed.
+to torch), these are plain `F.linear` and `@`. Results equal those up to float rounding. Packed
+weights are cached per weight tensor and repacked when it changes (its version counter or storage
+moves: optimizer steps, `load_state_dict`, `.data =`); the cache holds a second copy of the
+weights while the model lives. Training never sees it, so sharded or replicated parameters are
+never packed.
 """
 
 from __future__ import annotations
