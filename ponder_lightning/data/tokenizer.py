@@ -1,8 +1,11 @@
 """Tokenizers behind one small interface, so the data pipeline and generation never care which.
 
 ``load_tokenizer("neox")`` gives the real Pythia (GPT-NeoX-20B) tokenizer from a file vendored in
-the package, so the default path works offline. ``"bytes"`` is a dependency-free UTF-8 byte
-tokenizer for tests and toy runs. Anything else is a local ``tokenizer.json`` / Hugging Face
+the package, so the default path works offline. ``"bpe4k"`` is a small byte-level BPE shipped the
+same way (4096 ids, EOS 0, NeoX's layout) and trained on the embedded corpus's training documents,
+for CPU-sized studies: subword tokens with an LM head that stays cheap
+(``scripts/build_bpe_tokenizer.py`` rebuilds it exactly). ``"bytes"`` is a dependency-free UTF-8
+byte tokenizer for tests and toy runs. Anything else is a local ``tokenizer.json`` / Hugging Face
 tokenizer directory, or (online only) a hub name.
 
 Every tokenizer encodes text *as text*: a literal ``<|endoftext|>`` inside a document is not turned
@@ -21,7 +24,9 @@ import tokenizers
 from ponder_lightning.errors import UserError
 
 NEOX_ALIASES = ("neox", "gpt-neox-20b", "pythia")
+BPE4K_ALIASES = ("bpe4k",)
 VENDORED_NEOX = Path(__file__).resolve().parents[1] / "assets" / "tokenizer" / "gpt-neox-20b.json"
+VENDORED_BPE4K = VENDORED_NEOX.with_name("cpython-docs-bpe4k.json")
 # Special tokens recognised as end-of-document in a bare tokenizer.json (which has no eos field).
 KNOWN_EOS_TOKENS = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>")
 EOS_TEXT = "<|endoftext|>"
@@ -94,23 +99,26 @@ class HFTokenizer(Tokenizer):
 
 
 def load_tokenizer(spec: str = "neox") -> Tokenizer:
-    """Resolve ``spec``: an existing local path first, then ``neox``/``bytes``, then a hub name."""
+    """Resolve ``spec``: an existing local path first, then ``neox``/``bpe4k``/``bytes``, then a hub name."""
     path = Path(spec).expanduser()
     if path.exists():
         return _from_path(path)
     if spec.lower() in NEOX_ALIASES:
-        return _vendored_neox()
+        return _vendored(VENDORED_NEOX, "neox")
+    if spec.lower() in BPE4K_ALIASES:
+        return _vendored(VENDORED_BPE4K, "bpe4k")
     if spec.lower() == "bytes":
         return ByteTokenizer()
     return _from_hub(spec)
 
 
 @functools.cache
-def _vendored_neox() -> Tokenizer:
-    """Pythia's tokenizer; named by the file's sha1 so a changed asset invalidates caches."""
-    data = VENDORED_NEOX.read_bytes()
+def _vendored(path: Path, prefix: str) -> Tokenizer:
+    """A tokenizer shipped in assets/tokenizer/ (EOS ``<|endoftext|>``), named ``prefix:<sha1 of
+    the file>`` so a changed asset invalidates token caches and fails the shard checks."""
+    data = path.read_bytes()
     backend = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
-    return HFTokenizer(backend, backend.token_to_id(EOS_TEXT), "neox:" + hashlib.sha1(data).hexdigest())
+    return HFTokenizer(backend, backend.token_to_id(EOS_TEXT), f"{prefix}:" + hashlib.sha1(data).hexdigest())
 
 
 def _from_path(path: Path) -> Tokenizer:
@@ -121,7 +129,7 @@ def _from_path(path: Path) -> Tokenizer:
     except Exception as exc:  # noqa: BLE001 - the Rust library raises bare Exceptions
         raise UserError(
             f"tokenizer file {path} could not be read ({_first_line(exc)}): pass a tokenizer.json, "
-            "a Hugging Face tokenizer directory, 'neox' or 'bytes'"
+            "a Hugging Face tokenizer directory, 'neox', 'bpe4k' or 'bytes'"
         ) from exc
     eos = next((backend.token_to_id(t) for t in KNOWN_EOS_TOKENS if backend.token_to_id(t) is not None), None)
     if eos is None:
@@ -136,7 +144,7 @@ def _from_hub(name: str) -> Tokenizer:
     if _offline():
         raise UserError(
             f"tokenizer '{name}' is not a local path and HF_HUB_OFFLINE=1: download it to a local "
-            "directory and pass that path, or use 'neox' / 'bytes'"
+            "directory and pass that path, or use 'neox' / 'bpe4k' / 'bytes'"
         )
     return _from_transformers(name, f"hub tokenizer '{name}'")
 
