@@ -5,6 +5,7 @@ User mistakes (`UserError`) print as one line and exit with status 2, never as a
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ponder_lightning.cli_errors import parser_error_message
 from ponder_lightning.callbacks import DepthMonitor, FitSummary, TokenThroughput
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
@@ -20,6 +22,12 @@ from ponder_lightning.models import CausalLMModule
 
 
 class PonderCLI(LightningCLI):
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # Parse errors are raised (not printed under ~60 lines of usage) so that `main` prints one
+        # short line naming the field; see `parser_error_message`.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The model's vocabulary follows the tokenizer (padded to a multiple of 128 by the model).
         parser.link_arguments("data.vocab_size", "model.init_args.tokenizer_vocab_size", apply_on="instantiate")
@@ -114,14 +122,17 @@ def generate_command(argv: list[str]) -> None:
 
 
 def evaluate_command(argv: list[str]) -> None:
-    """`evaluate --checkpoint CKPT [--data_files ...] [--tau 1e-4,1e-3,1e-2] [--out DIR]`: validation
-    loss/perplexity with mean depth, active fraction per iteration and FLOPs per token x vanilla;
-    with --tau, a sweep over the halting threshold written as JSON + PNG."""
+    """`evaluate --checkpoint CKPT [--data_files ...] [--tau 1e-4,1e-3,1e-2] [--reference VANILLA_CKPT] [--out DIR]`:
+    validation loss/perplexity with mean depth, active fraction per iteration and FLOPs per token
+    x vanilla; with --tau, a sweep over the halting threshold written as JSON + PNG. For a model
+    whose gate halts tokens, always also the controls on the same weights: full depth (no
+    halting), random pruning with the learned per-iteration profile, and depth per difficulty
+    decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
     import argparse
     import inspect
 
     from ponder_lightning.data import PileDataModule
-    from ponder_lightning.evaluate import evaluate, format_iso_flops, format_rows, iso_flops_study, write_curve, write_depth_vs_nll
+    from ponder_lightning.evaluate import evaluate, format_gate_study, format_rows, gate_study, write_curve, write_depth_figure
     from ponder_lightning.models.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning evaluate", description=evaluate_command.__doc__)
@@ -129,8 +140,8 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument("--data_files", default=None, help="evaluate on these files instead of the training run's validation split")
     parser.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's val_batches)")
     parser.add_argument("--tau", default=None, help="comma-separated halting thresholds to sweep")
-    parser.add_argument("--out", default="evaluation", help="directory for evaluation.json and quality_vs_compute.png")
-    parser.add_argument("--iso_flops", action="store_true", help="also compare the learned gate with random pruning at the same mean depth")
+    parser.add_argument("--reference", default=None, help="a one-pass (vanilla) checkpoint trained on the same data: its NLL is one more difficulty measure")
+    parser.add_argument("--out", default="evaluation", help="directory for evaluation.json, gate_study.json and the figures")
     args = parser.parse_args(argv)
     model, data_args = load_checkpoint(args.checkpoint)
     accepted = inspect.signature(PileDataModule.__init__).parameters
@@ -142,17 +153,27 @@ def evaluate_command(argv: list[str]) -> None:
     data = PileDataModule(**data_args)
     data.setup("validate")
     taus = [float(t) for t in args.tau.split(",")] if args.tau else None
-    rows = evaluate(model, data.val_dataloader(), data.seq_len, taus)
+    batches = list(data.val_dataloader())
+    rows = evaluate(model, batches, data.seq_len, taus)
     print(f"{type(model).__name__} from {args.checkpoint}, {data.seq_len}-token blocks")
     print(format_rows(rows))
     json_path, png_path = write_curve(rows, args.out)
-    print("depth vs NLL (depth, tokens, mean NLL): " + ", ".join(f"({d}, {n}, {nll:.3f})" for d, n, nll in rows[0]["depth_vs_nll"]))
-    print(f"wrote {json_path}, {png_path} and {write_depth_vs_nll(rows[0], args.out)}")
-    if args.iso_flops:
-        study = iso_flops_study(model, data.val_dataloader(), data.seq_len)
-        print("iso-FLOPs: learned gate vs random pruning at the same mean depth")
-        print(format_iso_flops(study))
-        (Path(args.out) / "iso_flops.json").write_text(json.dumps(study, indent=2))
+    print(f"wrote {json_path} and {png_path}")
+    gate = getattr(model, "gate", None)
+    if gate is None or not gate.can_halt:
+        return
+    reference = load_checkpoint(args.reference)[0] if args.reference else None
+    study = gate_study(model, batches, data.seq_len, reference=reference)
+    print("\ncontrols on the same weights and data:")
+    print(format_gate_study(study))
+    (Path(args.out) / "gate_study.json").write_text(json.dumps(study, indent=2))
+    print(f"wrote {Path(args.out) / 'gate_study.json'} and {write_depth_figure(study['rows'][0], args.out, study['difficulty']['nll_full_depth']['deciles'])}")
+
+
+def study_command(argv: list[str]) -> None:
+    from ponder_lightning.study import study_command as run
+
+    run(argv)
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -172,6 +193,7 @@ COMMANDS = {
     "flops": flops_command,
     "generate": generate_command,
     "evaluate": evaluate_command,
+    "study": study_command,
     "prepare": prepare_command,
     "export": export_command,
 }
@@ -184,6 +206,10 @@ def main(args: list[str] | None = None) -> None:
             COMMANDS[argv[0]](argv[1:])
         else:
             run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
+    except argparse.ArgumentError as err:  # from the config parser (exit_on_error=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {parser_error_message(str(err), argv)}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as err:
         cause = user_error_in(err)
         if cause is None:

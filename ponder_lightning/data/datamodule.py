@@ -18,6 +18,7 @@ from ponder_lightning.data.sources import embedded_corpus, resolve_sources
 from ponder_lightning.data.tokenized import cached_token_stream
 from ponder_lightning.data.tokenizer import Tokenizer, load_tokenizer
 from ponder_lightning.errors import UserError
+from ponder_lightning.validation import HalfOpenUnitInterval, NonNegativeInt, PositiveInt, check_init_args
 
 
 class PileDataModule(L.LightningDataModule):
@@ -72,27 +73,17 @@ class PileDataModule(L.LightningDataModule):
         val_files: str | list[str] | None = None,
         tokens: str | None = None,
         tokenizer: str = "neox",
-        seq_len: int = 256,
-        batch_size: int = 8,
-        val_fraction: float = 0.05,
-        val_batches: int = 8,
-        seed: int = 1234,
+        seq_len: PositiveInt = 256,
+        batch_size: PositiveInt = 8,
+        val_fraction: HalfOpenUnitInterval = 0.05,
+        val_batches: NonNegativeInt = 8,
+        seed: NonNegativeInt = 1234,
         cache_dir: str | None = None,
-        num_workers: int = 0,
+        num_workers: NonNegativeInt = 0,
         text_field: str = "text",
     ) -> None:
+        check_init_args(PileDataModule, locals())
         super().__init__()
-        for name, value, low in (
-            ("seq_len", seq_len, 1),
-            ("batch_size", batch_size, 1),
-            ("val_batches", val_batches, 0),
-            ("seed", seed, 0),
-            ("num_workers", num_workers, 0),
-        ):
-            if value < low:
-                raise UserError(f"data.{name}={value} is invalid: it must be at least {low}")
-        if not 0 <= val_fraction < 1:
-            raise UserError(f"data.val_fraction={val_fraction} is invalid: use a value in [0, 1)")
         if data_files is not None and tokens is not None:
             raise UserError(
                 "data.data_files and data.tokens are both set: pass text files or pre-tokenised data, not both"

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ponder_lightning.gates.base import GateDecision, halt_below
-from ponder_lightning.gates.mlp import PerIterationMLPGate
+from ponder_lightning.gates.mlp import FeedbackScale, PerIterationMLPGate
+from ponder_lightning.validation import ClosedUnitInterval, FiniteFloat, HalfOpenUnitInterval, PositiveInt, check_init_args
 
 
 class BottomKGate(PerIterationMLPGate):
@@ -18,13 +19,19 @@ class BottomKGate(PerIterationMLPGate):
     Args:
         ratio: fraction of the still-active tokens halted at each decision.
         momentum: EMA factor of the learned thresholds.
-        hidden_mult, init_bias: as for PerIterationMLPGate.
+        hidden_mult, init_bias, feedback: as for PerIterationMLPGate.
     """
 
-    def __init__(self, ratio: float = 0.1, momentum: float = 0.99, hidden_mult: int = 4, init_bias: float = 2.0) -> None:
-        super().__init__(hidden_mult=hidden_mult, init_bias=init_bias, tau=0.0)
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"BottomKGate ratio must be in [0, 1), got {ratio}")
+    def __init__(
+        self,
+        ratio: HalfOpenUnitInterval = 0.1,
+        momentum: ClosedUnitInterval = 0.99,
+        hidden_mult: PositiveInt = 4,
+        init_bias: FiniteFloat = 2.0,
+        feedback: FeedbackScale = "score",
+    ) -> None:
+        check_init_args(BottomKGate, locals())
+        super().__init__(hidden_mult=hidden_mult, init_bias=init_bias, tau=0.0, feedback=feedback)
         self.ratio, self.momentum = ratio, momentum
 
     def bind(self, d_model: int, n_decisions: int) -> None:

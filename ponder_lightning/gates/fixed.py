@@ -7,7 +7,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ponder_lightning.errors import UserError
 from ponder_lightning.gates.base import Gate, GateDecision
+from ponder_lightning.validation import AtLeastOneFloat, NonNegativeInt, check_init_args
 
 
 def active_fractions(schedule: str, n_iterations: int, target_depth: float) -> list[float]:
@@ -56,13 +58,19 @@ class FixedRatioGate(Gate):
         seed: seed of the per-token random draws.
     """
 
-    def __init__(self, target_depth: float = 3.7, schedule: Literal["uniform", "geometric"] = "uniform", seed: int = 0) -> None:
+    def __init__(
+        self, target_depth: AtLeastOneFloat = 3.7, schedule: Literal["uniform", "geometric"] = "uniform", seed: NonNegativeInt = 0
+    ) -> None:
+        check_init_args(FixedRatioGate, locals())
         super().__init__()
         self.target_depth, self.schedule, self.seed = target_depth, schedule, seed
 
     def bind(self, d_model: int, n_decisions: int) -> None:
         super().bind(d_model, n_decisions)
-        fractions = active_fractions(self.schedule, n_decisions + 1, self.target_depth)
+        try:
+            fractions = active_fractions(self.schedule, n_decisions + 1, self.target_depth)
+        except ValueError as exc:  # the range depends on the model's iterations, known only here
+            raise UserError(f"FixedRatioGate target_depth={self.target_depth}: {exc}") from None
         # Probability that a token active at iteration i halts before i+1.
         self.halt_probs = [1.0 - fractions[i + 1] / fractions[i] if fractions[i] > 0 else 1.0 for i in range(n_decisions)]
 

@@ -28,6 +28,14 @@ from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
+from ponder_lightning.validation import (
+    ClosedUnitInterval,
+    HalfOpenUnitInterval,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    check_init_args,
+)
 
 NEOX_TOKENIZER_VOCAB = 50277
 
@@ -71,20 +79,21 @@ class CausalLMModule(L.LightningModule):
     def __init__(
         self,
         size: str = "pythia-14m",
-        vocab_size: int | None = None,
-        tokenizer_vocab_size: int | None = None,
-        n_layer: int | None = None,
-        d_model: int | None = None,
-        n_head: int | None = None,
-        max_seq_len: int | None = None,
-        lr: float = 1e-3,
-        min_lr_ratio: float = 0.1,
-        warmup_fraction: float = 0.01,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.95),
+        vocab_size: PositiveInt | None = None,
+        tokenizer_vocab_size: PositiveInt | None = None,
+        n_layer: PositiveInt | None = None,
+        d_model: PositiveInt | None = None,
+        n_head: PositiveInt | None = None,
+        max_seq_len: PositiveInt | None = None,
+        lr: PositiveFloat = 1e-3,
+        min_lr_ratio: ClosedUnitInterval = 0.1,
+        warmup_fraction: ClosedUnitInterval = 0.01,
+        weight_decay: NonNegativeFloat = 0.01,
+        betas: tuple[HalfOpenUnitInterval, HalfOpenUnitInterval] = (0.9, 0.95),
         activation_checkpointing: bool = False,
         pretrained: str | None = None,
     ) -> None:
+        check_init_args(CausalLMModule, locals())
         super().__init__()
         with warnings.catch_warnings():
             # Gates are nn.Modules passed as arguments: the CLI stores their class path and init
@@ -139,9 +148,10 @@ class CausalLMModule(L.LightningModule):
         """The gate in force now (a model may bypass its gate early in training)."""
         return self.gate
 
-    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
-        """Final hidden states [B, T, d] (after the final norm) and the halting trace."""
-        return self.recurrence(inputs, valid, gate=self.effective_gate())
+    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+        """Final hidden states [B, T, d] (after the final norm) and the halting trace; `gate`
+        replaces the gate in force for this call (evaluation's counterfactuals)."""
+        return self.recurrence(inputs, valid, gate=self.effective_gate() if gate is None else gate)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """Empty decoding caches for `batch` sequences of up to `max_len` tokens."""
@@ -214,6 +224,7 @@ class CausalLMModule(L.LightningModule):
             self.log("train/aux_loss", aux)
         if self.n_iterations > 1:
             self._log_depth("train", trace, split_batch(batch)[0].shape[1])
+            self._log_gate_health(trace)
         self.last_trace = Trace([a.detach() for a in trace.active], [None if s is None else s.detach() for s in trace.scores])
         return loss
 
@@ -226,13 +237,26 @@ class CausalLMModule(L.LightningModule):
         for name, value in self.realised_flops(fractions.tolist(), context).items():
             self.log(f"{stage}/flops_{name}", value)
 
-    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
+    def _log_gate_health(self, trace: Trace) -> None:
+        """Hook for models with learned gates (see RecurrentLM)."""
+
+    def token_nll(self, batch: Tensor | dict[str, Tensor], gate: Gate | None = None) -> tuple[Tensor, Tensor]:
+        """NLL and depth of the counted (non-padding) target tokens of a batch, flat; `gate`
+        replaces the gate in force (evaluation's counterfactuals)."""
         inputs, targets, valid = split_batch(batch)
-        hidden, trace = self.hidden_states(inputs, valid)
+        hidden, trace = self.hidden_states(inputs, valid) if gate is None else self.hidden_states(inputs, valid, gate=gate)
         logits = self.backbone.logits(hidden).float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         counted = targets.flatten() != IGNORE_INDEX
-        self.eval_metric.update(nll[counted], trace.depth().flatten()[counted])
+        return nll[counted], trace.depth().flatten()[counted]
+
+    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
+        nll, depth = self.token_nll(batch)
+        self.eval_metric.update(nll, depth)
+        self._update_difficulty(batch, depth)
+
+    def _update_difficulty(self, batch: Tensor | dict[str, Tensor], depth: Tensor) -> None:
+        """Hook for models whose gates halt tokens (see RecurrentLM)."""
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -257,6 +281,10 @@ class CausalLMModule(L.LightningModule):
             log(f"{stage}/flops_x_vanilla", self.realised_flops(fractions, context)["x_vanilla"])
         self.depth_vs_nll = self.eval_metric.table()
         self.eval_metric.reset()
+        self._log_difficulty(stage, log)
+
+    def _log_difficulty(self, stage: str, log: Callable[..., None]) -> None:
+        """Hook for models whose gates halt tokens (see RecurrentLM)."""
 
     def configure_model(self) -> None:
         """Under Lightning's ModelParallelStrategy, shard with FSDP2 (`parallel.shard_model`)."""

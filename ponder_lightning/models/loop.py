@@ -7,6 +7,7 @@ from typing import Any
 
 from ponder_lightning.models.recurrent import RecurrentLM
 from ponder_lightning.nn.recurrence import Feedback, LoopFeedback
+from ponder_lightning.validation import PositiveInt, check_init_args
 
 
 class LoopTransformer(RecurrentLM):
@@ -15,7 +16,8 @@ class LoopTransformer(RecurrentLM):
     input_injection: feed h + E0 to every later pass (the looped-transformer literature's form).
     """
 
-    def __init__(self, loops: int = 4, input_injection: bool = False, **kwargs: Any) -> None:
+    def __init__(self, loops: PositiveInt = 4, input_injection: bool = False, **kwargs: Any) -> None:
+        check_init_args(LoopTransformer, locals())
         super().__init__(**kwargs)
 
     @property
@@ -24,7 +26,7 @@ class LoopTransformer(RecurrentLM):
 
     @property
     def embed_scale(self) -> float:
-        return math.sqrt(2.5 * self.config.d_model) if self.hparams.scale_embeds else 1.0
+        return math.sqrt(2.5 * self.config.d_model) if self.scales_embeddings else 1.0
 
     def build_feedback(self) -> Feedback:
         return LoopFeedback(input_injection=self.hparams.input_injection)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ponder_lightning.models.recurrent import RecurrentLM
 from ponder_lightning.nn.recurrence import Feedback, PonderFeedback
+from ponder_lightning.validation import NonNegativeInt, PositiveInt, check_init_args
 
 
 class PonderLM(RecurrentLM):
@@ -19,11 +20,12 @@ class PonderLM(RecurrentLM):
 
     def __init__(
         self,
-        pondering_steps: int = 3,
-        mixture_top_k: int | None = None,
+        pondering_steps: NonNegativeInt = 3,
+        mixture_top_k: PositiveInt | None = None,
         multiply_pondering_steps: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_init_args(PonderLM, locals())
         super().__init__(**kwargs)
 
     @property
@@ -32,7 +34,7 @@ class PonderLM(RecurrentLM):
 
     @property
     def embed_scale(self) -> float:
-        return math.sqrt(self.config.d_model) if self.hparams.scale_embeds else 1.0
+        return math.sqrt(self.config.d_model) if self.scales_embeddings else 1.0
 
     def build_feedback(self) -> Feedback:
         hp = self.hparams

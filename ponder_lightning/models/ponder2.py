@@ -14,6 +14,7 @@ from ponder_lightning.errors import UserError
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.nn.latent import LatentCache, LatentRecurrence, LatentRowDecoder
 from ponder_lightning.nn.recurrence import Trace
+from ponder_lightning.validation import NonNegativeInt, PositiveInt, check_init_args
 
 
 class PonderLM2(CausalLMModule):
@@ -26,17 +27,16 @@ class PonderLM2(CausalLMModule):
 
     def __init__(
         self,
-        latent_steps: int = 1,
-        jacobi_choices: tuple[int, ...] = (2, 3),
-        jacobi_eval: int = 3,
+        latent_steps: PositiveInt = 1,
+        jacobi_choices: tuple[NonNegativeInt, ...] = (2, 3),
+        jacobi_eval: NonNegativeInt = 3,
         scale_embeds: bool = True,
         **kwargs: Any,
     ) -> None:
+        check_init_args(PonderLM2, locals())
+        if not jacobi_choices:
+            raise UserError("PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3]")
         super().__init__(**kwargs)
-        if latent_steps < 1:
-            raise UserError(f"latent_steps={latent_steps}: PonderLM-2 needs at least one latent slot per token")
-        if not jacobi_choices or min(jacobi_choices) < 0 or jacobi_eval < 0:
-            raise UserError(f"jacobi_choices={list(jacobi_choices)}, jacobi_eval={jacobi_eval}: give non-negative pass counts")
         self.last_jacobi_passes = jacobi_eval
 
     @property

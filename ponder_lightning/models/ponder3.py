@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ponder_lightning.models.ponder2 import PonderLM2
 from ponder_lightning.nn.latent import LatentRecurrence, SlotRouter
+from ponder_lightning.validation import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_init_args
 from ponder_lightning.nn.recurrence import Trace
 
 
@@ -27,7 +28,15 @@ class PonderLM3(PonderLM2):
     Every PonderLM2 argument applies (jacobi_choices, jacobi_eval, scale_embeds, ...).
     """
 
-    def __init__(self, latent_steps: int = 3, router_hidden: int | None = None, tau: float = 1e-4, depth_penalty: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        latent_steps: PositiveInt = 3,
+        router_hidden: PositiveInt | None = None,
+        tau: ClosedUnitInterval = 1e-4,
+        depth_penalty: NonNegativeFloat = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        check_init_args(PonderLM3, locals())
         super().__init__(latent_steps=latent_steps, **kwargs)
         self.router = SlotRouter(self.config.d_model, latent_steps, router_hidden)
         sigma = math.sqrt(2.0 / (5.0 * self.config.d_model))  # the backbone's init

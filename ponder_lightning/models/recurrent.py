@@ -3,15 +3,44 @@ a pluggable gate, a pluggable compute regulariser, embedding scaling and a gate-
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from ponder_lightning.gates import AlwaysContinue, Gate, NoPonderLoss, PonderRegularizer
+from ponder_lightning.gates import AlwaysContinue, FirstPassOnly, FullDepth, Gate, NoPonderLoss, PonderRegularizer
 from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, spearman
 from ponder_lightning.nn.recurrence import Trace
+from ponder_lightning.validation import NonNegativeInt, check_init_args
 
 ALWAYS_CONTINUE = AlwaysContinue()
+
+#: A continuing token whose feedback is scaled by less than this runs a nearly dead pass.
+WEAK_FEEDBACK = 0.05
+#: The collapse warning fires once this share of continuing tokens is weak at some decision ...
+COLLAPSE_SHARE = 0.5
+#: ... for this many training steps in a row.
+COLLAPSE_STEPS = 20
+
+
+def gate_health(gate: Gate, trace: Trace) -> dict[str, float]:
+    """Per decision i, over the tokens that ran iteration i: the mean score, the fraction that
+    halted, and among those that went on the mean feedback scale and the share with a scale below
+    WEAK_FEEDBACK (their next pass barely differs from the last: a collapsed gate)."""
+    stats: dict[str, float] = {}
+    for i, scores in enumerate(trace.scores):
+        active, went_on = trace.active[i], trace.active[i + 1]
+        if scores is None or not active.any():
+            continue
+        stats[f"score_mean/iter_{i}"] = float(scores[active].float().mean())
+        stats[f"halted_fraction/iter_{i}"] = float(1 - went_on.sum() / active.sum())
+        if went_on.any():
+            scale = gate.feedback_scale(scores.detach())[went_on].float()
+            stats[f"continuing_scale_mean/iter_{i}"] = float(scale.mean())
+            stats[f"weak_continuing_fraction/iter_{i}"] = float((scale < WEAK_FEEDBACK).float().mean())
+    return stats
 
 
 class RecurrentLM(CausalLMModule):
@@ -19,7 +48,9 @@ class RecurrentLM(CausalLMModule):
     gate: decides per token whether to run the next iteration (default: the model's own,
         AlwaysContinue for PonderLM/LoopTransformer, PerIterationMLPGate for AdaPonderLM).
     regularizer: loss on the gate scores (default: the model's own; NoPonderLoss = CE only).
-    scale_embeds: multiply token embeddings by sqrt(d) (mixture feedback) or sqrt(2.5 d) (hidden feedback).
+    scale_embeds: multiply token embeddings by sqrt(d) (mixture feedback) or sqrt(2.5 d) (hidden
+        feedback). Default (null): on from scratch, off with `pretrained`, since Pythia was
+        trained without it and its first pass must equal Pythia's logits.
     train_only_gates: freeze everything but the gate (continued pretraining's first stage).
     gate_start_step: before this optimizer step the gate is bypassed (every token runs every
         iteration at full weight), so that the model learns to use its passes before gates may
@@ -31,17 +62,28 @@ class RecurrentLM(CausalLMModule):
         self,
         gate: Gate | None = None,
         regularizer: PonderRegularizer | None = None,
-        scale_embeds: bool = True,
+        scale_embeds: bool | None = None,
         train_only_gates: bool = False,
-        gate_start_step: int = 0,
+        gate_start_step: NonNegativeInt = 0,
         **kwargs: Any,
     ) -> None:
+        check_init_args(RecurrentLM, locals())
         super().__init__(**kwargs)
+        if scale_embeds is None:  # resolved once and kept in the hyper-parameters, so checkpoints and exports keep it
+            self.hparams.scale_embeds = self.hparams.get("pretrained") is None
         self.gate = gate if gate is not None else self.default_gate()
         self.gate.bind(self.config.d_model, self.n_iterations - 1)
         self.regularizer = regularizer if regularizer is not None else self.default_regularizer()
         if train_only_gates:
             self.backbone.requires_grad_(False)
+        self._weak_steps = 0
+        self.difficulty_metric = DepthDifficulty()
+        self.depth_by_difficulty: list[dict[str, float]] | None = None
+
+    @property
+    def scales_embeddings(self) -> bool:
+        """Whether token embeddings are scaled (`scale_embeds`, resolved at construction)."""
+        return self.hparams.scale_embeds
 
     @property
     def gate_active(self) -> bool:
@@ -50,6 +92,7 @@ class RecurrentLM(CausalLMModule):
         return step >= self.hparams.gate_start_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.checkpoint_step = checkpoint.get("global_step", 0)
 
     def effective_gate(self) -> Gate:
@@ -64,4 +107,50 @@ class RecurrentLM(CausalLMModule):
     def aux_loss(self, trace: Trace) -> Tensor | None:
         if not self.gate_active:
             return None
-        return self.regularizer(trace.scores, trace.active[:-1], self.global_step)
+        return self.regularizer(trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:])
+
+    @torch.no_grad()
+    def _log_gate_health(self, trace: Trace) -> None:
+        """`train/gate/...` in TensorBoard, and one warning when the gate has collapsed."""
+        if not self.gate_active or not self.gate.can_halt:
+            return
+        stats = gate_health(self.gate, trace)
+        loss_set = self.regularizer.describe(trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:])
+        for name, value in {**stats, **{f"ponder_loss/{k}": v for k, v in loss_set.items()}}.items():
+            self.log(f"train/gate/{name}", value)
+        weak = max((v for k, v in stats.items() if k.startswith("weak_continuing")), default=0.0)
+        self._weak_steps = self._weak_steps + 1 if weak > COLLAPSE_SHARE else 0
+        if self._weak_steps == COLLAPSE_STEPS:
+            rank_zero_warn(
+                f"gate collapse at step {self.global_step}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of the tokens that go on "
+                f"past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so the passes they still run barely "
+                "change the output (compute spent, nothing gained). See train/gate/* in TensorBoard, and `evaluate` for perplexity "
+                "at full depth; try regularizer operand 'log_score' or gate feedback 'straight_through' (docs/ablations.md)"
+            )
+
+    # -- validation: depth against difficulty measured independently of it ---------------------
+    @property
+    def measures_difficulty(self) -> bool:
+        """True when the gate in force can halt tokens (there is a depth to explain)."""
+        return self.n_iterations > 1 and self.gate_active and self.gate.can_halt
+
+    def _update_difficulty(self, batch: Tensor | dict[str, Tensor], depth: Tensor) -> None:
+        if self.measures_difficulty:
+            full, _ = self.token_nll(batch, FullDepth(self.gate))
+            first, _ = self.token_nll(batch, FirstPassOnly(self.gate))
+            self.difficulty_metric.update(depth, full, first)
+
+    def _log_difficulty(self, stage: str, log: Callable[..., None]) -> None:
+        """`<stage>/ppl_full_depth` (the dead-pass check), `<stage>/ppl_first_pass`, and the rank
+        correlation of depth with each difficulty; the deciles go to the depth figure."""
+        if not self.difficulty_metric.update_called:
+            self.depth_by_difficulty = None
+            return
+        result = self.difficulty_metric.compute()
+        self.difficulty_metric.reset()
+        depth = result["depth"]
+        log(f"{stage}/ppl_full_depth", torch.exp(result["nll_full_depth"].double().mean()).float())
+        log(f"{stage}/ppl_first_pass", torch.exp(result["nll_first_pass"].double().mean()).float())
+        for name in ("nll_full_depth", "nll_first_pass"):
+            log(f"{stage}/depth_spearman/{name}", spearman(depth, result[name]))
+        self.depth_by_difficulty = depth_by_decile(result["nll_full_depth"], depth)

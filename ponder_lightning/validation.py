@@ -1,0 +1,118 @@
+"""Constraints on numeric constructor arguments, declared once in the type hints.
+
+Every model, gate, regulariser and the DataModule annotates its numeric arguments with
+jsonargparse's restricted types (`PositiveInt`, `ClosedUnitInterval`, ... or the few defined
+here). The annotation does two jobs:
+
+- the CLI (LightningCLI/jsonargparse) rejects a bad value while parsing, before anything is built
+  or tokenised, and `--help` shows the constraint as the type;
+- `check_init_args(Class, locals())` at the top of `__init__` applies the same annotation when the
+  class is built from Python (type hints alone are not enforced there), raising one `UserError`
+  that names the class, the argument and the allowed range.
+
+A new argument gets its constraint by its annotation alone; nothing else needs to change:
+
+    def __init__(self, tau: ClosedUnitInterval = 1e-4, hidden_mult: PositiveInt = 4) -> None:
+        check_init_args(MyGate, locals())
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+    restricted_number_type,
+)
+
+from ponder_lightning.errors import UserError
+
+#: [0, 1): fractions that must leave something (val_fraction, BottomKGate's ratio, Adam's betas).
+HalfOpenUnitInterval = restricted_number_type("HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)])
+#: Any real number but NaN and +-Inf (initial biases).
+FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
+#: >= 1 (mean depths: every token runs at least one pass).
+AtLeastOneFloat = restricted_number_type("AtLeastOneFloat", float, (">=", 1))
+
+__all__ = [
+    "AtLeastOneFloat",
+    "ClosedUnitInterval",
+    "FiniteFloat",
+    "HalfOpenUnitInterval",
+    "NonNegativeFloat",
+    "NonNegativeInt",
+    "OpenUnitInterval",
+    "PositiveFloat",
+    "PositiveInt",
+    "check_init_args",
+    "constraint_of",
+]
+
+_SYMBOLS = {operator.ge: ">=", operator.gt: ">", operator.le: "<=", operator.lt: "<", operator.eq: "==", operator.ne: "!="}
+
+
+def is_restricted(hint: Any) -> bool:
+    """Whether `hint` is a jsonargparse restricted number type."""
+    return isinstance(hint, type) and hasattr(hint, "_restrictions") and hasattr(hint, "_type")
+
+
+def constraint_of(hint: Any) -> str:
+    """The restriction in words, e.g. `an int with v > 0` (for messages and tests)."""
+    joiner = f" {getattr(hint, '_join', 'and')} "
+    rule = joiner.join(f"v {_SYMBOLS.get(op, op)} {ref:g}" for op, ref in hint._restrictions)
+    return f"{'an int' if hint._type is int else 'a number'} with {rule}"
+
+
+def _violation(value: Any, hint: Any) -> str | None:
+    """Why `value` does not fit `hint` (None when it does). Only restricted types, Optional/Union
+    of them and tuples of them are checked; other hints are left to their own code."""
+    if is_restricted(hint):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be {constraint_of(hint)}"
+        if hint._type is int and not float(value).is_integer():
+            return f"must be {constraint_of(hint)}"
+        try:
+            hint(value)
+        except (TypeError, ValueError):
+            return f"must be {constraint_of(hint)}"
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        members = [a for a in args if a is not type(None)]
+        reasons = [_violation(value, a) for a in members]
+        if any(r is None for r in reasons) or not any(is_restricted(a) or typing.get_args(a) for a in members):
+            return None
+        return next(r for r in reasons if r is not None) + (" (or null)" if type(None) in args else "")
+    if origin is tuple and isinstance(value, (tuple, list)):
+        element_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        for i, (element, element_hint) in enumerate(zip(value, element_hints)):
+            reason = _violation(element, element_hint)
+            if reason is not None:
+                return f"element {i} ({element!r}) {reason}"
+    return None
+
+
+def check_init_args(cls: type, values: Mapping[str, Any]) -> None:
+    """Check the arguments of `cls.__init__` found in `values` (pass `locals()` first thing in
+    `__init__`) against their restricted-type annotations; raise a `UserError` naming the first
+    bad one."""
+    hints = typing.get_type_hints(cls.__init__)
+    owner = type(values["self"]).__name__ if "self" in values else cls.__name__
+    for name in inspect.signature(cls.__init__).parameters:
+        if name in hints and name in values:
+            reason = _violation(values[name], hints[name])
+            if reason is not None:
+                raise UserError(f"{owner}: {name}={values[name]!r} is invalid: it {reason}; set {name} to such a value")
