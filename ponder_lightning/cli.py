@@ -12,13 +12,25 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from jsonargparse.typing import import_object
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ponder_lightning.cli_errors import parser_error_message
 from ponder_lightning.callbacks import DepthMonitor, FitSummary, TokenThroughput
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
 from ponder_lightning.models import CausalLMModule
+from ponder_lightning.resume import (
+    OPTIMIZER_ARGS,
+    changed_args,
+    check_ckpt_path,
+    check_same_class,
+    describe_changes,
+    saved_hparams,
+    short_class,
+    unknown_saved_args,
+)
 
 
 class PonderCLI(LightningCLI):
@@ -35,6 +47,47 @@ class PonderCLI(LightningCLI):
             "--peak_tflops", type=Optional[float], default=None,
             help="peak TFLOP/s per device for the MFU in TensorBoard (e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Check `--ckpt_path` against the config before anything is built (see `resume.py`):
+        fit resumes the configured model, the other subcommands use the checkpoint's arguments."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        config = self.config[sub]
+        ckpt_path = config.get("ckpt_path")
+        check_ckpt_path(ckpt_path, sub)
+        if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
+            return  # 'last' (resolved by AtomicModelCheckpoint) or an FSDP checkpoint directory
+        saved = saved_hparams(ckpt_path)
+        model = config.get("model")
+        if not saved or model is None or not model.get("class_path"):
+            return super()._parse_ckpt_path()
+        check_same_class(model.class_path, saved.get("_class_path"), ckpt_path)
+        unknown = unknown_saved_args(saved, import_object(model.class_path))
+        configured = model.init_args.as_dict() if model.get("init_args") is not None else {}
+        changes = changed_args(saved, configured)
+        if sub == "fit":
+            if unknown:
+                rank_zero_warn(f"--ckpt_path {ckpt_path} has model arguments {short_class(model.class_path)} no longer takes (renamed or removed): "
+                               f"{', '.join(f'{k}={saved[k]!r}' for k in unknown)}; they are ignored, the config's arguments are used")
+            changes = {k: v for k, v in changes.items() if k not in OPTIMIZER_ARGS}  # the optimizer says so itself on load
+            if changes:
+                rank_zero_info(f"resuming from {ckpt_path} with model arguments changed from the checkpoint's: {describe_changes(changes)}")
+            return
+        if unknown:
+            raise UserError(
+                f"--ckpt_path {ckpt_path} was saved with model arguments {short_class(model.class_path)} no longer takes (renamed or "
+                f"removed since): {', '.join(f'{k}={saved[k]!r}' for k in unknown)}: rename them in the checkpoint's hyper_parameters, "
+                "or use the code version it was trained with"
+            )
+        super()._parse_ckpt_path()
+        if changes:
+            rank_zero_info(f"{sub} uses the model arguments saved in {ckpt_path}, where they differ from the config's: {describe_changes(changes, used='checkpoint')}")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        check_model_fits_data(self.model, self.datamodule)
 
     def before_fit(self) -> None:
         peak = self.config[self.subcommand].get("peak_tflops")
@@ -55,6 +108,17 @@ def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
         trainer_defaults={"use_distributed_sampler": False, "callbacks": [TokenThroughput(), DepthMonitor(), FitSummary()]},
         args=args,
     )
+
+
+def check_model_fits_data(model: CausalLMModule, data: PileDataModule | None) -> None:
+    """What the model and the data must agree on, checked once both are built and before any
+    document is tokenised (the model's own `setup` would only see it after tokenising)."""
+    seq_len = getattr(data, "seq_len", None)
+    if seq_len is not None and seq_len > model.config.max_seq_len:
+        raise UserError(
+            f"data.seq_len={seq_len} is longer than the model's context max_seq_len={model.config.max_seq_len}: "
+            "lower data.seq_len or raise model.init_args.max_seq_len"
+        )
 
 
 def user_error_in(err: BaseException) -> UserError | None:

@@ -101,7 +101,7 @@ def _violation(value: Any, hint: Any) -> str | None:
         for i, (element, element_hint) in enumerate(zip(value, element_hints)):
             reason = _violation(element, element_hint)
             if reason is not None:
-                return f"element {i} ({element!r}) {reason}"
+                return f"has element {i} = {element!r}, which {reason.removeprefix('must')}".replace("which  ", "which must ")
     return None
 
 

@@ -28,6 +28,7 @@ from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
+from ponder_lightning.resume import apply_optimizer_changes
 from ponder_lightning.validation import (
     ClosedUnitInterval,
     HalfOpenUnitInterval,
@@ -285,6 +286,10 @@ class CausalLMModule(L.LightningModule):
 
     def _log_difficulty(self, stage: str, log: Callable[..., None]) -> None:
         """Hook for models whose gates halt tokens (see RecurrentLM)."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run uses the configured lr, weight decay and betas, not the saved optimizer's."""
+        apply_optimizer_changes(checkpoint, dict(self.hparams))
 
     def configure_model(self) -> None:
         """Under Lightning's ModelParallelStrategy, shard with FSDP2 (`parallel.shard_model`)."""

@@ -1,0 +1,175 @@
+"""What a checkpoint passed to `fit`/`validate`/`test`/`predict --ckpt_path` must agree on with the
+config, and what a resumed run may change.
+
+Stock LightningCLI silently replaces the configured model (class and arguments) by the
+checkpoint's, so `validate --config vanilla.yaml --ckpt_path ada.ckpt` validates an AdaPonderLM and
+`fit --ckpt_path last --model.init_args.lr 3e-4` keeps the old learning rate. Here:
+
+- a missing checkpoint file is an error before anything is built;
+- a different model class is an error (the config and the checkpoint must describe one model);
+- `fit` (a resume) builds the model from the config: changed arguments are listed in one notice,
+  and the optimizer settings (lr, weight decay, betas) are applied to the optimizer state restored
+  from the checkpoint (`apply_optimizer_changes`) — the standard "rewind and lower the LR";
+- `validate`/`test`/`predict` evaluate the checkpoint's model as trained: its saved arguments
+  replace the config's (one notice lists the ones that differed);
+- a saved argument the model class no longer accepts (renamed or removed) is named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from ponder_lightning.errors import UserError
+
+#: `--ckpt_path` values Lightning resolves itself (not file names).
+SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
+#: Init arguments that set the optimizer; `apply_optimizer_changes` applies them on resume.
+OPTIMIZER_ARGS = ("lr", "weight_decay", "betas")
+#: Saved arguments that are bookkeeping, not choices (set by the CLI's links, or private).
+_IGNORED = ("tokenizer_vocab_size", "_instantiator", "_class_path")
+
+
+def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
+    """A `--ckpt_path` that names no file or directory is an error now, not a traceback later."""
+    if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry"):
+        return
+    if not Path(ckpt_path).expanduser().exists():
+        hint = "'last' to resume from the newest last.ckpt under lightning_logs/" if subcommand == "fit" else "an existing checkpoint"
+        raise UserError(
+            f"--ckpt_path {ckpt_path} does not exist: pass an existing .ckpt file (e.g. "
+            f"lightning_logs/version_0/checkpoints/last.ckpt) or {hint}"
+        )
+
+
+def saved_hparams(ckpt_path: str | Path) -> dict[str, Any]:
+    """The model's saved init arguments (`_class_path` included), read without loading tensors
+    into memory (the file is memory-mapped)."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {ckpt_path} could not be read ({first}): it is damaged or not a Lightning checkpoint") from exc
+    return dict(ckpt.get("hyper_parameters") or {})
+
+
+def short_class(path: str | None) -> str:
+    return (path or "?").rsplit(".", 1)[-1]
+
+
+def check_same_class(config_class: str | None, saved_class: str | None, ckpt_path: str) -> None:
+    """The config and the checkpoint must describe the same model class."""
+    if config_class and saved_class and short_class(config_class) != short_class(saved_class):
+        raise UserError(
+            f"--ckpt_path {ckpt_path} holds a model of class {short_class(saved_class)} but the config builds a {short_class(config_class)}: "
+            f"pass the config it was trained with (model.class_path: {saved_class}, e.g. the config.yaml in its "
+            "lightning_logs/version_N directory)"
+        )
+
+
+def accepted_args(model_class: type) -> set[str]:
+    """Init arguments a model class accepts, through the chain of `**kwargs` to its base."""
+    import inspect
+
+    names: set[str] = set()
+    for cls in model_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        names |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
+
+
+def unknown_saved_args(saved: dict[str, Any], model_class: type) -> list[str]:
+    """Saved arguments the class no longer takes (renamed or removed since the checkpoint)."""
+    accepted = accepted_args(model_class)
+    return sorted(k for k in saved if not k.startswith("_") and k not in _IGNORED and k not in accepted)
+
+
+def changed_args(saved: dict[str, Any], configured: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """name -> (saved, configured) for the arguments whose values differ."""
+    out = {}
+    for name, new in configured.items():
+        # None means "the class decides" (a preset, the tokenizer, a default resolved at
+        # construction and saved resolved), so it changes nothing the checkpoint recorded.
+        if name in _IGNORED or name.startswith("_") or name not in saved or new is None:
+            continue
+        old = saved[name]
+        if _plain(old) != _plain(new):
+            out[name] = (old, new)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "as_dict"):  # a jsonargparse Namespace (gate: class_path + init_args)
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if k != "dict_kwargs" or v}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]], used: str = "config") -> str:
+    """`name old -> new` (the config's value is used), or `name=saved (config: value)`."""
+    if used == "config":
+        return ", ".join(f"{name} {_short(old)} -> {_short(new)}" for name, (old, new) in changes.items())
+    return ", ".join(f"{name}={_short(old)} (config: {_short(new)})" for name, (old, new) in changes.items())
+
+
+def _short(value: Any) -> str:
+    value = _plain(value)
+    if isinstance(value, dict) and "class_path" in value:
+        args = value.get("init_args") or {}
+        return f"{short_class(value['class_path'])}({', '.join(f'{k}={v}' for k, v in args.items())})"
+    return str(value)
+
+
+def apply_optimizer_changes(checkpoint: dict[str, Any], hparams: dict[str, Any]) -> None:
+    """Make a resumed run use the configured lr / weight decay / betas instead of the values in
+    the optimizer state saved in `checkpoint` (which Lightning would restore over them).
+
+    The LR schedule is a multiplier of the base lr, so the restored step's learning rate is
+    rescaled by new/old: warmup and cosine continue from where they were, at the new peak.
+    Prints one notice per changed setting (old -> new).
+    """
+    saved = checkpoint.get("hyper_parameters") or {}
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return
+    notices = []
+    old_lr, new_lr = saved.get("lr"), hparams.get("lr")
+    if old_lr is not None and new_lr is not None and float(old_lr) != float(new_lr):
+        ratio = float(new_lr) / float(old_lr)
+        for state in states:
+            for group in state.get("param_groups", []):
+                group["lr"] = group["lr"] * ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] = float(new_lr)
+        for scheduler in checkpoint.get("lr_schedulers") or []:
+            if "base_lrs" in scheduler:
+                scheduler["base_lrs"] = [float(new_lr)] * len(scheduler["base_lrs"])
+            if "_last_lr" in scheduler:
+                scheduler["_last_lr"] = [lr * ratio for lr in scheduler["_last_lr"]]
+        notices.append(f"lr {old_lr} -> {new_lr}")
+    old_wd, new_wd = saved.get("weight_decay"), hparams.get("weight_decay")
+    if old_wd is not None and new_wd is not None and float(old_wd) != float(new_wd):
+        for state in states:  # configure_optimizers: group 0 decays, group 1 (biases, norms) never does
+            groups = state.get("param_groups", [])
+            if groups:
+                groups[0]["weight_decay"] = float(new_wd)
+        notices.append(f"weight_decay {old_wd} -> {new_wd}")
+    old_betas, new_betas = saved.get("betas"), hparams.get("betas")
+    if old_betas is not None and new_betas is not None and list(old_betas) != list(new_betas):
+        for state in states:
+            for group in state.get("param_groups", []):
+                group["betas"] = tuple(float(b) for b in new_betas)
+        notices.append(f"betas {tuple(old_betas)} -> {tuple(new_betas)}")
+    if notices:
+        rank_zero_info(f"resuming with {', '.join(notices)}: applied to the optimizer state restored from the checkpoint")
