@@ -153,6 +153,41 @@ def flops_command(argv: list[str]) -> None:
     print(format_flops_table(type(model).__name__, context, [(f, model.realised_flops(f, context)) for f in depths]))
 
 
+def bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that parses `kind` and rejects values outside [low, high] (or (low, high]):
+    argparse then prints one `error: argument --x: ...` line after the usage line."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use a value {' and '.join(filter(None, [lo, hi]))}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def non_empty_text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the prompt is empty: give some text to continue")
+    return text
+
+
+def tau_list(text: str) -> list[float]:
+    """`--tau 1e-4,1e-3`: comma-separated halting thresholds in [0, 1]."""
+    parse = bounded(float, 0.0, 1.0)
+    try:
+        return [parse(t.strip()) for t in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (in {text!r}; use comma-separated thresholds in [0, 1], e.g. 1e-4,1e-3)") from None
+
+
 def generate_command(argv: list[str]) -> None:
     """`generate --checkpoint CKPT --prompt TEXT [...]`: adaptive-depth decoding; prints the
     continuation, the depth used for each generated token and the totals."""
@@ -164,11 +199,11 @@ def generate_command(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning generate", description=generate_command.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`")
-    parser.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--prompt", action="append", required=True, type=non_empty_text, help="prompt text (repeat for a batch)")
+    parser.add_argument("--max_new_tokens", type=bounded(int, 1), default=64)
+    parser.add_argument("--temperature", type=bounded(float, 0.0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=bounded(int, 1), default=None)
+    parser.add_argument("--top_p", type=bounded(float, 0.0, 1.0, low_open=True), default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tokenizer", default=None, help="default: the one the checkpoint was trained with")
     args = parser.parse_args(argv)
@@ -202,8 +237,8 @@ def evaluate_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning evaluate", description=evaluate_command.__doc__)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data_files", default=None, help="evaluate on these files instead of the training run's validation split")
-    parser.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's val_batches)")
-    parser.add_argument("--tau", default=None, help="comma-separated halting thresholds to sweep")
+    parser.add_argument("--batches", type=bounded(int, 1), default=None, help="validation batches (default: the run's val_batches)")
+    parser.add_argument("--tau", type=tau_list, default=None, help="comma-separated halting thresholds in [0, 1] to sweep")
     parser.add_argument("--reference", default=None, help="a one-pass (vanilla) checkpoint trained on the same data: its NLL is one more difficulty measure")
     parser.add_argument("--out", default="evaluation", help="directory for evaluation.json, gate_study.json and the figures")
     args = parser.parse_args(argv)
@@ -216,7 +251,7 @@ def evaluate_command(argv: list[str]) -> None:
         data_args["val_batches"] = args.batches
     data = PileDataModule(**data_args)
     data.setup("validate")
-    taus = [float(t) for t in args.tau.split(",")] if args.tau else None
+    taus = args.tau
     batches = list(data.val_dataloader())
     rows = evaluate(model, batches, data.seq_len, taus)
     print(f"{type(model).__name__} from {args.checkpoint}, {data.seq_len}-token blocks")

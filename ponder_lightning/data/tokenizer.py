@@ -109,7 +109,18 @@ def load_tokenizer(spec: str = "neox") -> Tokenizer:
         return _vendored(VENDORED_BPE4K, "bpe4k")
     if spec.lower() == "bytes":
         return ByteTokenizer()
+    if looks_like_path(spec):
+        raise UserError(
+            f"tokenizer path {spec} does not exist: pass an existing tokenizer.json or Hugging Face tokenizer "
+            "directory, 'neox', 'bpe4k' or 'bytes'"
+        )
     return _from_hub(spec)
+
+
+def looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub name ('org/name'): absolute, relative to ./ ../ ~, a file
+    name, or more than one '/'."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.endswith(".json") or spec.count("/") > 1
 
 
 @functools.cache

@@ -305,9 +305,11 @@ class CausalLMModule(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if not finite:
+            from ponder_lightning.training import resume_hint
+
             raise UserError(
-                f"training loss became {loss.item()} at step {self.global_step} (on at least one rank): lower model.init_args.lr or check the data; "
-                f"the last checkpoint before this step is intact"
+                f"training loss became {loss.item()} at step {self.global_step} (on at least one rank): "
+                f"{resume_hint(self._trainer)} (or check the data)"
             )
 
     def configure_optimizers(self) -> dict[str, Any]:
