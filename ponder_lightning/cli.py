@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse.typing import import_object
+import lightning as L
+from jsonargparse.typing import PositiveInt, import_object
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -21,6 +23,7 @@ from ponder_lightning.callbacks import DepthMonitor, FitSummary, TokenThroughput
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
 from ponder_lightning.models import CausalLMModule
+from ponder_lightning.progress import step_progress_bar
 from ponder_lightning.resume import (
     OPTIMIZER_ARGS,
     changed_args,
@@ -44,9 +47,39 @@ class PonderCLI(LightningCLI):
         # The model's vocabulary follows the tokenizer (padded to a multiple of 128 by the model).
         parser.link_arguments("data.vocab_size", "model.init_args.tokenizer_vocab_size", apply_on="instantiate")
         parser.add_argument(
+            "--checkpoint_every", type=Optional[PositiveInt], default=None,
+            help="save a checkpoint every N optimizer steps (sets every_n_train_steps of the configured checkpoint callback)",
+        )
+        parser.add_argument(
             "--peak_tflops", type=Optional[float], default=None,
             help="peak TFLOP/s per device for the MFU in TensorBoard (e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
         )
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # Lightning's default bar shows `Epoch 0/-2` in step-based runs; ours counts steps. Only
+        # when a bar is wanted and none was configured (Lightning rejects a bar with it disabled).
+        configured = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, step_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_instantiate_classes(self) -> None:
+        """`--checkpoint_every N` sets every_n_train_steps of the configured checkpoint callbacks."""
+        if not self.subcommand:
+            return
+        config = self.config[self.subcommand]
+        every = config.get("checkpoint_every")
+        if every is None:
+            return
+        callbacks = config.trainer.get("callbacks") or []
+        targets = [c for c in callbacks if str(c.get("class_path", "")).endswith("ModelCheckpoint")]
+        if not targets:
+            raise UserError(
+                "--checkpoint_every needs a checkpoint callback in trainer.callbacks: use a config from configs/ "
+                "(they configure ponder_lightning.training.AtomicModelCheckpoint) or add one"
+            )
+        for callback in targets:
+            callback.init_args.every_n_train_steps = int(every)
 
     def _parse_ckpt_path(self) -> None:
         """Check `--ckpt_path` against the config before anything is built (see `resume.py`):

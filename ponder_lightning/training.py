@@ -134,6 +134,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     def _promote(self, trainer: L.Trainer, step: int, source: str) -> None:
         target = self._promotion_target(source)
         if trainer.is_global_zero and Path(source).exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp = _temporary_path(str(target))
             _remove(tmp)
             if Path(source).is_dir():

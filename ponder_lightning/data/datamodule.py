@@ -21,6 +21,18 @@ from ponder_lightning.errors import UserError
 from ponder_lightning.validation import HalfOpenUnitInterval, NonNegativeInt, PositiveInt, check_init_args
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position is part of the checkpoint: Lightning saves `state_dict()` (its
+    `TrainBatchSampler`'s next global batch) and calls `load_state_dict` on resume, so it knows the
+    loader continues mid-epoch exactly (and does not warn that it is not resumable)."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
 class PileDataModule(L.LightningDataModule):
     """Pythia-style packed token blocks, reproducible across restarts and world sizes.
 
@@ -158,7 +170,7 @@ class PileDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, EvalBatchSampler(num_batches, self.batch_size, rank, world))
 
     def _loader(self, dataset: PackedBlocks, sampler: TrainBatchSampler | EvalBatchSampler) -> DataLoader:
-        return DataLoader(
+        return (ResumableDataLoader if isinstance(sampler, TrainBatchSampler) else DataLoader)(
             dataset,
             batch_sampler=sampler,
             num_workers=self.num_workers,

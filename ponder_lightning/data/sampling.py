@@ -62,13 +62,31 @@ class TrainBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_batch = start_batch
         self._next = 0 if callable(start_batch) else start_batch
+        self._resume_at: int | None = None
 
     def __len__(self) -> int:
         return self.num_blocks // self.global_batch
 
     def __iter__(self) -> Iterator[list[int]]:
-        start = self.start_batch() if callable(self.start_batch) else self._next
+        if self._resume_at is not None:
+            start, self._resume_at = self._resume_at, None
+        else:
+            start = self.start_batch() if callable(self.start_batch) else self._next
         return self._batches(start)
+
+    def state_dict(self) -> dict[str, int]:
+        """The next global batch to read (for Lightning's resumable-dataloader protocol). With a
+        callable `start_batch` it is the trainer's count of consumed batches, which is exact even
+        when a DataLoader has already fetched batches ahead; else the batch after the last handed out."""
+        next_batch = self.start_batch() if callable(self.start_batch) else self._next
+        # Plain ints: a checkpoint must load with torch.load(weights_only=True).
+        return {"next_batch": int(next_batch), "global_batch": int(self.global_batch), "num_blocks": int(self.num_blocks), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at the saved position. With a different global batch size the position is
+        converted by samples seen, so no sample is skipped or repeated across the change."""
+        samples = int(state["next_batch"]) * int(state.get("global_batch", self.global_batch))
+        self._resume_at = -(-samples // self.global_batch)
 
     def _batches(self, start: int) -> Iterator[list[int]]:
         for g in range(start, start + len(self)):
