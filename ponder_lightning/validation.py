@@ -96,8 +96,9 @@ def _violation(value: Any, hint: Any) -> str | None:
         if any(r is None for r in reasons) or not any(is_restricted(a) or typing.get_args(a) for a in members):
             return None
         return next(r for r in reasons if r is not None) + (" (or null)" if type(None) in args else "")
-    if origin is tuple and isinstance(value, (tuple, list)):
-        element_hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if origin in (tuple, list) and isinstance(value, (tuple, list)):
+        variadic = origin is list or (len(args) == 2 and args[1] is Ellipsis)
+        element_hints = [args[0]] * len(value) if variadic else list(args)
         for i, (element, element_hint) in enumerate(zip(value, element_hints)):
             reason = _violation(element, element_hint)
             if reason is not None:

@@ -75,7 +75,11 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     assert len(errors) == 1 and "training loss became nan at step 3" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt", "last_good.ckpt"]
+    # The step-3 checkpoint was never trained on (the loss of its weights is unknown): the error
+    # names the newest one whose next loss was healthy.
+    assert f"--ckpt_path {checkpoints / 'last_good.ckpt'}" in errors[0] and "(step 2)" in errors[0]
+    assert torch.load(checkpoints / "last_good.ckpt", weights_only=False)["global_step"] == 2
     good = last_checkpoint(tmp_path, 0)
     assert good["global_step"] == 3
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values())

@@ -1,0 +1,230 @@
+"""Every mistake a user can make with settings and entry points ends in one clear line that names
+the culprit, a non-zero exit and no traceback; a diverged run rewinds to the checkpoint the error
+names, with a lower learning rate (issue 15)."""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import typing
+from pathlib import Path
+
+import jsonargparse
+import pytest
+import torch
+from scaleout_helpers import ROOT, run_fit
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ponder_lightning.gates as gates
+import ponder_lightning.models as models
+from ponder_lightning.cli import main
+from ponder_lightning.data import PileDataModule
+from ponder_lightning.errors import UserError
+from ponder_lightning.training import AtomicModelCheckpoint, GateOnlyStage
+from ponder_lightning.validation import is_restricted
+
+pytestmark = pytest.mark.timeout(300)
+
+PUBLIC = sorted(
+    {getattr(models, n) for n in models.__all__}
+    | {getattr(gates, n) for n in gates.__all__ if inspect.isclass(getattr(gates, n))}
+    | {PileDataModule, AtomicModelCheckpoint, GateOnlyStage},
+    key=lambda c: c.__name__,
+)
+# Numeric arguments that may take any value, and why.
+UNBOUNDED: dict[str, str] = {}
+# Values for required arguments that are not under test.
+REQUIRED = {"gate": gates.AlwaysContinue(), "steps": 1, "active_fractions": [1.0, 0.5], "tau": 0.5}
+
+
+def _numeric(hint) -> bool:
+    if hint in (int, float) or is_restricted(hint):
+        return True
+    return any(_numeric(a) for a in typing.get_args(hint) if a is not type(None) and a is not Ellipsis)
+
+
+def _restricted(hint):
+    """(restricted type, wrap) for a hint: wrap(bad) builds the argument (a tuple for tuples)."""
+    if is_restricted(hint):
+        return hint, lambda bad: bad
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return (args[0], lambda bad: [bad]) if is_restricted(args[0]) else (None, None)
+    if typing.get_origin(hint) is tuple:
+        return args[0], lambda bad: (bad,) * (1 if args[-1] is Ellipsis else len(args))
+    return (args[0], lambda bad: bad) if len(args) == 1 and is_restricted(args[0]) else (None, None)
+
+
+def _invalid(restricted) -> float:
+    step = 1 if restricted._type is int else 0.5
+    for op, ref in restricted._restrictions:
+        if op in (operator.ge, operator.gt):
+            return ref - step if op is operator.ge else ref
+    op, ref = restricted._restrictions[0]
+    return ref + step if op is operator.le else ref
+
+
+def own_numeric_args() -> list[tuple[type, str, typing.Any]]:
+    out = []
+    for cls in PUBLIC:
+        hints = typing.get_type_hints(cls.__init__)
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in hints and _numeric(hints[name]) and name in cls.__init__.__code__.co_varnames:
+                out.append((cls, name, hints[name]))
+    return out
+
+
+@pytest.mark.parametrize("cls, name, hint", own_numeric_args(), ids=lambda x: x.__name__ if inspect.isclass(x) else str(x))
+def test_every_numeric_init_argument_is_constrained_and_rejected(cls, name, hint):
+    restricted, wrap = _restricted(hint)
+    if restricted is None:
+        assert f"{cls.__name__}.{name}" in UNBOUNDED, f"{cls.__name__}.{name}: {hint} carries no constraint; annotate it (ponder_lightning/validation.py)"
+        return
+    bad = wrap(_invalid(restricted))
+    kwargs = {k: v for k, v in REQUIRED.items() if k in inspect.signature(cls.__init__).parameters and k != name}
+    with pytest.raises(UserError, match=rf"{cls.__name__}: {name}="):  # from Python
+        cls(**kwargs, **{name: bad})
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)  # from the CLI, at parse time
+    parser.add_class_arguments(cls, "x", skip={k for k in kwargs})
+    value = str(list(bad)) if isinstance(bad, (tuple, list)) else str(bad)
+    with pytest.raises(jsonargparse.ArgumentError, match=name):
+        parser.parse_args([f"--x.{name}={value}"])
+
+
+def test_the_walk_covers_the_issues_examples():
+    covered = {(cls.__name__, name) for cls, name, _ in own_numeric_args()}
+    for example in [("PerIterationMLPGate", "tau"), ("BottomKPonderLoss", "k_max"), ("PonderLM", "pondering_steps"),
+                    ("PonderLM", "mixture_top_k"), ("CausalLMModule", "lr"), ("PileDataModule", "seq_len")]:
+        assert example in covered
+
+
+def cli_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") or ": error: " in last, err[-2000:]
+    return last
+
+
+FIT = ["fit", "--config", str(ROOT / "configs" / "adaponderlm.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny"]
+
+
+def test_bad_values_are_rejected_at_parse_time_in_one_line(capsys, tmp_path):
+    line = cli_error(capsys, *FIT, "--model.init_args.gate.init_args.tau", "3")
+    assert "model.init_args.gate.init_args.tau" in line and "got 3" in line and "command line" in line
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("model:\n  init_args:\n    regularizer:\n      init_args:\n        k_max: 2\n")
+    line = cli_error(capsys, *FIT, "--config", str(overlay))
+    assert "k_max" in line and str(overlay) in line
+    line = cli_error(capsys, *FIT, "--model.init_args.mixture_top_k", "0")
+    assert "mixture_top_k" in line and "got 0" in line
+
+
+def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  init_args:\n    lr: [1\n")
+    line = cli_error(capsys, *FIT, "--config", str(broken))
+    assert str(broken) in line and "line 3" in line and "unicode string" not in line
+
+
+def test_missing_ckpt_path_is_an_error_before_anything_runs(capsys, tmp_path):
+    for sub in ("fit", "validate"):
+        line = cli_error(capsys, sub, *FIT[1:], "--ckpt_path", str(tmp_path / "nope.ckpt"), "--trainer.default_root_dir", str(tmp_path))
+        assert "nope.ckpt does not exist" in line
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_seq_len_beyond_the_context_is_caught_before_tokenising(capsys, tmp_path):
+    line = cli_error(capsys, *FIT, "--data.seq_len", "4096", "--data.cache_dir", str(tmp_path / "cache"))
+    assert "data.seq_len=4096" in line and "max_seq_len" in line
+    assert not (tmp_path / "cache").exists()
+
+
+def test_tokenizer_path_that_does_not_exist(capsys, tmp_path):
+    line = cli_error(capsys, *FIT, "--data.tokenizer", str(tmp_path / "no" / "such" / "dir"))
+    assert "does not exist" in line and "offline" not in line.lower()
+
+
+def fake_checkpoint(path: Path, class_path: str, **hparams) -> Path:
+    torch.save({"hyper_parameters": {"_class_path": class_path, "size": "tiny", **hparams}, "state_dict": {}, "global_step": 0}, path)
+    return path
+
+
+def test_config_and_checkpoint_model_class_must_agree(capsys, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "ada.ckpt", "ponder_lightning.models.AdaPonderLM")
+    before = ckpt.read_bytes()
+    line = cli_error(capsys, "validate", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--ckpt_path", str(ckpt))
+    assert "AdaPonderLM" in line and "VanillaLM" in line
+    assert ckpt.read_bytes() == before
+
+
+def test_checkpoint_with_a_renamed_argument_names_it(capsys, tmp_path):
+    ckpt = fake_checkpoint(tmp_path / "old.ckpt", "ponder_lightning.models.VanillaLM", learning_rate=1e-3)
+    line = cli_error(capsys, "validate", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--ckpt_path", str(ckpt))
+    assert "learning_rate" in line
+
+
+@pytest.mark.parametrize(
+    "argv, culprit",
+    [
+        (["generate", "--checkpoint", "x.ckpt", "--prompt", ""], "--prompt"),
+        (["generate", "--checkpoint", "x.ckpt", "--prompt", "a", "--max_new_tokens", "0"], "--max_new_tokens"),
+        (["evaluate", "--checkpoint", "x.ckpt", "--tau", "1e-3,abc"], "--tau"),
+        (["evaluate", "--checkpoint", "x.ckpt", "--tau", "1e-3,2"], "--tau"),
+    ],
+)
+def test_entry_point_arguments_are_checked_before_loading(capsys, argv, culprit):
+    line = cli_error(capsys, *argv)  # x.ckpt does not exist: the argument is rejected first
+    assert culprit in line
+
+
+# -- divergence and resume, end to end ---------------------------------------------------------
+TINY_FIT = [
+    "--config", str(ROOT / "configs" / "vanilla.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny",
+    "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false", "--checkpoint_every", "1", "--model.init_args.lr", "3e-3",
+]
+
+
+def logged(version: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(version))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_diverged_run_rewinds_to_last_good_with_a_lower_lr(tmp_path):
+    common = [*TINY_FIT, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.log_every_n_steps", "1"]
+    healthy = run_fit(*common, "--trainer.max_steps", "4", cwd=tmp_path)
+    assert healthy.returncode == 0, healthy.stderr[-3000:]
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert (first / "last_good.ckpt").is_file()
+
+    # A huge LR on resume is applied (with a notice) and diverges: the error names last_good.ckpt.
+    diverged = run_fit(*common, "--trainer.max_steps", "12", "--ckpt_path", "last", "--model.init_args.lr", "1e30", cwd=tmp_path)
+    assert diverged.returncode == 2, diverged.stderr[-3000:]
+    assert "lr 0.003 -> 1e+30" in diverged.stderr
+    assert "not resumable" not in diverged.stderr  # the loader's position is in the checkpoint
+    errors = [line for line in diverged.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training loss became nan" in errors[0] and "Traceback" not in diverged.stderr
+    named = Path(errors[0].split("--ckpt_path ")[1].split()[0])
+    assert named.name == "last_good.ckpt" and named.is_file()
+    good = torch.load(named, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in good["state_dict"].values())  # not damaged by the divergence
+
+    # A save killed half-way leaves a temporary file: the next start removes it.
+    stale = first / ".last.ckpt.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    # Rewind: resume from the named checkpoint with a lower LR.
+    rewound = run_fit(*common, "--trainer.max_steps", str(good["global_step"] + 4), "--ckpt_path", str(named),
+                      "--model.init_args.lr", "1e-4", cwd=tmp_path)
+    assert rewound.returncode == 0, rewound.stderr[-3000:]
+    assert not stale.exists() and "removed 1 temporary checkpoint" in rewound.stderr
+    assert "not resumable" not in rewound.stderr
+    version = sorted((tmp_path / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))[-1]
+    lrs, losses = logged(version, "train/lr"), logged(version, "train/loss")
+    assert lrs and all(1e-5 * (1 - 1e-6) <= lr <= 1e-4 * (1 + 1e-6) for lr in lrs), lrs  # the new peak (min_lr_ratio 0.1), scheduled
+    assert losses and all(torch.isfinite(torch.tensor(losses))), losses
