@@ -84,6 +84,12 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
             f"inference FLOPs per token: {last['val/flops_x_vanilla']:.2f}x vanilla "
             f"(the same model at full depth: {full:.2f}x)",
         ]
+        if "val/ppl_full_depth" in last:
+            lines.append(
+                f"the same weights with no token halted: val ppl {last['val/ppl_full_depth']:.2f} (learned depth: {last['val/ppl']:.2f}); "
+                f"first pass only: {last['val/ppl_first_pass']:.2f}; depth vs full-depth NLL, Spearman "
+                f"{last['val/depth_spearman/nll_full_depth']:+.3f} (> 0: harder tokens get more passes)"
+            )
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
     return "\n".join(lines)
@@ -110,7 +116,8 @@ class DepthMonitor(Callback):
         writer = _tensorboard(trainer)
         if trainer.sanity_checking or not table or writer is None or getattr(pl_module, "n_iterations", 1) < 2:
             return
-        writer.add_figure("val/depth_vs_nll", depth_vs_nll_figure(table), trainer.global_step)
+        deciles = getattr(pl_module, "depth_by_difficulty", None)
+        writer.add_figure("val/depth_vs_nll", depth_figure(table, deciles), trainer.global_step)
 
 
 def _tensorboard(trainer: L.Trainer) -> Any:
@@ -122,22 +129,31 @@ def _tensorboard(trainer: L.Trainer) -> Any:
     return None
 
 
-def depth_vs_nll_figure(table: list[tuple[int, int, float]]) -> Any:
-    """Bar chart of tokens per depth with the mean NLL of each depth on a second axis."""
+def depth_figure(table: list[tuple[int, int, float]], deciles: list[dict[str, float]] | None = None) -> Any:
+    """Tokens per depth, with the mean NLL each depth's tokens reached after their passes (an
+    outcome, not a difficulty: easy tokens halted early look easy); and, when given, the mean
+    depth per decile of a difficulty measured independently of depth (NLL at full depth)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     depths, counts, nlls = zip(*table)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, axes = plt.subplots(1, 2 if deciles else 1, figsize=(10 if deciles else 5, 3.2), squeeze=False)
+    ax = axes[0][0]
     ax.bar(depths, counts, color="#9ab")
     ax.set_xlabel("depth (iterations run)")
     ax.set_ylabel("tokens")
     nll_axis = ax.twinx()
     nll_axis.plot(depths, nlls, "o-", color="#c33")
-    nll_axis.set_ylabel("mean NLL", color="#c33")
+    nll_axis.set_ylabel("mean NLL after its passes", color="#c33")
     ax.set_xticks(list(depths))
+    if deciles:
+        right = axes[0][1]
+        right.plot([d["decile"] for d in deciles], [d["depth"] for d in deciles], "o-", color="#36c")
+        right.set_xlabel("difficulty decile (NLL at full depth, easiest first)")
+        right.set_ylabel("mean depth")
+        right.set_xticks([d["decile"] for d in deciles])
     fig.tight_layout()
     return fig
 

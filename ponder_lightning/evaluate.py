@@ -1,5 +1,17 @@
-"""Quality together with compute: validation loss/perplexity next to the depth actually run and
-the FLOPs it cost, optionally swept over the halting threshold tau (a quality-vs-compute curve).
+"""Quality together with compute, and the controls that tell whether adaptive depth helps.
+
+`evaluate`: validation loss/perplexity next to the depth actually run and the FLOPs it cost,
+optionally swept over the halting threshold tau (a quality-vs-compute curve).
+
+`gate_study`: for a model whose gate halts tokens, the same weights and data evaluated
+- at the learned depth,
+- at full depth (no token halts; the dead-pass check: equal perplexity = the skipped passes or the
+  passes kept at s ~ 0 contribute nothing),
+- with random pruning that follows the learned per-iteration active fractions and keeps the
+  learned scores (the fair iso-FLOPs control: only *which* tokens halt differs), one row per seed,
+- and depth against token difficulty measured independently of the depth a token got: its NLL
+  at full depth, at the first pass, and optionally under a reference (vanilla) model trained on
+  the same data. Mean depth per difficulty decile and Spearman's rank correlation.
 """
 
 from __future__ import annotations
@@ -10,67 +22,87 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from torch import Tensor
 
 from ponder_lightning.errors import UserError
+from ponder_lightning.gates import AtThreshold, FirstPassOnly, FullDepth, Gate, MatchedRandomPruning
+from ponder_lightning.models.metrics import depth_by_decile, spearman
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[Any], context: int, taus: list[float] | None = None) -> list[dict[str, Any]]:
-    """One row per tau (or a single row with the model's own gate): loss, ppl, mean depth,
-    active fraction per iteration, FLOPs per token x vanilla and the depth-vs-NLL table."""
+def token_nll(model, batches: Iterable[Any], gate: Gate | None = None) -> tuple[Tensor, Tensor]:
+    """NLL and depth of every counted (non-padding) target token, flat, in batch order; `gate`
+    replaces the model's gate in force for these forwards."""
     model.eval()
+    results = [model.token_nll(batch, gate) for batch in batches]
+    return torch.cat([nll for nll, _ in results]), torch.cat([depth for _, depth in results])
+
+
+def summarise(model, nll: Tensor, depth: Tensor, context: int) -> dict[str, Any]:
+    """Loss, ppl, mean depth, active fraction per iteration, FLOPs per token x vanilla and the
+    depth-vs-NLL table (mean NLL of the tokens that ran each depth) of per-token results."""
+    loss = float(nll.double().mean())
+    fractions = [float((depth > i).double().mean()) for i in range(model.n_iterations)]
+    return {
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "depth_mean": float(depth.double().mean()),
+        "active_fractions": fractions,
+        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
+        "depth_vs_nll": [(int(d), int((depth == d).sum()), float(nll[depth == d].double().mean())) for d in depth.unique().tolist()],
+    }
+
+
+def scored_gate(model) -> Gate:
+    """The model's trained gate, if it has scores that a counterfactual can keep."""
+    gate = getattr(model, "gate", None)
+    if gate is None or not gate.can_halt:
+        raise UserError(f"{type(model).__name__} has no gate that halts tokens ({type(gate).__name__}): nothing to compare")
+    return gate
+
+
+def evaluate(model, batches: Iterable[Any], context: int, taus: list[float] | None = None) -> list[dict[str, Any]]:
+    """One row per tau (or a single row with the model's own gate): see `summarise`. A tau sweep
+    re-thresholds the trained gate's scores (`AtThreshold`); the model itself is not changed."""
     batches = list(batches)
-    if taus and not hasattr(model.gate, "tau"):
-        raise UserError(f"--tau needs a gate with a threshold; {type(model.gate).__name__} has none")
-    original = getattr(model.gate, "tau", None)
-    rows = []
-    try:
-        for tau in taus or [original]:
-            if tau is not None:
-                model.gate.tau = tau
-            for i, batch in enumerate(batches):
-                model.validation_step(batch, i)
-            result = model.eval_metric.compute()
-            fractions = result["active_fractions"].reshape(-1).tolist()
-            rows.append({
-                "tau": tau,
-                "loss": float(result["loss"]),
-                "ppl": math.exp(float(result["loss"])),
-                "depth_mean": float(result["depth_mean"]),
-                "active_fractions": fractions,
-                "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
-                "depth_vs_nll": model.eval_metric.table(),
-            })
-            model.eval_metric.reset()
-    finally:
-        if original is not None:
-            model.gate.tau = original
-    return rows
+    if not taus:
+        return [{"tau": getattr(getattr(model, "gate", None), "tau", None)} | summarise(model, *token_nll(model, batches), context)]
+    gate = scored_gate(model)
+    if not hasattr(gate, "tau"):
+        raise UserError(f"--tau needs a gate with a threshold; {type(gate).__name__} has none")
+    return [{"tau": tau} | summarise(model, *token_nll(model, batches, AtThreshold(gate, tau)), context) for tau in taus]
 
 
-@torch.no_grad()
-def iso_flops_study(model, batches: Iterable[Any], context: int) -> list[dict[str, Any]]:
-    """The model's learned gate vs random pruning (`FixedRatioGate`, uniform and geometric
-    schedules) matched to the learned gate's mean depth, on the same weights and data."""
-    from ponder_lightning.gates import FixedRatioGate
+def difficulty_report(depth: Tensor, difficulties: dict[str, Tensor], bins: int = 10) -> dict[str, Any]:
+    """For each difficulty measure: Spearman's rank correlation with depth and the mean depth per
+    difficulty decile (positive / rising = harder tokens get more passes)."""
+    return {
+        name: {"spearman": spearman(depth.double(), value.double()), "deciles": depth_by_decile(value, depth, bins)}
+        for name, value in difficulties.items()
+    }
 
+
+def gate_study(model, batches: Iterable[Any], context: int, reference=None, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+    """The learned gate against its counterfactuals on the same weights and data (module
+    docstring). `reference`: a one-pass model trained on the same data (same tokenizer) whose
+    per-token NLL is a third difficulty measure."""
+    gate = scored_gate(model)
     batches = list(batches)
-    learned_gate = model.gate
-    learned = evaluate(model, batches, context)[0] | {"gate": type(learned_gate).__name__}
-    rows = [learned]
-    try:
-        for schedule in ("uniform", "geometric"):
-            fixed = FixedRatioGate(target_depth=learned["depth_mean"], schedule=schedule)
-            try:
-                fixed.bind(model.config.d_model, model.n_iterations - 1)
-            except ValueError as err:  # e.g. a uniform schedule cannot go below (N+1)/2
-                rows.append({"gate": f"FixedRatioGate({schedule})", "error": str(err)})
-                continue
-            model.gate = fixed
-            rows.append(evaluate(model, batches, context)[0] | {"gate": f"FixedRatioGate({schedule})"})
-    finally:
-        model.gate = learned_gate
-    return rows
+    nll, depth = token_nll(model, batches)
+    learned = {"control": "learned gate"} | summarise(model, nll, depth, context)
+    full_nll, full_depth = token_nll(model, batches, FullDepth(gate))
+    rows = [learned, {"control": "full depth (no halting)"} | summarise(model, full_nll, full_depth, context)]
+    for seed in seeds:
+        control = MatchedRandomPruning(gate, learned["active_fractions"], seed=seed)
+        rows.append({"control": f"random pruning, learned profile (seed {seed})"} | summarise(model, *token_nll(model, batches, control), context))
+    first_nll, _ = token_nll(model, batches, FirstPassOnly(gate))
+    difficulties = {"nll_full_depth": full_nll, "nll_first_pass": first_nll}
+    if reference is not None:
+        if reference.config.vocab_size != model.config.vocab_size:
+            raise UserError(f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
+                            "train the reference with the same tokenizer")
+        difficulties["nll_reference"] = token_nll(reference, batches)[0]
+    return {"rows": rows, "difficulty": difficulty_report(depth, difficulties), "tokens": int(depth.numel())}
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -79,6 +111,20 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         tau = "-" if r["tau"] is None else f"{r['tau']:g}"
         fractions = ", ".join(f"{f:.3f}" for f in r["active_fractions"])
         lines.append(f"| {tau} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |")
+    return "\n".join(lines)
+
+
+def format_gate_study(study: dict[str, Any]) -> str:
+    lines = ["| same weights, same data | ppl | mean depth | active fraction per iteration | FLOPs x vanilla |", "|---|---|---|---|---|"]
+    for r in study["rows"]:
+        fractions = ", ".join(f"{f:.3f}" for f in r["active_fractions"])
+        lines.append(f"| {r['control']} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |")
+    lines += ["", f"mean depth per difficulty decile (easiest first; {study['tokens']} tokens):", "",
+              "| difficulty measure | Spearman(depth, difficulty) | " + " | ".join(f"d{i + 1}" for i in range(10)) + " |",
+              "|---|---|" + "---|" * 10]
+    for name, report in study["difficulty"].items():
+        cells = " | ".join(f"{row['depth']:.2f}" for row in report["deciles"])
+        lines.append(f"| {name} | {report['spearman']:+.3f} | {cells} |")
     return "\n".join(lines)
 
 
@@ -106,21 +152,13 @@ def write_curve(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, 
     return json_path, png_path
 
 
-def format_iso_flops(rows: list[dict[str, Any]]) -> str:
-    lines = ["| gate | ppl | mean depth | FLOPs x vanilla |", "|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['gate']} | n/a: {r['error']} | | |")
-        else:
-            lines.append(f"| {r['gate']} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {r['flops_x_vanilla']:.3f} |")
-    return "\n".join(lines)
-
-
-def write_depth_vs_nll(row: dict[str, Any], out_dir: str | Path) -> Path:
-    """The depth-vs-NLL figure (tokens per depth, mean NLL per depth) of one evaluation row."""
-    from ponder_lightning.callbacks import depth_vs_nll_figure
+def write_depth_figure(row: dict[str, Any], out_dir: str | Path, deciles: list[dict[str, float]] | None = None) -> Path:
+    """The depth figure of one evaluation row (tokens per depth and their mean NLL) and, when
+    given, mean depth per decile of an independent difficulty measure."""
+    from ponder_lightning.callbacks import depth_figure
 
     path = Path(out_dir) / "depth_vs_nll.png"
-    figure = depth_vs_nll_figure(row["depth_vs_nll"])
+    figure = depth_figure(row["depth_vs_nll"], deciles)
     figure.savefig(path, dpi=120)
     return path
+

@@ -49,17 +49,25 @@ def test_vanilla_is_one_pass_at_one_vanilla():
     assert rows[0]["depth_mean"] == 1.0 and math.isclose(rows[0]["flops_x_vanilla"], 1.0)
 
 
-def test_iso_flops_study_matches_depth():
-    from ponder_lightning.evaluate import iso_flops_study
+def test_gate_study_controls_share_the_weights_and_match_the_profile():
+    from ponder_lightning.evaluate import format_gate_study, gate_study
 
     model = halting_model()
     model.gate.tau = 0.05
     batches = [torch.randint(0, 256, (4, 65)) for _ in range(3)]
-    rows = iso_flops_study(model, batches, context=64)
-    learned = rows[0]
-    assert rows[0]["gate"] == "PerIterationMLPGate" and type(model.gate).__name__ == "PerIterationMLPGate"
-    for row in rows[1:]:
-        if "error" in row:  # uniform cannot reach a mean depth below (N+1)/2
-            assert learned["depth_mean"] < 2.5 and "uniform" in row["gate"]
-            continue
-        assert abs(row["depth_mean"] - learned["depth_mean"]) < 0.15, (row, learned["depth_mean"])
+    reference = VanillaLM(size="tiny", vocab_size=256)
+    study = gate_study(model, batches, context=64, reference=reference)
+    learned, full, *random_rows = study["rows"]
+    assert learned["depth_mean"] < 3.5, "the test needs a gate that halts"
+    assert full["depth_mean"] == 4.0 and full["flops_x_vanilla"] > learned["flops_x_vanilla"]
+    assert len(random_rows) == 2
+    for row in random_rows:  # random pruning at the learned per-iteration profile: iso-FLOPs
+        for got, want in zip(row["active_fractions"], learned["active_fractions"]):
+            assert abs(got - want) < 0.06, (row["active_fractions"], learned["active_fractions"])
+    assert random_rows[0]["loss"] != random_rows[1]["loss"]  # two seeds, two draws
+    assert set(study["difficulty"]) == {"nll_full_depth", "nll_first_pass", "nll_reference"}
+    for report in study["difficulty"].values():
+        assert len(report["deciles"]) == 10 and -1 <= report["spearman"] <= 1
+        assert [d["difficulty"] for d in report["deciles"]] == sorted(d["difficulty"] for d in report["deciles"])
+    assert study["tokens"] == 3 * 4 * 64
+    assert "random pruning, learned profile (seed 1)" in format_gate_study(study)

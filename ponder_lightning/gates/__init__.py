@@ -2,17 +2,22 @@
 
 from ponder_lightning.gates.base import AlwaysContinue, Gate, GateDecision
 from ponder_lightning.gates.bottom_k import BottomKGate
+from ponder_lightning.gates.controls import AtThreshold, FirstPassOnly, FullDepth, MatchedRandomPruning
 from ponder_lightning.gates.fixed import FixedRatioGate
 from ponder_lightning.gates.mlp import PerIterationMLPGate, SingleMLPGate
 from ponder_lightning.gates.regularizers import BottomKPonderLoss, NoPonderLoss, PonderRegularizer
 
 __all__ = [
     "AlwaysContinue",
+    "AtThreshold",
     "BottomKGate",
     "BottomKPonderLoss",
+    "FirstPassOnly",
     "FixedRatioGate",
+    "FullDepth",
     "Gate",
     "GateDecision",
+    "MatchedRandomPruning",
     "NoPonderLoss",
     "PonderRegularizer",
     "PerIterationMLPGate",

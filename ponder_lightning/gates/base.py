@@ -45,6 +45,11 @@ class Gate(nn.Module):
         """FLOPs one decision costs per token (0 for gates without parameters)."""
         return 0.0
 
+    def feedback_scale(self, scores: Tensor) -> Tensor:
+        """The factor s^i in the feedback weight m^{i+1} * s^i, from this gate's scores (the
+        scores themselves, as in the paper; a gate may pass only their gradient)."""
+        return scores
+
 
 class AlwaysContinue(Gate):
     """Every token runs every iteration: PonderLM and LoopTransformer as published."""

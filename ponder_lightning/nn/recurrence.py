@@ -119,7 +119,7 @@ def feedback_weight(gate: Gate, decision: GateDecision, dtype: torch.dtype) -> T
     if not gate.can_halt:
         return None
     weight = decision.active.to(dtype)
-    return weight if decision.scores is None else weight * decision.scores.to(dtype)
+    return weight if decision.scores is None else weight * gate.feedback_scale(decision.scores).to(dtype)
 
 
 class KVAlignment:
