@@ -1,0 +1,254 @@
+"""`study`: an ablation as a file. Trains every run of a study through the same `fit` path,
+evaluates all of them on the same validation blocks with the controls of `evaluate.gate_study`,
+and writes a markdown table (mean and spread over seeds), a figure and one TensorBoard tree.
+
+A study file (YAML)::
+
+    out: studies/out/small            # everything goes here; TensorBoard: tensorboard --logdir <out>/runs
+    seeds: [1, 2]                     # every run is trained once per seed
+    base: [studies/small_base.yaml]   # overlays every run gets after its own configs (paths relative to the repository)
+    args: [--trainer.max_steps, "400"]  # flags every run gets
+    reference: vanilla                # the run whose per-token NLL is a difficulty measure (same seed)
+    eval_batches: 16                  # validation batches every run is evaluated on
+    runs:
+      vanilla: {configs: [configs/vanilla.yaml]}
+      adaponderlm: {configs: [configs/adaponderlm.yaml], args: [...]}
+      fixed_geometric:                # a control matched to another run's result, same seed:
+        configs: [configs/adaponderlm.yaml, configs/gates/fixed_geometric.yaml]
+        args: [--model.init_args.gate.init_args.target_depth, "{adaponderlm:depth_mean}"]
+
+`{run:depth_mean}` is that run's mean depth at evaluation (same seed) and `{run:pondering_steps}`
+the nearest whole number of extra passes (fixed-depth PonderLM at the same mean passes); a run
+that refers to another is trained after it. Finished runs are skipped and an interrupted one
+resumes from its last checkpoint, so the same command continues a stopped study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ponder_lightning.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps)\}")
+SUMMARY_FIELDS = ["ppl", "flops_x_vanilla", "depth_mean", "ppl_full_depth", "ppl_random_pruning", "spearman_nll_full_depth",
+                  "spearman_nll_first_pass", "spearman_nll_reference", "train_minutes"]
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file {path} does not exist")
+    try:
+        study = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(study, dict) or not isinstance(study.get("runs"), dict) or not study["runs"]:
+        raise UserError(f"{path}: a study needs `runs:` (a mapping of run names to their configs and args)")
+    unknown = set(study) - {"out", "seeds", "base", "args", "reference", "eval_batches", "runs"}
+    if unknown:
+        raise UserError(f"{path}: unknown study field(s) {sorted(unknown)}")
+    for name, run in study["runs"].items():
+        for ref, _ in REFERENCE.findall(" ".join(map(str, (run or {}).get("args", [])))):
+            if ref not in study["runs"]:
+                raise UserError(f"{path}: run {name} refers to {{{ref}:...}}, which is not a run of this study")
+    if study.get("reference") is not None and study["reference"] not in study["runs"]:
+        raise UserError(f"{path}: reference {study['reference']!r} is not a run of this study")
+    study.setdefault("out", str(Path("studies/out") / path.stem))
+    study.setdefault("seeds", [1])
+    return study
+
+
+def run_order(runs: dict[str, Any], reference: str | None) -> list[str]:
+    """Runs in an order where every run comes after the runs it refers to (and the reference first)."""
+    done: list[str] = [reference] if reference else []
+    pending = [name for name in runs if name not in done]
+    while pending:
+        ready = [n for n in pending if all(r in done for r, _ in REFERENCE.findall(" ".join(map(str, (runs[n] or {}).get("args", [])))))]
+        if not ready:
+            raise UserError(f"runs {pending} refer to each other in a cycle")
+        done += ready
+        pending = [n for n in pending if n not in ready]
+    return done
+
+
+def resolve(arg: str, results: dict[str, dict[str, Any]]) -> str:
+    def value(match: re.Match[str]) -> str:
+        if "depth_mean" not in results[match.group(1)]:
+            raise UserError(f"run {match.group(1)} failed, so {arg} has no value")
+        depth = results[match.group(1)]["depth_mean"]
+        return f"{depth:.4f}" if match.group(2) == "depth_mean" else str(max(round(depth) - 1, 0))
+
+    return REFERENCE.sub(value, str(arg))
+
+
+def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]]) -> float:
+    """Fit one run (resuming its last checkpoint if it was interrupted); returns minutes spent.
+    The run's own configs come first (they choose the model class), the study's base after."""
+    from ponder_lightning.cli import run_lightning_cli, user_error_in
+
+    run = study["runs"][name] or {}
+    configs = [*run.get("configs", []), *study.get("base", [])]
+    argv = ["fit"]
+    for config in configs:
+        argv += ["--config", str(config if Path(config).is_absolute() else ROOT / config)]
+    argv += [resolve(a, results) for a in [*study.get("args", []), *run.get("args", [])]]
+    argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir), "--trainer.logger.class_path",
+             "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
+             "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", f"seed_{seed}"]
+    if last_checkpoint(run_dir) is not None:
+        argv += ["--ckpt_path", str(last_checkpoint(run_dir))]
+    (run_dir / "command.txt").parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / "command.txt").write_text("python -m ponder_lightning " + " ".join(argv) + "\n")
+    start = time.perf_counter()
+    try:
+        run_lightning_cli(argv)
+    except Exception as err:
+        cause = user_error_in(err)
+        if cause is None:
+            raise
+        raise cause from None
+    return (time.perf_counter() - start) / 60
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def evaluate_run(checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None) -> dict[str, Any]:
+    from ponder_lightning.evaluate import gate_study, summarise, token_nll
+    from ponder_lightning.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    result: dict[str, Any] = {"model": type(model).__name__, "gate": type(getattr(model, "gate", None)).__name__}
+    gate = getattr(model, "gate", None)
+    if gate is None or not gate.can_halt:
+        return result | summarise(model, *token_nll(model, batches), context)
+    reference = load_checkpoint(reference_checkpoint)[0] if reference_checkpoint else None
+    study = gate_study(model, batches, context, reference=reference)
+    learned, full, *random_rows = study["rows"]
+    result |= learned | {
+        "ppl_full_depth": full["ppl"],
+        "ppl_random_pruning": sum(r["ppl"] for r in random_rows) / len(random_rows),
+        "controls": study["rows"],
+        "difficulty": study["difficulty"],
+    }
+    for measure, report in study["difficulty"].items():
+        result[f"spearman_{measure}"] = report["spearman"]
+    return result
+
+
+def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int]:
+    """The run's validation blocks, read with its own data settings (every run of a study shares them)."""
+    from ponder_lightning.data import PileDataModule
+    from ponder_lightning.models.checkpoint import load_checkpoint
+
+    _, data_args = load_checkpoint(checkpoint)
+    accepted = inspect.signature(PileDataModule.__init__).parameters
+    data = PileDataModule(**({k: v for k, v in data_args.items() if k in accepted} | {"val_batches": n_batches}))
+    data.setup("validate")
+    return list(data.val_dataloader()), data.seq_len
+
+
+def run_study(path: str | Path) -> Path:
+    study = load_study(path)
+    out = Path(study["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[int, dict[str, dict[str, Any]]] = {}
+    for seed in study["seeds"]:
+        results[seed] = {}
+        for name in run_order(study["runs"], study.get("reference")):
+            run_dir = out / "runs" / name / f"seed_{seed}"
+            done = run_dir / "result.json"
+            if done.is_file():
+                results[seed][name] = json.loads(done.read_text())
+                print(f"[study] {name} seed {seed}: done earlier, skipped")
+                continue
+            print(f"[study] {name} seed {seed}: training")
+            try:
+                minutes = train(study, name, seed, run_dir, results[seed])
+            except UserError as err:  # e.g. a control that cannot reach the learned depth: say so, go on
+                print(f"[study] {name} seed {seed}: failed: {err}")
+                results[seed][name] = {"error": str(err)}
+                continue
+            checkpoint = last_checkpoint(run_dir)
+            batches, context = validation_batches(checkpoint, study.get("eval_batches", 16))
+            reference = study.get("reference")
+            reference_checkpoint = last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
+            result = evaluate_run(checkpoint, batches, context, reference_checkpoint) | {"train_minutes": minutes, "seed": seed}
+            done.write_text(json.dumps(result, indent=2))
+            results[seed][name] = result
+    table = summary_table(study, results)
+    (out / "summary.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
+    write_figure(study, results, out / "ppl_vs_flops.png")
+    print(table)
+    print(f"[study] wrote {out / 'summary.md'}, {out / 'results.json'}, {out / 'ppl_vs_flops.png'}; TensorBoard, every run side by side: tensorboard --logdir {out / 'runs'}")
+    return out
+
+
+def mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one seed)."""
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+    seeds = list(results)
+    header = "| run | model / gate | " + " | ".join(SUMMARY_FIELDS) + " |"
+    lines = [f"Mean ± standard deviation over seeds {seeds} (one value: one seed).", "", header, "|---|---|" + "---|" * len(SUMMARY_FIELDS)]
+    for name in study["runs"]:
+        rows = [results[s][name] for s in seeds if "error" not in results[s].get(name, {"error": ""})]
+        errors = {results[s][name]["error"] for s in seeds if "error" in results[s].get(name, {})}
+        if errors:
+            lines.append(f"| {name} | failed: {'; '.join(sorted(errors))} |" + " |" * len(SUMMARY_FIELDS))
+        if not rows:
+            continue
+        cells = []
+        for field in SUMMARY_FIELDS:
+            values = [r[field] for r in rows if r.get(field) is not None and not (isinstance(r[field], float) and math.isnan(r[field]))]
+            if not values:
+                cells.append("")
+                continue
+            mean, spread = mean_spread(values)
+            cells.append(f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}")
+        lines.append(f"| {name} | {rows[0]['model']} / {rows[0]['gate']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in study["runs"]:
+        rows = [results[s][name] for s in results if "ppl" in results[s].get(name, {})]
+        if rows:
+            ax.plot([r["flops_x_vanilla"] for r in rows], [r["ppl"] for r in rows], "o", label=name)
+    ax.set_xlabel("inference FLOPs per token (x vanilla), at the depth run")
+    ax.set_ylabel("validation perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def study_command(argv: list[str]) -> None:
+    """`study --config STUDY.yaml`: train, evaluate and compare every run of an ablation study
+    (see ponder_lightning/study.py and studies/*.yaml); rerun the same command to resume."""
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning study", description=study_command.__doc__)
+    parser.add_argument("--config", required=True, help="a study file, e.g. studies/reproduce_small.yaml")
+    run_study(parser.parse_args(argv).config)
