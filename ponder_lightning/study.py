@@ -17,9 +17,11 @@ A study file (YAML)::
         configs: [configs/adaponderlm.yaml, configs/gates/fixed_geometric.yaml]
         args: [--model.init_args.gate.init_args.target_depth, "{adaponderlm:depth_mean}"]
 
-`{run:depth_mean}` is that run's mean depth at evaluation (same seed) and `{run:pondering_steps}`
-the nearest whole number of extra passes (fixed-depth PonderLM at the same mean passes); a run
-that refers to another is trained after it. Finished runs are skipped and an interrupted one
+`{run:depth_mean}` is that run's mean depth at evaluation (same seed), `{run:pondering_steps}`
+the nearest whole number of extra passes (fixed-depth PonderLM at the same mean passes) and
+`{run:export}` its final checkpoint exported as a Hugging Face directory (a start for continued
+pretraining: `--model.init_args.pretrained {vanilla:export}`); a run that refers to another is
+trained after it. Finished runs are skipped and an interrupted one
 resumes from its last checkpoint, so the same command continues a stopped study.
 """
 
@@ -39,7 +41,7 @@ import yaml
 from ponder_lightning.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps)\}")
+REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps|export)\}")
 SUMMARY_FIELDS = ["ppl", "flops_x_vanilla", "depth_mean", "ppl_full_depth", "ppl_random_pruning", "spearman_nll_full_depth",
                   "spearman_nll_first_pass", "spearman_nll_reference", "train_minutes"]
 
@@ -83,10 +85,12 @@ def run_order(runs: dict[str, Any], reference: str | None) -> list[str]:
 
 def resolve(arg: str, results: dict[str, dict[str, Any]]) -> str:
     def value(match: re.Match[str]) -> str:
-        if "depth_mean" not in results[match.group(1)]:
+        result = results[match.group(1)]
+        if "depth_mean" not in result:
             raise UserError(f"run {match.group(1)} failed, so {arg} has no value")
-        depth = results[match.group(1)]["depth_mean"]
-        return f"{depth:.4f}" if match.group(2) == "depth_mean" else str(max(round(depth) - 1, 0))
+        if match.group(2) == "export":
+            return str(export_once(Path(result["checkpoint"])))
+        return f"{result['depth_mean']:.4f}" if match.group(2) == "depth_mean" else str(max(round(result["depth_mean"]) - 1, 0))
 
     return REFERENCE.sub(value, str(arg))
 
@@ -118,6 +122,17 @@ def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: d
             raise
         raise cause from None
     return (time.perf_counter() - start) / 60
+
+
+def export_once(checkpoint: Path) -> Path:
+    """The run's checkpoint as a Hugging Face directory next to its checkpoints (written once)."""
+    from ponder_lightning.models.checkpoint import export_hf, load_checkpoint
+
+    out = checkpoint.parent.parent / "export"
+    if not (out / "config.json").is_file():
+        model, data = load_checkpoint(checkpoint)
+        export_hf(model, out, global_step=data["global_step"])
+    return out
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
@@ -185,7 +200,8 @@ def run_study(path: str | Path) -> Path:
             batches, context = validation_batches(checkpoint, study.get("eval_batches", 16))
             reference = study.get("reference")
             reference_checkpoint = last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
-            result = evaluate_run(checkpoint, batches, context, reference_checkpoint) | {"train_minutes": minutes, "seed": seed}
+            result = evaluate_run(checkpoint, batches, context, reference_checkpoint) | {
+                "train_minutes": minutes, "seed": seed, "checkpoint": str(checkpoint)}
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
     table = summary_table(study, results)

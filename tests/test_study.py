@@ -78,6 +78,19 @@ def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path):
     assert "| vanilla | VanillaLM / AlwaysContinue |" in summary
 
 
+def test_a_run_continues_from_another_runs_export(tmp_path):
+    path = write_study(tmp_path, seeds=[1], reference=None, runs={
+        "start": {"configs": ["configs/vanilla.yaml"]},
+        "continued": {"configs": ["configs/adaponderlm.yaml"], "args": ["--model.init_args.pretrained", "{start:export}"]},
+    })
+    main(["study", "--config", str(path)])
+    export = tmp_path / "out" / "runs" / "start" / "seed_1" / "export"
+    assert (export / "config.json").is_file()
+    assert f"pretrained {export}" in (tmp_path / "out" / "runs" / "continued" / "seed_1" / "command.txt").read_text()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["1"]
+    assert results["continued"]["model"] == "AdaPonderLM"
+
+
 def test_study_file_mistakes_are_named(tmp_path):
     with pytest.raises(UserError, match="not a run of this study"):
         load_study(write_study(tmp_path, runs={"a": {"args": ["{b:depth_mean}"]}}))
