@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ModelSummary, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
 
 def _batch_rows(batch: Any) -> int:
@@ -43,6 +46,79 @@ class TokenThroughput(ThroughputMonitor):
             self.available_flops = self.peak_flops
             for throughput in self._throughputs.values():
                 throughput.available_flops = self.peak_flops
+
+
+class FlopsModelSummary(ModelSummary):
+    """Lightning's model summary at the start of `fit` (a Rich table when Rich is installed) with
+    the FLOPs this library counts instead of Lightning's.
+
+    Lightning fills its FLOPs column and `Total FLOPs` by running `example_input_array` under
+    torch's FLOP counter; these models define none, so both read 0. Here the per-layer column is
+    dropped and the total is the analytic count (`ponder_lightning/flops.py`), `Training FLOPs per
+    step`: forward + backward (3 x forward) with every token at full depth, for one optimizer step
+    (`data.batch_size` x `seq_len` tokens, x gradient accumulation). Per device it is the model's
+    `flops_per_batch`, the figure behind TokenThroughput's FLOP/s and MFU.
+    """
+
+    FLOPS_LABEL = "Training FLOPs per step (analytic: forward + backward, full depth)"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._max_depth:
+            return
+        summary = self._summary(trainer, pl_module)
+        columns = [(name, values) for name, values in summary._get_summary_data() if name != "FLOPs"]
+        trainable, total, modes = summary.trainable_parameters, summary.total_parameters, summary.total_training_modes
+        totals = [
+            ("Trainable params", get_human_readable_count(trainable)),
+            ("Non-trainable params", get_human_readable_count(total - trainable)),
+            ("Total params", get_human_readable_count(total)),
+            ("Total estimated model params size (MB)", get_formatted_model_size(summary.model_size)),
+            ("Modules in train mode", str(modes["train"])),
+            ("Modules in eval mode", str(modes["eval"])),
+        ]
+        flops = training_flops_per_step(trainer, pl_module)
+        if flops is not None:
+            totals.append((self.FLOPS_LABEL, f"{flops:.3g}"))
+        if trainer.is_global_zero:
+            print_model_summary(columns, totals)
+
+
+def training_flops_per_step(trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+    """Analytic training FLOPs of one optimizer step over all devices (None before `setup` knows
+    the data's seq_len)."""
+    per_batch = getattr(pl_module, "flops_per_batch", None)
+    if per_batch is None:
+        return None
+    return per_batch * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def print_model_summary(columns: list[tuple[str, list[str]]], totals: list[tuple[str, str]]) -> None:
+    """A table of `columns` (name, one value per layer) and the `totals` lines under it."""
+    rows = list(zip(*(values for _, values in columns)))
+    if _RICH_AVAILABLE:
+        from rich import get_console
+        from rich.table import Table
+
+        table = Table(header_style="bold magenta")
+        for name, _ in columns:
+            right = name in ("Params", "Params per Device", "In sizes", "Out sizes")
+            table.add_column(name, justify="right" if right else "left", style="dim" if name == " " else None, no_wrap=name == "Name")
+        for row in rows:
+            table.add_row(*map(str, row))
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        for label, value in totals:
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console = get_console()
+        console.print(table)
+        console.print(grid)
+        return
+    widths = [max([len(name), *(len(str(v)) for v in values)]) for name, values in columns]
+    rule = "-" * (sum(widths) + 3 * len(widths))
+    lines = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths)), rule]
+    lines += [" | ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) for row in rows]
+    lines += [rule, *(f"{value:<10} {label}" for label, value in totals)]
+    rank_zero_info("\n" + "\n".join(lines))
 
 
 class FitSummary(Callback):

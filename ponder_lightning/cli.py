@@ -14,15 +14,16 @@ from typing import Optional
 
 import lightning as L
 from jsonargparse.typing import PositiveInt, import_object
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ponder_lightning.cli_errors import parser_error_message
-from ponder_lightning.callbacks import DepthMonitor, FitSummary, TokenThroughput
+from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, TokenThroughput
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
 from ponder_lightning.models import CausalLMModule
+from ponder_lightning.models.checkpoint import check_saved_args, invalid_saved_args
 from ponder_lightning.progress import step_progress_bar
 from ponder_lightning.resume import (
     OPTIMIZER_ARGS,
@@ -61,6 +62,13 @@ class PonderCLI(LightningCLI):
         configured = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, step_progress_bar()]
+        # Lightning's summary prints `Total FLOPs: 0` (it counts FLOPs on an example input these
+        # models do not define); ours prints the analytic training FLOPs per step. Lightning's
+        # default is then switched off, or it logs that it skips it in favour of ours.
+        wanted = config.get("enable_model_summary") is not False and not config.get("barebones")
+        if wanted and not any(isinstance(c, ModelSummary) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, FlopsModelSummary()]
+            config = {**config, "enable_model_summary": False}
         return super()._instantiate_trainer(config, callbacks)
 
     def before_instantiate_classes(self) -> None:
@@ -97,7 +105,8 @@ class PonderCLI(LightningCLI):
         if not saved or model is None or not model.get("class_path"):
             return super()._parse_ckpt_path()
         check_same_class(model.class_path, saved.get("_class_path"), ckpt_path)
-        unknown = unknown_saved_args(saved, import_object(model.class_path))
+        model_class = import_object(model.class_path)
+        unknown = unknown_saved_args(saved, model_class)
         configured = model.init_args.as_dict() if model.get("init_args") is not None else {}
         changes = changed_args(saved, configured)
         if sub == "fit":
@@ -108,13 +117,11 @@ class PonderCLI(LightningCLI):
             if changes:
                 rank_zero_info(f"resuming from {ckpt_path} with model arguments changed from the checkpoint's: {describe_changes(changes)}")
             return
-        if unknown:
-            raise UserError(
-                f"--ckpt_path {ckpt_path} was saved with model arguments {short_class(model.class_path)} no longer takes (renamed or "
-                f"removed since): {', '.join(f'{k}={saved[k]!r}' for k in unknown)}: rename them in the checkpoint's hyper_parameters, "
-                "or use the code version it was trained with"
-            )
-        super()._parse_ckpt_path()
+        check_saved_args(saved, model_class, f"--ckpt_path {ckpt_path}")
+        try:
+            super()._parse_ckpt_path()
+        except argparse.ArgumentError as err:  # a saved value the class's constraints now reject: not the config's
+            raise invalid_saved_args(f"--ckpt_path {ckpt_path}", short_class(model.class_path), err) from None
         if changes:
             rank_zero_info(f"{sub} uses the model arguments saved in {ckpt_path}, where they differ from the config's: {describe_changes(changes, used='checkpoint')}")
 

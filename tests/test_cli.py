@@ -1,6 +1,7 @@
 """The command line as a user runs it: LightningCLI fit/validate, overrides, clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,35 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
 def test_generate_rejects_missing_checkpoint(tmp_path):
     result = run_cli("generate", "--checkpoint", "nope.ckpt", "--prompt", "x", cwd=tmp_path)
     assert result.returncode == 2 and "nope.ckpt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_step_bar_flops_summary_and_kept_checkpoints(tmp_path):
+    """What a user sees of a run: a `Step n/max_steps` bar (not `Epoch 0/-2`, nor `10/5` after a
+    resume), the summary's analytic training FLOPs (not `Total FLOPs: 0`), `--checkpoint_every N`
+    saving every N steps, and the configs keeping the newest 3 periodic checkpoints by step next to
+    last.ckpt and last_good.ckpt, all loadable."""
+    from ponder_lightning.callbacks import FlopsModelSummary
+    from ponder_lightning.models import VanillaLM
+    from ponder_lightning.models.checkpoint import load_checkpoint
+
+    args = ["fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny",
+            "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)]
+    first = run_cli(*args, "--trainer.max_steps", "6", "--checkpoint_every", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    shown = " ".join((first.stdout + first.stderr).split())  # a narrow terminal may wrap lines
+    assert re.search(r"\bStep\b[^A-Za-z]*\b6/6\b", shown) and "Epoch" not in shown, shown[-2000:]
+    flops = 3 * VanillaLM(size="tiny", tokenizer_vocab_size=257).full_depth_flops_per_token(32) * 32 * 2  # fwd+bwd, 2 rows of 32
+    assert f"{FlopsModelSummary.FLOPS_LABEL}: {flops:.3g}" in shown and "Total FLOPs" not in shown, shown[-2000:]
+
+    def kept(version: int) -> dict[str, int]:
+        files = sorted((tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints").iterdir())
+        return {p.name: load_checkpoint(p).data["global_step"] for p in files}  # every one loads
+
+    assert kept(0) == {"epoch=0-step=4.ckpt": 4, "epoch=0-step=5.ckpt": 5, "epoch=0-step=6.ckpt": 6, "last.ckpt": 6, "last_good.ckpt": 5}
+
+    resumed = run_cli(*args, "--trainer.max_steps", "10", "--checkpoint_every", "2", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    shown = " ".join((resumed.stdout + resumed.stderr).split())
+    assert re.search(r"\bStep\b[^A-Za-z]*\b10/10\b", shown) and "Epoch" not in shown, shown[-2000:]
+    periodic = {name: step for name, step in kept(1).items() if not name.startswith("last")}
+    assert periodic == {"epoch=0-step=8.ckpt": 8, "epoch=0-step=10.ckpt": 10}  # every 2nd step from the resumed step 6

@@ -167,6 +167,34 @@ def test_checkpoint_with_a_renamed_argument_names_it(capsys, tmp_path):
     assert "learning_rate" in line
 
 
+GATE = "ponder_lightning.gates.PerIterationMLPGate"
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "validate"])
+@pytest.mark.parametrize(
+    "model, config, saved, culprit",
+    [
+        ("VanillaLM", "vanilla", {"learning_rate": 1e-3}, "learning_rate=0.001"),  # renamed since
+        ("AdaPonderLM", "adaponderlm", {"gate": {"class_path": GATE, "init_args": {"tau": 3.0}}}, "gate.init_args.tau"),  # constrained since
+    ],
+    ids=["renamed", "out_of_range"],
+)
+def test_saved_argument_that_no_longer_validates_is_named_by_every_command(capsys, tmp_path, command, model, config, saved, culprit):
+    ckpt = fake_checkpoint(tmp_path / "old.ckpt", f"ponder_lightning.models.{model}", **saved)
+    before = ckpt.read_bytes()
+    argv = {
+        "generate": ["generate", "--checkpoint", str(ckpt), "--prompt", "a"],
+        "evaluate": ["evaluate", "--checkpoint", str(ckpt)],
+        "validate": ["validate", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--ckpt_path", str(ckpt)],
+    }[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and culprit in lines[0] and str(ckpt) in lines[0], lines
+    assert ckpt.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "argv, culprit",
     [

@@ -83,6 +83,7 @@ def build_model(hparams: dict[str, Any], model_class: type[CausalLMModule] | Non
             "pass model_class=<the LightningModule class> to load_checkpoint"
         )
     try:
+        check_saved_args(hparams, model_class if class_path is None else _import(class_path), source)
         if class_path is None:
             return model_class(**hparams)
         # As LightningCLI does: the model's hparams stay this plain dict (gates as class_path +
@@ -92,7 +93,46 @@ def build_model(hparams: dict[str, Any], model_class: type[CausalLMModule] | Non
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - jsonargparse raises many types for a bad class path
-        raise UserError(f"{source}: could not rebuild {class_path or model_class.__name__} from its saved arguments ({_first_line(exc)})") from exc
+        raise invalid_saved_args(source, class_path or model_class.__name__, exc) from exc
+
+
+def check_saved_args(saved: dict[str, Any], model_class: type, source: str) -> None:
+    """Name the saved init arguments `model_class` no longer takes (renamed or removed since the
+    checkpoint was written). Shared by every command that rebuilds a model from a checkpoint
+    (`validate`/`test`/`predict --ckpt_path`, `generate`, `evaluate`, `export`)."""
+    from ponder_lightning.resume import unknown_saved_args
+
+    unknown = unknown_saved_args(saved, model_class)
+    if unknown:
+        raise UserError(
+            f"{source} was saved with model arguments {model_class.__name__} no longer takes (renamed or removed since): "
+            f"{', '.join(f'{k}={saved[k]!r}' for k in unknown)}: rename them in the checkpoint's hyper_parameters, "
+            "or use the code version it was trained with"
+        )
+
+
+def _import(class_path: str) -> type:
+    from jsonargparse.typing import import_object
+
+    return import_object(class_path)
+
+
+def invalid_saved_args(source: str, class_name: str, exc: BaseException) -> UserError:
+    """The error for saved init arguments that no longer validate, naming the argument from
+    jsonargparse's nested report (`gate.init_args.tau: got 3.0, but it must be ...`). Shared by
+    every command that rebuilds a model from a checkpoint."""
+    from ponder_lightning.cli_errors import parser_error_message
+
+    text = str(exc).strip()
+    if 'Parser key "' not in text and "is not accepted" not in text:
+        return UserError(f"{source}: could not rebuild {class_name} from its saved arguments ({_first_line(exc)})")
+    reason = parser_error_message(text, []).split(": check its spelling")[0]  # advice for a config, not a checkpoint
+    for prefix in ("module.", "model.", "init_args."):  # the CLI's and instantiate_module's roots
+        reason = reason.removeprefix(prefix)
+    return UserError(
+        f"{source}: could not rebuild {class_name} from its saved arguments ({reason}): fix it in the checkpoint's "
+        "hyper_parameters, or use the code version it was trained with"
+    )
 
 
 def _read_lightning_checkpoint(path: Path) -> dict[str, Any]:
