@@ -57,7 +57,7 @@ def saturated_ponder3() -> PonderLM3:
     LLaMA block, as PonderLM-3 is trained (the decode cache works through the same K/V hook)."""
     model = PonderLM3(size="llama-tiny", vocab_size=VOCAB).eval()
     with torch.no_grad():
-        model.router.net.weight.normal_(0, 300.0)
+        model.router.net.weight.normal_(0, 1000.0)  # one-hot in float32 at the LLaMA init (R = 1)
         model.router.net.bias.zero_()
     return model
 

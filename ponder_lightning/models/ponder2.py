@@ -17,27 +17,55 @@ from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.validation import NonNegativeInt, PositiveInt, check_init_args
 
 
+#: The authors' J draw in training (LUMIA-Group/PonderLM-2, random_jacobi_iterations): GPT-NeoX
+#: `torch.randint(2, 5)` (modeling_gpt_neox.py), LLaMA `torch.randint(2, 4)` (modeling_llama.py).
+AUTHORS_JACOBI_CHOICES = {"neox": (2, 3, 4), "llama": (2, 3)}
+
+
 class PonderLM2(CausalLMModule):
     """Args:
     latent_steps: K latent slots per token (paper default 1; inference costs (K+1)x vanilla).
-    jacobi_choices: the Jacobi passes J of each training step, drawn uniformly (paper: 2 or 3).
-    jacobi_eval: J at validation and test (paper: 3). Decoding is exact and uses no J.
+    jacobi_choices: the Jacobi passes J of each training step, drawn uniformly. None = the
+        authors' code for the block: {2, 3, 4} on GPT-NeoX, {2, 3} on LLaMA.
+    jacobi_eval: J at validation and test (the authors': 3). Decoding is exact and uses no J.
     scale_embeds: token embeddings x sqrt(2.5 d) (latents are raw final-norm hidden states).
+    output_init_passes: R in the init sigma / sqrt(2 L R) of the residual-output projections
+        (attention output, MLP output). None = the authors' code for the block: K+1 on GPT-NeoX,
+        1 (no per-pass factor) on LLaMA. Ignored for a `pretrained` start.
     """
 
     def __init__(
         self,
         latent_steps: PositiveInt = 1,
-        jacobi_choices: tuple[NonNegativeInt, ...] = (2, 3),
+        jacobi_choices: tuple[NonNegativeInt, ...] | None = None,
         jacobi_eval: NonNegativeInt = 3,
         scale_embeds: bool = True,
+        output_init_passes: PositiveInt | None = None,
         **kwargs: Any,
     ) -> None:
         check_init_args(PonderLM2, locals())
-        if not jacobi_choices:
-            raise UserError("PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3]")
+        if jacobi_choices is not None and not jacobi_choices:
+            raise UserError("PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3], or null for the authors' draw")
         super().__init__(**kwargs)
         self.last_jacobi_passes = jacobi_eval
+        # The base drew the output projections with R = K+1 (the GPT-NeoX code's factor); redraw them
+        # where the configured R differs (the LLaMA code's R = 1 by default).
+        if self.output_init_passes != self.n_iterations and kwargs.get("pretrained") is None:
+            self.backbone.init_output_projections(passes_per_token=self.output_init_passes)
+
+    @property
+    def jacobi_choice_set(self) -> tuple[int, ...]:
+        """The J values a training step draws from (`jacobi_choices`, or the authors' per block)."""
+        choices = self.hparams.jacobi_choices
+        return AUTHORS_JACOBI_CHOICES[self.config.block] if choices is None else tuple(choices)
+
+    @property
+    def output_init_passes(self) -> int:
+        """R of the output projections' init (`output_init_passes`, or the authors' per block)."""
+        passes = self.hparams.output_init_passes
+        if passes is not None:
+            return passes
+        return self.n_iterations if self.config.block == "neox" else 1
 
     @property
     def n_iterations(self) -> int:
@@ -63,7 +91,7 @@ class PonderLM2(CausalLMModule):
         passes under FSDP, and a resumed run draws what the original drew), else `jacobi_eval`."""
         if not self.training:
             return self.hparams.jacobi_eval
-        return random.Random(self.global_step).choice(list(self.hparams.jacobi_choices))
+        return random.Random(self.global_step).choice(list(self.jacobi_choice_set))
 
     def hidden_states(self, inputs: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
         self.last_jacobi_passes = self.jacobi_passes()
@@ -92,7 +120,7 @@ class PonderLM2(CausalLMModule):
 
     def full_depth_flops_per_token(self, context: int) -> float:
         """A training step's forward: build-up, Jacobi (at the mean J drawn) and final passes."""
-        choices = self.hparams.jacobi_choices
+        choices = self.jacobi_choice_set
         return flops.latent_training_forward_flops(self.config, context, self.hparams.latent_steps, sum(choices) / len(choices), self._router_flops())
 
     def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -227,7 +227,6 @@ class Backbone(nn.Module):
         """Pythia/PonderLM init: truncated normal with sigma = sqrt(2 / (5 d)); residual-output
         projections get sigma / sqrt(2 L R), R = how many times the stack runs per token."""
         sigma = math.sqrt(2.0 / (5.0 * self.config.d_model))
-        out_sigma = sigma / math.sqrt(2.0 * self.config.n_layer * passes_per_token)
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.trunc_normal_(module.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
@@ -237,6 +236,14 @@ class Backbone(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:  # RMSNorm has none
                     nn.init.zeros_(module.bias)
+        self.init_output_projections(passes_per_token)
+
+    def init_output_projections(self, passes_per_token: int = 1) -> None:
+        """(Re)draw the residual-output projections (attention output, MLP output): truncated
+        normal with sigma / sqrt(2 L R). The PonderLM-2 authors' code uses R = K+1 on GPT-NeoX and
+        R = 1 on LLaMA; PonderLM-2/3 redraw them when their R differs from `init_weights`'."""
+        sigma = math.sqrt(2.0 / (5.0 * self.config.d_model))
+        out_sigma = sigma / math.sqrt(2.0 * self.config.n_layer * passes_per_token)
         for layer in self.layers:
             for proj in layer.output_projections():
                 nn.init.trunc_normal_(proj.weight, std=out_sigma, a=-3 * out_sigma, b=3 * out_sigma)
