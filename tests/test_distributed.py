@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from scaleout_helpers import ROOT, logged_steps, read_losses, run_fit
+from scaleout_helpers import ROOT, global_selection_inputs, global_selection_worker, logged_steps, read_losses, read_records, run_fit
 
 from ponder_lightning.cli import main
 from ponder_lightning.models.checkpoint import load_checkpoint
@@ -97,3 +97,89 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, cache, single
     ids = torch.randint(0, 257, (2, 32))
     with torch.no_grad():
         assert torch.allclose(model(ids), reference(ids), atol=1e-4, rtol=0)
+
+
+# -- batch-global gate and ponder loss with halting active ----------------------------------------
+def test_bottom_k_loss_and_gate_are_batch_global_across_ranks(tmp_path):
+    """2 gloo ranks, each on its contiguous half of a global batch full of exact ties (also
+    across the ranks): BottomKPonderLoss returns and describes the one-process loss, and each
+    rank's gradient is world_size x the one-process gradient of its rows (DDP's mean over ranks
+    then is the one-process gradient); BottomKGate halts the same tokens and learns the same
+    thresholds as one process."""
+    # fork: the ranks inherit the imports (a spawned rank would spend seconds importing Lightning)
+    torch.multiprocessing.start_processes(global_selection_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")
+    single = torch.load(tmp_path / "single.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for operand in ("score", "log_score"):
+        expected = single[operand]
+        assert expected["loss"] > 0 and expected["describe"]["k"] > 0
+        for r, got in enumerate(ranks):
+            assert got[operand]["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+            assert got[operand]["describe"] == pytest.approx(expected["describe"])
+            for grad, full in zip(got[operand]["grads"], expected["grads"]):
+                torch.testing.assert_close(grad / 2, full[2 * r : 2 * r + 2])
+    # the bottom k ends inside a run of equal scores: the tie rule decides which of them count
+    case = global_selection_inputs()
+    values = torch.cat([s[a] for s, a in zip(case["scores"], case["active"])])
+    grads = torch.cat([g[a] for g, a in zip(single["score"]["grads"], case["active"])])
+    at_cut = values == single["score"]["describe"]["cutoff_score"]
+    assert (grads[at_cut] != 0).any() and (grads[at_cut] == 0).any()
+    masks, valid = single["gate"]["active"], case["active"][0]
+    for before, after in zip([valid, *masks[:2], valid, *masks[3:5]], masks):
+        assert (before & ~after).any() and after.any()  # every decision halts some tokens, not all
+    for r, got in enumerate(ranks):
+        for mine, full in zip(got["gate"]["active"], single["gate"]["active"]):
+            assert torch.equal(mine, full[2 * r : 2 * r + 2])
+        assert torch.equal(got["gate"]["thresholds"], single["gate"]["thresholds"])
+
+
+# Halting active from step 0, as a user would run it: gates on, tokens halting (the MLP gate with a
+# threshold that about half the initial scores miss, or BottomKGate halting 30% per decision), and
+# the bottom-K ponder loss at k = 0.3 from step 1 on (k = 0 at step 0).
+HALTING = [
+    "--config", str(ROOT / "configs" / "adaponderlm.yaml"),
+    "--data.tokenizer", "bytes", "--data.seq_len", "32", "--data.batch_size", "4",
+    "--model.init_args.size", "tiny", "--model.init_args.lr", "3e-3", "--model.init_args.gate_start_step", "0",
+    "--model.init_args.regularizer.init_args.k_max", "0.3", "--model.init_args.regularizer.init_args.start_step", "0",
+    "--model.init_args.regularizer.init_args.ramp_steps", "1",
+]
+HALTING_GATES = {
+    "threshold": ["--model.init_args.gate.init_args.init_bias", "0.0", "--model.init_args.gate.init_args.tau", "0.5"],
+    "bottom_k": ["--config", str(ROOT / "configs" / "gates" / "bottom_k.yaml"), "--model.init_args.gate.init_args.ratio", "0.3"],
+}
+HALTING_STEPS = 4
+
+
+def halting_overlay(tmp_path: Path, losses: Path) -> str:
+    trainer = {
+        "max_steps": HALTING_STEPS, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False, "logger": False,
+        "enable_progress_bar": False, "enable_model_summary": False,
+        "callbacks": [{"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}}],
+    }
+    path = tmp_path / "halting.yaml"
+    path.write_text(yaml.safe_dump({"trainer": trainer}))
+    return str(path)
+
+
+@pytest.mark.parametrize("trainer_config, gate", [("ddp_cpu.yaml", "threshold"), ("fsdp2_cpu.yaml", "bottom_k")])
+def test_two_processes_match_one_with_halting_active(tmp_path, cache, trainer_config, gate):
+    """Losses, the ponder loss each rank computes and the mean depth equal one process on the
+    same global batch at every step, with tokens halting and the ponder loss on."""
+    runs = {}
+    for name in ("single", "two"):
+        out = tmp_path / name
+        out.mkdir()
+        args = [*HALTING, *HALTING_GATES[gate], *cache, "--config", halting_overlay(out, out / "losses.jsonl"), "--trainer.default_root_dir", str(out)]
+        if name == "single":
+            main(["fit", *args])
+        else:
+            two = run_fit(*args, "--config", str(ROOT / "configs" / "trainer" / trainer_config), cwd=out)
+            assert two.returncode == 0, two.stderr[-3000:]
+        runs[name] = {key: read_records(out / "losses.jsonl", key) for key in ("loss", "aux", "depth")}
+    single, two = runs["single"], runs["two"]
+    assert sorted(single["loss"]) == sorted(two["loss"]) == list(range(HALTING_STEPS))
+    assert single["aux"][0] == 0 and all(single["aux"][step] > 0 for step in range(1, HALTING_STEPS))
+    assert all(1 < single["depth"][step] < 3.9 for step in range(HALTING_STEPS))  # tokens halt, not all at once
+    for key in ("loss", "aux", "depth"):
+        for step in range(HALTING_STEPS):
+            assert two[key][step] == pytest.approx(single[key][step], abs=1e-5), (key, step, two, single)

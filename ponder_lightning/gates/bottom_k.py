@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ponder_lightning.gates.base import GateDecision, halt_below
 from ponder_lightning.gates.mlp import FeedbackScale, PerIterationMLPGate
+from ponder_lightning.gates.regularizers import distributed_world_size, gather_rows
 from ponder_lightning.validation import ClosedUnitInterval, FiniteFloat, HalfOpenUnitInterval, PositiveInt, check_init_args
 
 
@@ -15,6 +16,12 @@ class BottomKGate(PerIterationMLPGate):
     the whole batch (a rank, as in mixture-of-depths). A batch-wide rank would look at future
     tokens at decode time, so in eval mode the gate instead halts below a threshold learned in
     training: an exponential moving average of the rank's cut-off score, per decision.
+
+    The cut-off is the `n_halt`-th smallest active score, `n_halt = int(ratio * active tokens)`,
+    and every active token scoring at or below it halts (ties at the cut-off all halt). Across
+    ranks (torch.distributed initialised, world size > 1) it is taken over the global batch: the
+    ranks gather each other's detached scores, so the cut-off, the tokens that halt and the
+    learned thresholds equal one process on the same global batch.
 
     Args:
         ratio: fraction of the still-active tokens halted at each decision.
@@ -43,7 +50,11 @@ class BottomKGate(PerIterationMLPGate):
         scores = self.scorer(iteration)(h).squeeze(-1).float().sigmoid()
         if not self.training:
             return GateDecision(scores=scores, active=halt_below(scores, active, self.thresholds[iteration]))
-        candidates = scores.detach()[active]
+        if distributed_world_size() > 1:
+            everyone, _ = gather_rows(torch.stack([scores.detach(), active.to(scores.dtype)], dim=1))
+            candidates = everyone[:, 0][everyone[:, 1].bool()]
+        else:
+            candidates = scores.detach()[active]
         n_halt = int(self.ratio * candidates.numel())
         if n_halt == 0:
             return GateDecision(scores=scores, active=active)
@@ -53,8 +64,6 @@ class BottomKGate(PerIterationMLPGate):
 
     @torch.no_grad()
     def _track(self, iteration: int, cutoff: Tensor) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(cutoff, op=torch.distributed.ReduceOp.AVG)
         old = self.thresholds[iteration]
         new = torch.where(self.thresholds_seen[iteration], self.momentum * old + (1 - self.momentum) * cutoff, cutoff)
         self.thresholds[iteration] = new

@@ -14,6 +14,35 @@ from ponder_lightning.validation import ClosedUnitInterval, NonNegativeFloat, No
 LOG_SCORE_SCALE = math.log(1e4)
 
 
+def distributed_world_size() -> int:
+    """Ranks of the default process group; 1 when torch.distributed is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def gather_rows(tensor: Tensor) -> tuple[Tensor, int]:
+    """All ranks' `tensor` concatenated along dim 0 (the batch rows) in rank order, and the row
+    at which this rank's own rows start. Rank r loads the r-th contiguous slice of the global
+    batch (data/sampling.py), so this is the batch as one process would hold it. Ranks may hold
+    different numbers of rows; the other dimensions must match. A collective: every rank calls it.
+    """
+    dist = torch.distributed
+    world = dist.get_world_size()
+    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    shapes = [tuple(s.tolist()) for s in shapes]
+    if any(s[1:] != tuple(tensor.shape[1:]) for s in shapes):
+        raise ValueError(f"ranks hold batches of incompatible shapes {shapes}: only the number of rows may differ")
+    rows = [s[0] for s in shapes]
+    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, rows)]), sum(rows[: dist.get_rank()])
+
+
 class PonderRegularizer:
     """Maps the gate scores of a forward pass (and the optimizer step) to a loss.
 
@@ -43,6 +72,15 @@ class BottomKPonderLoss(PonderRegularizer):
 
     k ramps linearly from 0 at `start_step` to `k_max` at `start_step + ramp_steps`; before
     `start_step` the loss is 0 (the paper's CE-only first stage).
+
+    Across ranks (torch.distributed initialised, world size > 1) the loss is batch-global, equal
+    to one process on the same global batch: every rank gathers the detached scores and masks of
+    all ranks, assembles the global batch in the order one process has it (rank r holds the r-th
+    contiguous slice) and selects the bottom k with the same code, so the entries chosen, ties
+    included, are those one process chooses. Each rank then backpropagates
+    `world_size * lam * (sum of its own chosen entries) / k`: DDP's and FSDP's mean over ranks of
+    these gradients is the one-process gradient. The value a rank returns (and logs) is the
+    one-process loss of the global batch; only its gradient is the rank's share.
 
     Args:
         lam: weight of the loss (paper default 0.1).
@@ -79,6 +117,17 @@ class BottomKPonderLoss(PonderRegularizer):
         self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None
     ) -> tuple[Tensor, Tensor, Tensor] | None:
         """Scores of the active entries, whether each went on, and the indices of the bottom k."""
+        entries = self._entries(scores, active, continuing)
+        if entries is None:
+            return None
+        values, went_on = entries
+        k = int(self.k_at(step) * values.numel())
+        chosen = values.detach().topk(k, largest=False).indices if k else values.new_zeros(0, dtype=torch.long)
+        return values, went_on, chosen
+
+    @staticmethod
+    def _entries(scores: list[Tensor | None], active: list[Tensor], continuing: list[Tensor] | None) -> tuple[Tensor, Tensor] | None:
+        """Scores of the active entries, decision by decision in row-major order, and whether each went on."""
         pairs = [(i, s, a) for i, (s, a) in enumerate(zip(scores, active)) if s is not None]
         if not pairs:
             return None
@@ -87,11 +136,39 @@ class BottomKPonderLoss(PonderRegularizer):
             went_on = torch.ones_like(values, dtype=torch.bool)
         else:
             went_on = torch.cat([continuing[i][a] for i, _, a in pairs])
-        k = int(self.k_at(step) * values.numel())
-        chosen = values.detach().topk(k, largest=False).indices if k else values.new_zeros(0, dtype=torch.long)
-        return values, went_on, chosen
+        return values, went_on
+
+    def _operand(self, picked: Tensor, went_on: Tensor) -> Tensor:
+        if self.operand == "log_score":
+            return (1 + picked.clamp_min(1e-30).log() / LOG_SCORE_SCALE) * went_on
+        return picked
+
+    @staticmethod
+    def _global_batch(
+        scores: list[Tensor | None], active: list[Tensor], continuing: list[Tensor] | None
+    ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None] | None, int]:
+        """The detached scores and masks of all ranks' rows (one collective), as one process has
+        them, and the first global row of this rank. Decisions without scores stay None."""
+        used = [i for i, (s, _) in enumerate(zip(scores, active)) if s is not None]
+        dtype = torch.promote_types(scores[used[0]].dtype, torch.float32)
+        planes = []
+        for i in used:
+            went_on = active[i] if continuing is None else continuing[i]
+            planes += [scores[i].detach().to(dtype), active[i].to(dtype), went_on.to(dtype)]
+        packed, first = gather_rows(torch.stack(planes, dim=1))
+        g_scores: list[Tensor | None] = [None] * len(scores)
+        g_active: list[Tensor | None] = [None] * len(active)
+        g_continuing: list[Tensor | None] = [None] * len(active)
+        for j, i in enumerate(used):
+            g_scores[i] = packed[:, 3 * j].to(scores[i].dtype)
+            g_active[i] = packed[:, 3 * j + 1].bool()
+            g_continuing[i] = packed[:, 3 * j + 2].bool()
+        return g_scores, g_active, None if continuing is None else g_continuing, first
 
     def __call__(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> Tensor | None:
+        world = distributed_world_size()
+        if world > 1:
+            return self._global_loss(scores, active, step, continuing, world)
         selection = self._bottom_k(scores, active, step, continuing)
         if selection is None:
             return None
@@ -103,10 +180,42 @@ class BottomKPonderLoss(PonderRegularizer):
             picked = (1 + picked.clamp_min(1e-30).log() / LOG_SCORE_SCALE) * went_on[chosen]
         return self.lam * picked.mean()
 
+    def _global_loss(
+        self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None, world: int
+    ) -> Tensor | None:
+        """This rank's share of the loss of the global batch (see the class docstring)."""
+        local = self._entries(scores, active, continuing)
+        if local is None:
+            return None
+        values, went_on = local
+        g_scores, g_active, g_continuing, first = self._global_batch(scores, active, continuing)
+        g_values, g_went_on, chosen = self._bottom_k(g_scores, g_active, step, g_continuing)
+        if chosen.numel() == 0:
+            return values.sum() * 0.0
+        # owner[j]: the index in `values` of global entry j when this rank holds it, else -1.
+        owner, offset = [], 0
+        for i, (s, a) in enumerate(zip(scores, active)):
+            if s is None:
+                continue
+            ids = torch.full_like(g_active[i], -1, dtype=torch.long)
+            n = int(a.sum())
+            ids[first : first + a.shape[0]][a] = torch.arange(offset, offset + n, device=a.device)
+            owner.append(ids[g_active[i]])
+            offset += n
+        mine = torch.cat(owner)[chosen]
+        mine = mine[mine >= 0]
+        k = chosen.numel()
+        share = world * self.lam * self._operand(values[mine], went_on[mine]).sum() / k
+        total = self.lam * self._operand(g_values[chosen], g_went_on[chosen]).mean()  # what one process computes
+        return share + (total - share).detach()
+
     @torch.no_grad()
     def describe(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> dict[str, float]:
         """The loss's active set: its size (k), the highest score in it, and the fraction of it
-        that still went on (0 = the loss only sees tokens that halted already)."""
+        that still went on (0 = the loss only sees tokens that halted already). Across ranks,
+        those of the global batch (a collective, like the loss)."""
+        if distributed_world_size() > 1 and any(s is not None for s in scores):
+            scores, active, continuing, _ = self._global_batch(scores, active, continuing)
         selection = self._bottom_k(scores, active, step, continuing)
         if selection is None or selection[2].numel() == 0:
             return {}
