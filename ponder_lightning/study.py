@@ -17,8 +17,10 @@ A study file (YAML)::
         configs: [configs/adaponderlm.yaml, configs/gates/fixed_geometric.yaml]
         args: [--model.init_args.gate.init_args.target_depth, "{adaponderlm:depth_mean}"]
 
+A run may list its own `seeds:` (a subset of the study's, e.g. one seed for a costly ablation).
 `{run:depth_mean}` is that run's mean depth at evaluation (same seed), `{run:pondering_steps}`
-the nearest whole number of extra passes (fixed-depth PonderLM at the same mean passes) and
+the extra passes of the deepest fixed-depth PonderLM whose depth does not exceed that mean (at
+most the same FLOPs: with PonderLM at full depth it brackets the adaptive model) and
 `{run:export}` its final checkpoint exported as a Hugging Face directory (a start for continued
 pretraining: `--model.init_args.pretrained {vanilla:export}`); a run that refers to another is
 trained after it. Finished runs are skipped and an interrupted one
@@ -59,14 +61,22 @@ def load_study(path: str | Path) -> dict[str, Any]:
     unknown = set(study) - {"out", "seeds", "base", "args", "reference", "eval_batches", "runs"}
     if unknown:
         raise UserError(f"{path}: unknown study field(s) {sorted(unknown)}")
+    study.setdefault("seeds", [1])
     for name, run in study["runs"].items():
-        for ref, _ in REFERENCE.findall(" ".join(map(str, (run or {}).get("args", [])))):
+        run = run or {}
+        unknown = set(run) - {"configs", "args", "seeds"}
+        if unknown:
+            raise UserError(f"{path}: run {name} has unknown field(s) {sorted(unknown)} (configs, args, seeds)")
+        if not set(run.get("seeds", [])) <= set(study["seeds"]):
+            raise UserError(f"{path}: run {name}'s seeds {run['seeds']} are not among the study's seeds {study['seeds']}")
+        for ref, _ in REFERENCE.findall(" ".join(map(str, run.get("args", [])))):
             if ref not in study["runs"]:
                 raise UserError(f"{path}: run {name} refers to {{{ref}:...}}, which is not a run of this study")
+            if not set(run.get("seeds", study["seeds"])) <= set((study["runs"][ref] or {}).get("seeds", study["seeds"])):
+                raise UserError(f"{path}: run {name} refers to {ref}, which is not trained for all of {name}'s seeds")
     if study.get("reference") is not None and study["reference"] not in study["runs"]:
         raise UserError(f"{path}: reference {study['reference']!r} is not a run of this study")
     study.setdefault("out", str(Path("studies/out") / path.stem))
-    study.setdefault("seeds", [1])
     return study
 
 
@@ -90,7 +100,7 @@ def resolve(arg: str, results: dict[str, dict[str, Any]]) -> str:
             raise UserError(f"run {match.group(1)} failed, so {arg} has no value")
         if match.group(2) == "export":
             return str(export_once(Path(result["checkpoint"])))
-        return f"{result['depth_mean']:.4f}" if match.group(2) == "depth_mean" else str(max(round(result["depth_mean"]) - 1, 0))
+        return f"{result['depth_mean']:.4f}" if match.group(2) == "depth_mean" else str(max(math.floor(result["depth_mean"] + 1e-9) - 1, 0))
 
     return REFERENCE.sub(value, str(arg))
 
@@ -183,6 +193,8 @@ def run_study(path: str | Path) -> Path:
     for seed in study["seeds"]:
         results[seed] = {}
         for name in run_order(study["runs"], study.get("reference")):
+            if seed not in (study["runs"][name] or {}).get("seeds", study["seeds"]):
+                continue
             run_dir = out / "runs" / name / f"seed_{seed}"
             done = run_dir / "result.json"
             if done.is_file():

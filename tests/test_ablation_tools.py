@@ -201,3 +201,23 @@ def test_continued_pretraining_starts_where_the_pretrained_model_is(tmp_path):
     reloaded = AdaPonderLM(**dict(model.hparams, pretrained=None))  # how checkpoints and exports rebuild it
     assert reloaded.recurrence.embed_scale == 1.0
     assert VanillaLM(size="tiny", vocab_size=NEOX_VOCAB, pretrained=str(tmp_path / "pythia"))  # unchanged
+
+
+def test_the_ponder_loss_makes_tokens_halt_and_the_passes_kept_matter():
+    """No hand-set gate weights: the paper's recipe (scores as feedback weights, the bottom-K loss
+    on s) trained from the default initialisation, where nothing halts, until tokens halt; the
+    passes the continuing tokens still run must change their predictions (a collapsed gate
+    would keep them at s ~ 0, and their outputs would equal the first pass's)."""
+    torch.manual_seed(0)
+    model = AdaPonderLM(size="tiny", vocab_size=VOCAB, lr=3e-3, regularizer=BottomKPonderLoss(lam=0.1, k_max=0.2, ramp_steps=10))
+    ids = torch.randint(0, VOCAB, (4, 32))
+    assert run(model.eval(), ids)[1].depth().eq(4).all()  # nothing halts at initialisation
+    data = torch.utils.data.DataLoader([torch.randint(0, VOCAB, (33,)) for _ in range(16)], batch_size=4)
+    L.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+    logits, trace = run(model.eval(), ids)
+    depth = trace.depth()
+    assert (depth < 4).float().mean() > 0.05, trace.active_fractions()  # the ponder loss made tokens halt
+    assert (depth > 1).float().mean() > 0.5
+    first_pass, _ = run(model, ids, FirstPassOnly(model.gate))
+    change = (logits - first_pass).abs().mean(-1)[depth > 1]  # per continuing token, mean |delta logit|
+    assert change.mean() > 0.05, float(change.mean())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import operator
+import types
 import typing
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def _restricted(hint):
     if is_restricted(hint):
         return hint, lambda bad: bad
     args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 and not is_restricted(args[0]):
+        return _restricted(args[0])  # Optional[tuple[...]] and the like
     if typing.get_origin(hint) is list:
         return (args[0], lambda bad: [bad]) if is_restricted(args[0]) else (None, None)
     if typing.get_origin(hint) is tuple:
