@@ -6,7 +6,7 @@ A study file (YAML)::
 
     out: studies/out/small            # everything goes here; TensorBoard: tensorboard --logdir <out>/runs
     seeds: [1, 2]                     # every run is trained once per seed
-    base: [studies/small_base.yaml]   # overlays every run gets after its own configs (paths relative to the repository)
+    base: [studies/small_base.yaml]   # overlays every run gets after its own configs (paths: the working directory's, else the repository's)
     args: [--trainer.max_steps, "400"]  # flags every run gets
     reference: vanilla                # the run whose per-token NLL is a difficulty measure (same seed)
     eval_batches: 16                  # validation batches every run is evaluated on
@@ -113,8 +113,8 @@ def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: d
     run = study["runs"][name] or {}
     configs = [*run.get("configs", []), *study.get("base", [])]
     argv = ["fit"]
-    for config in configs:
-        argv += ["--config", str(config if Path(config).is_absolute() else ROOT / config)]
+    for config in configs:  # relative to the working directory, else to the repository
+        argv += ["--config", str(config if Path(config).exists() else ROOT / config)]
     argv += [resolve(a, results) for a in [*study.get("args", []), *run.get("args", [])]]
     argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir), "--trainer.logger.class_path",
              "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
