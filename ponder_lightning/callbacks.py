@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -161,10 +162,11 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
             f"(the same model at full depth: {full:.2f}x)",
         ]
         if "val/ppl_full_depth" in last:
+            rho = last["val/depth_spearman/nll_full_depth"]
             lines.append(
                 f"the same weights with no token halted: val ppl {last['val/ppl_full_depth']:.2f} (learned depth: {last['val/ppl']:.2f}); "
-                f"first pass only: {last['val/ppl_first_pass']:.2f}; depth vs full-depth NLL, Spearman "
-                f"{last['val/depth_spearman/nll_full_depth']:+.3f} (> 0: harder tokens get more passes)"
+                f"first pass only: {last['val/ppl_first_pass']:.2f}; depth vs full-depth NLL: "
+                + ("n/a (every token ran the same depth)" if math.isnan(rho) else f"Spearman {rho:+.3f} (> 0: harder tokens get more passes)")
             )
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")

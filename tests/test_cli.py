@@ -122,6 +122,9 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
         assert tag in tags["scalars"], tag
     assert {"gate/scores_iter_0", "gate/scores_iter_2", "depth/tokens"} <= set(tags["histograms"])
     assert "val/depth_vs_nll" in tags["images"]
+    for tag in ("val/ppl_full_depth", "val/ppl_first_pass", "val/depth_spearman/nll_full_depth", "train/gate/weak_continuing_fraction/iter_0",
+                "train/gate/halted_fraction/iter_2"):
+        assert tag in tags["scalars"], tag
     ckpt = version / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     result = run_cli("generate", "--checkpoint", str(ckpt), "--prompt", "def f(x):", "--prompt", "A", "--max_new_tokens", "5", cwd=tmp_path)
@@ -140,6 +143,10 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "| 0.0001 |" in evaluation.stdout and "| 0.5 |" in evaluation.stdout
     assert (tmp_path / "eval" / "quality_vs_compute.png").is_file()
+    # The controls come with every evaluation of a gated model.
+    assert "controls on the same weights and data:" in evaluation.stdout and "| full depth (no halting) |" in evaluation.stdout
+    assert "random pruning, learned profile (seed 0)" in evaluation.stdout and "| nll_first_pass |" in evaluation.stdout
+    assert {"rows", "difficulty", "tokens"} <= set(json.loads((tmp_path / "eval" / "gate_study.json").read_text()))
 
     table = run_cli("flops", "--config", str(ROOT / "configs" / "ponderlm.yaml"), "--active", "1,0.5,0.5,0.25", cwd=tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]
