@@ -11,7 +11,8 @@ optionally swept over the halting threshold tau (a quality-vs-compute curve).
   learned scores (the fair iso-FLOPs control: only *which* tokens halt differs), one row per seed,
 - and depth against token difficulty measured independently of the depth a token got: its NLL
   at full depth, at the first pass, and optionally under a reference (vanilla) model trained on
-  the same data. Mean depth per difficulty decile and Spearman's rank correlation.
+  the same data; and against the gain pondering brings a token (first-pass NLL minus full-depth
+  NLL). Mean depth per decile of each and Spearman's rank correlation.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def gate_study(model, batches: Iterable[Any], context: int, reference=None, seed
             raise UserError(f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
                             "train the reference with the same tokenizer")
         difficulties["nll_reference"] = token_nll(reference, batches)[0]
+    # Not a difficulty but what the passes do for a token, also measured at full depth on the
+    # same weights: NLL after one pass minus NLL after all of them (> 0: pondering helps it).
+    difficulties["pondering_gain"] = first_nll - full_nll
     return {"rows": rows, "difficulty": difficulty_report(depth, difficulties), "tokens": int(depth.numel())}
 
 
@@ -120,7 +124,7 @@ def format_gate_study(study: dict[str, Any]) -> str:
         fractions = ", ".join(f"{f:.3f}" for f in r["active_fractions"])
         lines.append(f"| {r['control']} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |")
     lines += ["", f"mean depth per difficulty decile (easiest first; {study['tokens']} tokens):", "",
-              "| difficulty measure | Spearman(depth, difficulty) | " + " | ".join(f"d{i + 1}" for i in range(10)) + " |",
+              "| measure (difficulty, or pondering_gain) | Spearman with depth | " + " | ".join(f"d{i + 1}" for i in range(10)) + " |",
               "|---|---|" + "---|" * 10]
     for name, report in study["difficulty"].items():
         cells = " | ".join(f"{row['depth']:.2f}" for row in report["deciles"])

@@ -45,7 +45,7 @@ from ponder_lightning.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps|export)\}")
 SUMMARY_FIELDS = ["ppl", "flops_x_vanilla", "depth_mean", "ppl_full_depth", "ppl_random_pruning", "spearman_nll_full_depth",
-                  "spearman_nll_first_pass", "spearman_nll_reference", "train_minutes"]
+                  "spearman_nll_first_pass", "spearman_nll_reference", "spearman_pondering_gain", "train_minutes"]
 
 
 def load_study(path: str | Path) -> dict[str, Any]:

@@ -65,7 +65,7 @@ def test_gate_study_controls_share_the_weights_and_match_the_profile():
         for got, want in zip(row["active_fractions"], learned["active_fractions"]):
             assert abs(got - want) < 0.06, (row["active_fractions"], learned["active_fractions"])
     assert random_rows[0]["loss"] != random_rows[1]["loss"]  # two seeds, two draws
-    assert set(study["difficulty"]) == {"nll_full_depth", "nll_first_pass", "nll_reference"}
+    assert set(study["difficulty"]) == {"nll_full_depth", "nll_first_pass", "nll_reference", "pondering_gain"}
     for report in study["difficulty"].values():
         assert len(report["deciles"]) == 10 and -1 <= report["spearman"] <= 1
         assert [d["difficulty"] for d in report["deciles"]] == sorted(d["difficulty"] for d in report["deciles"])
