@@ -327,6 +327,16 @@ def export_command(argv: list[str]) -> None:
     run(argv)
 
 
+def lm_eval_command(argv: list[str]) -> None:
+    """`lm_eval --checkpoint CKPT --tasks T1,T2 [...]`: lm-evaluation-harness tasks on a checkpoint
+    (or an exported directory), with the compute next to the scores (`ponder_lightning.lm_eval_adapter`)."""
+    try:
+        from ponder_lightning.lm_eval_adapter import main as run
+    except ImportError as exc:
+        raise UserError(str(exc)) from None
+    run(argv, prog="python -m ponder_lightning lm_eval")
+
+
 # Commands beyond LightningCLI's fit/validate/test/predict; each imports its module only when used.
 COMMANDS = {
     "flops": flops_command,
@@ -335,6 +345,7 @@ COMMANDS = {
     "study": study_command,
     "prepare": prepare_command,
     "export": export_command,
+    "lm_eval": lm_eval_command,
 }
 
 

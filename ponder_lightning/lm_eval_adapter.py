@@ -15,9 +15,14 @@ From Python::
     lm.compute_report()
 
 or ``lm_eval.simple_evaluate(model="ponder_lightning", model_args="checkpoint=last.ckpt,batch_size=8", ...)``
-once this module is imported. From the shell::
+once this module is imported. lm-eval (0.4) offers no hook (entry point or plugin path) through
+which an installed package registers a model for its own command line, so ``lm_eval --model
+ponder_lightning`` cannot work by installation alone; from the shell use::
 
-    python -m ponder_lightning.lm_eval_adapter --checkpoint last.ckpt --tasks hellaswag,arc_easy [--limit 100]
+    python -m ponder_lightning lm_eval --checkpoint last.ckpt --tasks hellaswag,arc_easy [--limit 100]
+
+(``python -m ponder_lightning.lm_eval_adapter`` takes the same arguments), or export the model with
+``export --format transformers`` and run lm-eval's own ``hf`` backend on that directory.
 
 model_args: ``checkpoint`` (anything `load_checkpoint` reads), ``tokenizer`` (default: the one
 recorded in the checkpoint), ``batch_size``, ``max_length`` (default: the model's max_seq_len),
@@ -374,17 +379,18 @@ def format_compute_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """`python -m ponder_lightning.lm_eval_adapter --checkpoint CKPT --tasks T1,T2 [...]`: run
-    lm_eval tasks on a checkpoint; prints lm_eval's score table and the compute report."""
+def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.lm_eval_adapter") -> dict[str, Any]:
+    """`python -m ponder_lightning lm_eval --checkpoint CKPT --tasks T1,T2 [...]` (also
+    `python -m ponder_lightning.lm_eval_adapter ...`): run lm_eval tasks on a checkpoint; prints
+    lm_eval's score table and the compute report."""
     import argparse
     from pathlib import Path
 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    parser = argparse.ArgumentParser(prog="python -m ponder_lightning.lm_eval_adapter", description=main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`, an FSDP checkpoint directory or an exported directory")
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`, an FSDP checkpoint directory or an exported directory (either format)")
     parser.add_argument("--tasks", required=True, help="comma-separated lm_eval task (or group) names")
     parser.add_argument("--include_path", default=None, help="a directory of extra task YAMLs")
     parser.add_argument("--only_include_path", action="store_true",

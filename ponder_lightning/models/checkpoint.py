@@ -159,6 +159,12 @@ def _load_state(model: CausalLMModule, state: dict[str, torch.Tensor], source: s
 
 
 def _load_hf_dir(path: Path) -> LoadedCheckpoint:
+    from ponder_lightning import hf_export
+
+    if hf_export.is_transformers_export(path):  # `export --format transformers`
+        return hf_export.load_transformers_dir(path)
+    if hf_export.is_ponderlm_authors_dir(path):  # a GPT-NeoX saved by the PonderLM authors' code
+        return hf_export.load_ponderlm_authors_dir(path)
     config_file = path / EXPORT_CONFIG
     if not config_file.is_file():
         return LoadedCheckpoint(_vanilla_from_hf(path).eval(), {"global_step": 0})
@@ -180,18 +186,24 @@ def _load_hf_dir(path: Path) -> LoadedCheckpoint:
 def _vanilla_from_hf(path: Path) -> CausalLMModule:
     """A VanillaLM shaped like a local GPT-NeoX checkpoint, with its weights."""
     from ponder_lightning.models.vanilla import VanillaLM
-    from ponder_lightning.nn.config import PRESETS, backbone_config
     from ponder_lightning.nn.hf import read_hf_config
 
     cfg = read_hf_config(path)
+    return VanillaLM(
+        size=_preset_for(cfg, path), n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len, pretrained=str(path),
+    )
+
+
+def _preset_for(cfg, path: Path) -> str:
+    """A size preset with the checkpoint's fixed shape fields (the rest are init args)."""
+    from ponder_lightning.nn.config import PRESETS, backbone_config
+
     fixed = ("block", "mlp_ratio", "rotary_pct", "rotary_base", "norm_eps")  # not init args: a preset must have them
     size = next((name for name in PRESETS if all(getattr(backbone_config(name), f) == getattr(cfg, f) for f in fixed)), None)
     if size is None:
-        raise UserError(f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built as a VanillaLM")
-    return VanillaLM(
-        size=size, n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len, pretrained=str(path),
-    )
+        raise UserError(f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here")
+    return size
 
 
 def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = None, global_step: int = 0) -> Path:
@@ -258,14 +270,28 @@ def _jsonable(value: Any) -> Any:
 
 
 def export_command(argv: list[str]) -> None:
-    """`export --checkpoint last.ckpt --out DIR`: write a trained model as a Hugging Face directory."""
+    """`export --checkpoint last.ckpt --out DIR [--format backbone|transformers]`: write a trained
+    model as a Hugging Face directory. `backbone` (default): the backbone as a plain GPT-NeoX/LLaMA
+    checkpoint plus ponder_lightning's files; `transformers`: the whole pondering model, loaded by
+    `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (needs ponder_lightning
+    installed where it is loaded)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit` (file or FSDP directory)")
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory")
     parser.add_argument("--out", required=True, help="output directory (created; existing files are replaced)")
+    parser.add_argument("--format", choices=("backbone", "transformers"), default="backbone",
+                        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; transformers: the whole model with remote code")
     args = parser.parse_args(argv)
     model, data = load_checkpoint(args.checkpoint)
+    if args.format == "transformers":
+        from ponder_lightning.hf_export import export_transformers
+
+        out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
+        note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
+        print(f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}")
+        return
     out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
     kind = "GPT-NeoX checkpoint" if not (out / EXPORT_CONFIG).exists() else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
     print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")

@@ -1,0 +1,222 @@
+"""`export --format transformers`: the whole pondering model as a transformers model with remote
+code (logits and greedy generation equal this library's, for every family and gate), the way
+back (`load_checkpoint(DIR)`, the PonderLM authors' GPT-NeoX layout), and lm-eval on the exported
+directory: `python -m ponder_lightning lm_eval` and lm-eval's own `hf` backend, same scores."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
+
+from ponder_lightning.cli import main
+from ponder_lightning.data import load_tokenizer
+from ponder_lightning.generate import generate
+from ponder_lightning.hf_export import MODELING_FILE, export_transformers
+from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
+from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, PonderLM2, PonderLM3, VanillaLM
+from ponder_lightning.models.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 384  # the bytes tokenizer's 257 ids padded to a multiple of 128
+TINY = {"size": "tiny", "vocab_size": VOCAB}
+FAMILIES = {
+    "vanilla": lambda: VanillaLM(**TINY),
+    "ponderlm": lambda: PonderLM(mixture_top_k=16, **TINY),
+    "loop_bottom_k": lambda: LoopTransformer(gate=BottomKGate(ratio=0.3), **TINY),
+    "adaponderlm": lambda: AdaPonderLM(**TINY),
+    "adaponderlm_single_mlp": lambda: AdaPonderLM(gate=SingleMLPGate(), **TINY),
+    "adaponderlm_fixed": lambda: AdaPonderLM(gate=FixedRatioGate(target_depth=2.5), **TINY),
+    "ponderlm2": lambda: PonderLM2(**TINY),
+    "ponderlm3": lambda: PonderLM3(**TINY),
+}
+
+
+def tiny_model(family: str):
+    """A tiny model with random weights whose gates halt tokens."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]()
+    gate = getattr(model, "gate", None)
+    with torch.no_grad():
+        for mlp in [*getattr(gate, "mlps", []), *([gate.mlp] if hasattr(gate, "mlp") else [])]:
+            mlp[2].weight.normal_(0, 2)
+            mlp[2].bias.fill_(-3)
+        if hasattr(gate, "thresholds"):
+            gate.thresholds.fill_(0.5)
+            gate.thresholds_seen.fill_(True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, single_thread):
+    """family -> (library model, exported directory)."""
+    root = tmp_path_factory.mktemp("hf_export")
+    return {f: (m := tiny_model(f), export_transformers(m, root / f, tokenizer="bytes", global_step=7)) for f in FAMILIES}
+
+
+def padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(map(len, rows))
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for r, row in enumerate(rows):
+        span = slice(longest - len(row), longest) if side == "left" else slice(0, len(row))
+        ids[r, span], mask[r, span] = torch.tensor(row), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_model_equals_the_library(exported, family):
+    model, out = exported[family]
+    assert (out / MODELING_FILE).is_file() and (out / "tokenizer.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "ponder_lightning" and config["class_path"] == f"{type(model).__module__}.{type(model).__name__}"
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert not hf.training and hf.config.global_step == 7
+    torch.manual_seed(1)
+    ids = torch.randint(0, 257, (2, 24))
+    rows = [list(range(40, 60)), list(range(70, 79))]
+    left_ids, left_mask = padded(rows)
+    with torch.no_grad():
+        out_hf = hf(ids)
+        assert (out_hf.logits - model(ids)).abs().max() <= 1e-5
+        got = hf(input_ids=left_ids, attention_mask=left_mask).logits
+        want = model(left_ids, left_mask.bool())
+        assert (got - want)[left_mask.bool()].abs().max() <= 1e-5
+        for r, row in enumerate(rows):  # padding changes nothing for the real tokens
+            alone = model(torch.tensor([row]))[0]
+            assert (got[r, -len(row):] - alone).abs().max() <= 1e-5
+    if family.startswith(("adaponderlm", "loop")):  # the gates halt tokens, as in the library
+        assert out_hf.depth.min() < model.n_iterations
+    # The way back: the exported directory loads into the same class with the same logits.
+    again, data = load_checkpoint(out)
+    assert type(again) is type(model) and data == {"global_step": 7, "tokenizer": "bytes"}
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+
+
+@pytest.mark.parametrize("family", ["adaponderlm", "ponderlm3"])
+def test_greedy_generate_equals_ponder_lightning_generate(exported, family, capsys):
+    model, out = exported[family]
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True, padding_side="left")
+    prompts = ["The cat sat", "Hi"]
+    ours = generate(model, prompts, tokenizer=load_tokenizer("bytes"), max_new_tokens=12)
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        theirs = hf.generate(**batch, max_new_tokens=12, do_sample=False)
+    for r, tokens in enumerate(ours.tokens):
+        new = theirs[r, batch["input_ids"].shape[1]:].tolist()
+        assert new[: len(tokens)] == tokens
+    if family == "adaponderlm":  # and the CLI prints the same continuation
+        main(["generate", "--checkpoint", str(out), "--prompt", prompts[0], "--max_new_tokens", "12"])
+        printed = capsys.readouterr().out
+        assert prompts[0] + tok.decode(theirs[0, batch["input_ids"].shape[1]:]) in printed
+
+
+def test_export_command_from_a_lightning_checkpoint(exported, tmp_path, capsys):
+    model, _ = exported["adaponderlm"]
+    hparams = {"_class_path": "ponder_lightning.models.AdaPonderLM", **dict(model.hparams)}
+    ckpt = tmp_path / "last.ckpt"  # what `fit` writes, minus the optimizer
+    torch.save({"hyper_parameters": hparams, "state_dict": model.state_dict(), "global_step": 3,
+                "datamodule_hyper_parameters": {"tokenizer": "bytes"}}, ckpt)
+    main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--format", "transformers"])
+    assert "trust_remote_code=True" in capsys.readouterr().out
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    ids = torch.randint(0, 257, (1, 16))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max() <= 1e-5
+    assert AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)("hé").input_ids == list("hé".encode())
+    with pytest.raises(SystemExit) as exit_info:  # the same error handling as every command
+        main(["export", "--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x"), "--format", "transformers"])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def authors_reference(neox: GPTNeoXModel, head: torch.nn.Linear, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """The PonderLM authors' GPT-NeoX forward, written from the paper (scale_embeds and
+    mutiply_pondering_steps on): E = s * sqrt(d) * E0, then s times E += softmax(logits) @ (sqrt(d) W)."""
+    scale = math.sqrt(neox.config.hidden_size)
+    table = neox.embed_in.weight * scale
+    embeds = neox.embed_in(ids) * scale * steps
+    for _ in range(steps):
+        embeds = embeds + head(neox(inputs_embeds=embeds).last_hidden_state).softmax(-1) @ table
+    return head(neox(inputs_embeds=embeds).last_hidden_state)
+
+
+def test_ponderlm_authors_layout_loads_as_ponderlm(tmp_path, single_thread):
+    """A GPT-NeoX directory with the config fields the authors' training code sets (and their
+    unused `adapter` weight) loads as a PonderLM with their settings."""
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=512, rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5,
+        use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
+    )
+    torch.manual_seed(1)
+    neox = GPTNeoXForCausalLM(config).eval()
+    neox.save_pretrained(tmp_path / "authors")
+    raw = json.loads((tmp_path / "authors" / "config.json").read_text())
+    raw.update(ponderinglm=True, pondering_steps=3, scale_embeds=True, mutiply_pondering_steps=True)
+    (tmp_path / "authors" / "config.json").write_text(json.dumps(raw))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "authors" / "model.safetensors"))
+    save_file({**weights, "adapter.weight": torch.zeros(64, 128)}, str(tmp_path / "authors" / "model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_checkpoint(tmp_path / "authors")
+    assert type(model) is PonderLM and model.hparams.pondering_steps == 3
+    assert model.hparams.scale_embeds and model.hparams.multiply_pondering_steps and model.hparams.mixture_top_k is None
+    ids = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        assert (model(ids) - authors_reference(neox.gpt_neox, neox.get_output_embeddings(), ids, 3)).abs().max() <= 1e-4
+
+
+@pytest.fixture()
+def in_root(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.chdir(ROOT)  # the fixture tasks' data_files are relative to the repository root
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+
+
+FIXTURES = str(ROOT / "tests" / "fixtures" / "lm_eval")
+
+
+def run_lm_eval_subcommand(out: Path, results: Path) -> dict:
+    main(["lm_eval", "--checkpoint", str(out), "--tasks", "ponder_tiny", "--include_path", FIXTURES, "--only_include_path",
+          "--bootstrap_iters", "0", "--output", str(results)])
+    return json.loads(results.read_text())
+
+
+def test_lm_eval_subcommand(exported, in_root, tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    _, out = exported["adaponderlm"]
+    ours = run_lm_eval_subcommand(out, tmp_path / "ours.json")
+    printed = capsys.readouterr().out
+    assert "ponder_tiny_choice" in printed and "FLOPs x vanilla" in printed and "mean depth" in printed
+    assert 1 <= ours["compute"]["mean_depth"] < ours["compute"]["n_iterations"]  # scored at the learned depth
+    assert set(ours["results"]) >= {"ponder_tiny_choice", "ponder_tiny_gen", "ponder_tiny_ppl"}
+    with pytest.raises(SystemExit) as exit_info:  # a UserError: one line, status 2, as every command
+        main(["lm_eval", "--checkpoint", str(tmp_path / "missing"), "--tasks", "ponder_tiny_choice"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "does not exist" in err
+
+
+def test_exported_dir_in_lm_eval_hf_backend_scores_as_the_adapter(exported, in_root, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` on the exported
+    directory: every score of the local tasks equals `python -m ponder_lightning lm_eval`'s."""
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate (pip install 'lm-eval[hf]')")
+    from lm_eval.tasks import TaskManager
+
+    _, out = exported["adaponderlm"]
+    ours = run_lm_eval_subcommand(out, tmp_path / "ours.json")["results"]
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32", tasks=["ponder_tiny"], device="cpu",
+        batch_size=4, task_manager=TaskManager(include_path=FIXTURES, include_defaults=False), bootstrap_iters=0, log_samples=False,
+    )["results"]
+    checked = [("ponder_tiny_choice", "acc,none"), ("ponder_tiny_choice", "acc_norm,none"), ("ponder_tiny_gen", "exact_match,none"),
+               ("ponder_tiny_ppl", "word_perplexity,none"), ("ponder_tiny_ppl", "byte_perplexity,none"), ("ponder_tiny_ppl", "bits_per_byte,none")]
+    for task, metric in checked:
+        assert math.isclose(theirs[task][metric], ours[task][metric], rel_tol=1e-5, abs_tol=1e-6), (task, metric, theirs[task][metric], ours[task][metric])
