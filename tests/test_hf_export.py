@@ -220,3 +220,15 @@ def test_exported_dir_in_lm_eval_hf_backend_scores_as_the_adapter(exported, in_r
                ("ponder_tiny_ppl", "word_perplexity,none"), ("ponder_tiny_ppl", "byte_perplexity,none"), ("ponder_tiny_ppl", "bits_per_byte,none")]
     for task, metric in checked:
         assert math.isclose(theirs[task][metric], ours[task][metric], rel_tol=1e-5, abs_tol=1e-6), (task, metric, theirs[task][metric], ours[task][metric])
+
+
+def test_loading_without_the_package_names_pip_install(exported, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    shutil.copytree(exported["adaponderlm"][1], tmp_path / "copy")  # a new directory: transformers imports its code afresh
+    for name in [k for k in sys.modules if k == "ponder_lightning" or k.startswith("ponder_lightning.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ponder_lightning", None)  # import ponder_lightning -> ImportError
+    with pytest.raises(ImportError, match="pip install ponder_lightning"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
