@@ -225,3 +225,41 @@ def load_ponderlm_authors_dir(path: Path):
     load_into(model.backbone, state, source=str(path))
     tokenizer = {"tokenizer": str(path)} if (path / "tokenizer.json").is_file() else {}
     return LoadedCheckpoint(model.eval(), {"global_step": 0, **tokenizer})
+
+
+# -- `pretrained`: a start for continued pretraining ----------------------------------------------
+def pretrained_backbone_state(path: str | Path) -> dict[str, Any] | None:
+    """The backbone's weights (backbone names) of a directory that is not a plain Hugging Face
+    backbone: a transformers export of this library, or the PonderLM authors' GPT-NeoX directory
+    (without their unused adapter). None for a plain GPT-NeoX/LLaMA directory (Pythia)."""
+    from ponder_lightning.nn.hf import load_hf_state_dict
+
+    directory = Path(path).expanduser()
+    if is_transformers_export(directory):
+        head = PREFIX + "backbone."
+        return {k.removeprefix(head): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if k.startswith(head)}
+    if is_ponderlm_authors_dir(directory):
+        return {k: v for k, v in load_hf_state_dict(directory).items() if k not in AUTHORS_UNUSED}
+    return None
+
+
+def pretrained_extra_state(path: str | Path, class_path: str) -> dict[str, Any]:
+    """The weights outside the backbone (gates, routers) of a transformers export of the same
+    model class; empty otherwise (a different class keeps its own initialisation)."""
+    directory = Path(path).expanduser()
+    if not is_transformers_export(directory) or json.loads((directory / "config.json").read_text()).get("class_path") != class_path:
+        return {}
+    return {k.removeprefix(PREFIX): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if not k.startswith(PREFIX + "backbone.")}
+
+
+def pretrained_scales_embeddings(path: str | Path) -> bool:
+    """The embedding scale the weights at `path` were trained with: an export's own setting, the
+    authors' config's `scale_embeds`, and none for a plain Hugging Face directory (Pythia)."""
+    directory = Path(path).expanduser()
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if raw.get("model_type") == MODEL_TYPE:
+        return bool(raw.get("init_args", {}).get("scale_embeds", False))
+    return bool(raw.get("scale_embeds", False)) if raw.get(AUTHORS_FLAG) else False

@@ -170,6 +170,27 @@ def test_ponderlm_authors_layout_loads_as_ponderlm(tmp_path, single_thread):
     ids = torch.randint(0, 257, (2, 20))
     with torch.no_grad():
         assert (model(ids) - authors_reference(neox.gpt_neox, neox.get_output_embeddings(), ids, 3)).abs().max() <= 1e-4
+    # The same directory as a start for continued pretraining: their weights and embedding scale.
+    start = PonderLM(pretrained=str(tmp_path / "authors"), multiply_pondering_steps=True, **TINY).eval()
+    assert start.hparams.scale_embeds
+    with torch.no_grad():
+        assert torch.equal(start(ids), model(ids))
+
+
+@pytest.mark.parametrize("family", ["adaponderlm", "loop_bottom_k"])
+def test_an_export_is_a_start_for_continued_pretraining(exported, family):
+    """`--model.init_args.pretrained DIR` on a `--format transformers` export: the same class takes
+    every weight (gates too) and the embedding scale it was trained with; another class takes the
+    backbone and keeps its own gate."""
+    original, out = exported[family]
+    ids = torch.randint(0, 257, (2, 24))
+    same = type(original)(pretrained=str(out), gate=type(original.gate)(**({"ratio": 0.3} if family == "loop_bottom_k" else {})), **TINY).eval()
+    assert same.hparams.scale_embeds is True  # trained from scratch with it
+    with torch.no_grad():
+        assert torch.equal(same(ids), original(ids))
+    other = PonderLM(pretrained=str(out), **TINY)
+    assert torch.equal(other.backbone.embed_in.weight, original.backbone.embed_in.weight)
+    assert type(other.gate).__name__ == "AlwaysContinue"
 
 
 @pytest.fixture()
@@ -190,7 +211,6 @@ def run_lm_eval_subcommand(out: Path, results: Path) -> dict:
 
 
 def test_lm_eval_subcommand(exported, in_root, tmp_path, capsys):
-    pytest.importorskip("lm_eval")
     _, out = exported["adaponderlm"]
     ours = run_lm_eval_subcommand(out, tmp_path / "ours.json")
     printed = capsys.readouterr().out
@@ -206,8 +226,8 @@ def test_lm_eval_subcommand(exported, in_root, tmp_path, capsys):
 def test_exported_dir_in_lm_eval_hf_backend_scores_as_the_adapter(exported, in_root, tmp_path):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` on the exported
     directory: every score of the local tasks equals `python -m ponder_lightning lm_eval`'s."""
-    lm_eval = pytest.importorskip("lm_eval")
-    pytest.importorskip("accelerate", reason="lm-eval's hf backend needs accelerate (pip install 'lm-eval[hf]')")
+    import accelerate  # noqa: F401  (lm-eval's hf backend needs it; the dev extra installs it)
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     _, out = exported["adaponderlm"]

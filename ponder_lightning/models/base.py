@@ -73,8 +73,10 @@ class CausalLMModule(L.LightningModule):
         weight_decay: AdamW decay on matrices and embeddings, never on biases and norms.
         betas: AdamW betas (paper: 0.9, 0.95).
         activation_checkpointing: recompute each layer in the backward pass to save memory.
-        pretrained: local Hugging Face GPT-NeoX directory (e.g. a Pythia download) whose weights
-            replace the initial backbone; its shape and vocabulary must match the configured model.
+        pretrained: local directory whose weights replace the initial backbone: a Hugging Face
+            GPT-NeoX/LLaMA checkpoint (e.g. a Pythia download), a `--format transformers` export
+            of this library (a model of the same class also takes its gates), or the PonderLM
+            authors' GPT-NeoX directory; its shape and vocabulary must match the configured model.
     """
 
     def __init__(
@@ -114,7 +116,9 @@ class CausalLMModule(L.LightningModule):
         self.backbone.init_weights(passes_per_token=self.n_iterations)
         self.backbone.activation_checkpointing = activation_checkpointing
         if pretrained is not None:
-            load_pretrained(self.backbone, pretrained)
+            from ponder_lightning.hf_export import pretrained_backbone_state
+
+            load_pretrained(self.backbone, pretrained, pretrained_backbone_state(pretrained))
         self.gate: Gate = AlwaysContinue()
         self.eval_metric = DepthNLL(max_depth=self.n_iterations)
         self.flops_per_batch: float | None = None

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ponder_lightning.gates import AlwaysContinue, FirstPassOnly, FullDepth, Gate, NoPonderLoss, PonderRegularizer
+from ponder_lightning.hf_export import pretrained_extra_state, pretrained_scales_embeddings
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, spearman
 from ponder_lightning.nn.recurrence import Trace
@@ -49,8 +50,9 @@ class RecurrentLM(CausalLMModule):
         AlwaysContinue for PonderLM/LoopTransformer, PerIterationMLPGate for AdaPonderLM).
     regularizer: loss on the gate scores (default: the model's own; NoPonderLoss = CE only).
     scale_embeds: multiply token embeddings by sqrt(d) (mixture feedback) or sqrt(2.5 d) (hidden
-        feedback). Default (null): on from scratch, off with `pretrained`, since Pythia was
-        trained without it and its first pass must equal Pythia's logits.
+        feedback). Default (null): on from scratch; with `pretrained`, as those weights were
+        trained (off for Pythia, whose first pass must then equal Pythia's logits; an export of
+        this library keeps its own setting).
     train_only_gates: freeze everything but the gate (continued pretraining's first stage).
     gate_start_step: before this optimizer step the gate is bypassed (every token runs every
         iteration at full weight), so that the model learns to use its passes before gates may
@@ -69,16 +71,30 @@ class RecurrentLM(CausalLMModule):
     ) -> None:
         check_init_args(RecurrentLM, locals())
         super().__init__(**kwargs)
+        pretrained = self.hparams.get("pretrained")
         if scale_embeds is None:  # resolved once and kept in the hyper-parameters, so checkpoints and exports keep it
-            self.hparams.scale_embeds = self.hparams.get("pretrained") is None
+            self.hparams.scale_embeds = pretrained is None or pretrained_scales_embeddings(pretrained)
         self.gate = gate if gate is not None else self.default_gate()
         self.gate.bind(self.config.d_model, self.n_iterations - 1)
+        if pretrained is not None:
+            self._load_pretrained_gates(pretrained)
         self.regularizer = regularizer if regularizer is not None else self.default_regularizer()
         if train_only_gates:
             self.backbone.requires_grad_(False)
         self._weak_steps = 0
         self.difficulty_metric = DepthDifficulty()
         self.depth_by_difficulty: list[dict[str, float]] | None = None
+
+    def _load_pretrained_gates(self, pretrained: str) -> None:
+        """An export of this very class brings its gates too, when they are the same gates."""
+        extra = pretrained_extra_state(pretrained, f"{type(self).__module__}.{type(self).__qualname__}")
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+        if not extra:
+            return
+        if set(extra) != set(own) or any(extra[k].shape != own[k].shape for k in own):
+            rank_zero_info(f"pretrained {pretrained}: backbone loaded; its gate weights do not fit this model's gate, which keeps its initialisation")
+            return
+        self.load_state_dict(extra, strict=False)
 
     @property
     def scales_embeddings(self) -> bool:

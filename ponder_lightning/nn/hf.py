@@ -143,14 +143,20 @@ def load_hf_backbone(path: str | Path) -> Backbone:
 _SHAPE_FIELDS = ("block", "n_layer", "d_model", "n_head", "mlp_ratio", "rotary_pct", "rotary_base", "norm_eps")
 
 
-def load_pretrained(backbone: Backbone, path: str | Path) -> None:
+def load_pretrained(backbone: Backbone, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
     """Load a local GPT-NeoX checkpoint into an existing backbone (continued pretraining).
 
     The backbone's shape comes from the model's own config (`size` + overrides), so that a
     checkpoint of the continued run rebuilds without the pretrained directory; this checks that
-    the two agree and says which preset to pick when they do not.
+    the two agree and says which preset to pick when they do not. `state`: the backbone's weights
+    when the directory holds more than a plain backbone (the caller extracts them; each tensor's
+    shape is still checked).
     """
     from ponder_lightning.nn.config import PRESETS, backbone_config
+
+    if state is not None:
+        load_into(backbone, state, source=str(path))
+        return
 
     theirs, ours = read_hf_config(path), backbone.config
     if theirs.vocab_size != ours.vocab_size:
