@@ -8,39 +8,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ponder_lightning.gates.collectives import distributed_world_size, gather_rows
 from ponder_lightning.validation import ClosedUnitInterval, NonNegativeFloat, NonNegativeInt, check_init_args
 
 #: log(1e4): the log-score operand maps s = 1 to 1 and s = 1e-4 (the paper's tau) to 0.
 LOG_SCORE_SCALE = math.log(1e4)
-
-
-def distributed_world_size() -> int:
-    """Ranks of the default process group; 1 when torch.distributed is not initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def gather_rows(tensor: Tensor) -> tuple[Tensor, int]:
-    """All ranks' `tensor` concatenated along dim 0 (the batch rows) in rank order, and the row
-    at which this rank's own rows start. Rank r loads the r-th contiguous slice of the global
-    batch (data/sampling.py), so this is the batch as one process would hold it. Ranks may hold
-    different numbers of rows; the other dimensions must match. A collective: every rank calls it.
-    """
-    dist = torch.distributed
-    world = dist.get_world_size()
-    shape = torch.tensor(tensor.shape, dtype=torch.long, device=tensor.device)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    shapes = [tuple(s.tolist()) for s in shapes]
-    if any(s[1:] != tuple(tensor.shape[1:]) for s in shapes):
-        raise ValueError(f"ranks hold batches of incompatible shapes {shapes}: only the number of rows may differ")
-    rows = [s[0] for s in shapes]
-    padded = tensor.new_zeros((max(rows), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, rows)]), sum(rows[: dist.get_rank()])
 
 
 class PonderRegularizer:
@@ -175,10 +147,7 @@ class BottomKPonderLoss(PonderRegularizer):
         values, went_on, chosen = selection
         if chosen.numel() == 0:
             return values.sum() * 0.0  # keeps the graph (and DDP's used-parameter set) identical
-        picked = values[chosen]
-        if self.operand == "log_score":
-            picked = (1 + picked.clamp_min(1e-30).log() / LOG_SCORE_SCALE) * went_on[chosen]
-        return self.lam * picked.mean()
+        return self.lam * self._operand(values[chosen], went_on[chosen]).mean()
 
     def _global_loss(
         self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None, world: int
