@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -235,24 +234,10 @@ def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = No
         if extra:
             save_file(extra, str(out / EXPORT_EXTRA_WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
-        _write_tokenizer(tokenizer, out)
+        from ponder_lightning.hf_export import write_tokenizer
+
+        write_tokenizer(tokenizer, out, model.config.max_seq_len)
     return out
-
-
-def _write_tokenizer(spec: str, out: Path) -> None:
-    """Copy the NeoX tokenizer next to the weights, so AutoTokenizer.from_pretrained(out) works."""
-    from ponder_lightning.data.tokenizer import NEOX_ALIASES, VENDORED_NEOX
-
-    if spec.lower() in NEOX_ALIASES:
-        shutil.copyfile(VENDORED_NEOX, out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>", "model_max_length": 2048,
-        }, indent=2) + "\n")
-    elif Path(spec).expanduser().is_dir():
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (Path(spec).expanduser() / name).is_file():
-                shutil.copyfile(Path(spec).expanduser() / name, out / name)
 
 
 def _jsonable(value: Any) -> Any:
