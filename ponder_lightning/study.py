@@ -119,8 +119,9 @@ def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: d
     argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir), "--trainer.logger.class_path",
              "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
              "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", f"seed_{seed}"]
-    if last_checkpoint(run_dir) is not None:
-        argv += ["--ckpt_path", str(last_checkpoint(run_dir))]
+    resume_from = last_checkpoint(run_dir)
+    if resume_from is not None:
+        argv += ["--ckpt_path", str(resume_from)]
     (run_dir / "command.txt").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text("python -m ponder_lightning " + " ".join(argv) + "\n")
     start = time.perf_counter()
