@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ponder_lightning.generate import Generation, generate
-from ponder_lightning.nn.packed import decoding
+from ponder_lightning.nn.onednn import prepacked_weights
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -76,7 +76,7 @@ class Decoder:
         self.prefill_counts = counts
         self.last = hidden[:, -1]
 
-    @decoding()  # as generate does: the last hidden states' logits run on packed weights too
+    @prepacked_weights()  # as generate does: the last hidden states' logits run on packed weights too
     def __call__(self) -> None:
         """Prefill, then decode `new_tokens - 1` steps (the first new token comes from the prefill),
         timing the decoding alone."""

@@ -1,4 +1,4 @@
-"""Decoding's matmuls on CPU: plain (MKL) vs on oneDNN-packed weights (`nn/packed.py`), by rows.
+"""Decoding's matmuls on CPU: plain (MKL) vs on oneDNN-packed weights (`nn/onednn.py`), by rows.
 
 A decode pass multiplies one row per running sequence by the weights, a prefill iteration one row
 per prompt token still active; halting changes how many rows run. For the pythia-70m shape (d 512,
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import alternate, write_results
-from ponder_lightning.nn import packed
+from ponder_lightning.nn import onednn
 from ponder_lightning.nn.config import backbone_config
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not packed.available():
+    if not onednn.available():
         raise SystemExit("this build of torch has no oneDNN packed linear: nothing to compare")
     torch.manual_seed(0)
     cfg = backbone_config(args.size, vocab_size=50304)
@@ -38,17 +38,17 @@ def main() -> None:
     shapes = [(3 * d, d), (d, d), (cfg.d_ff, d), (d, cfg.d_ff)] * cfg.n_layer
     layers = [(torch.randn(out, inp), torch.randn(out)) for out, inp in shapes]
     rows_out = []
-    with torch.no_grad(), packed.decoding():
+    with torch.no_grad(), onednn.prepacked_weights():
         for n in args.rows:
             x, probs = torch.randn(n, d), torch.randn(n, vocab).softmax(-1)
             inputs = {inp: torch.randn(n, inp) for inp in (d, cfg.d_ff)}
             contenders = {
                 "head plain": lambda: F.linear(x, head),
-                "head packed": lambda: packed.linear(x, head),
+                "head packed": lambda: onednn.linear(x, head),
                 "mixture plain": lambda: probs @ table,
-                "mixture packed": lambda: packed.vocab_mixture(probs, table),
+                "mixture packed": lambda: onednn.vocab_mixture(probs, table),
                 "layers plain": lambda: [F.linear(inputs[w.shape[1]], w, b) for w, b in layers],
-                "layers packed": lambda: [packed.linear(inputs[w.shape[1]], w, b) for w, b in layers],
+                "layers packed": lambda: [onednn.linear(inputs[w.shape[1]], w, b) for w, b in layers],
             }
             ms = {k: 1000 * v for k, v in alternate(contenders, args.repeats).items()}
             row = {"rows": n}

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.packed import decoding
+from ponder_lightning.nn.onednn import prepacked_weights
+from ponder_lightning.nn.rowwise import RowDecoder
 
 
 @dataclass
@@ -50,6 +51,22 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def decode_rows(decoder: RowDecoder, rows: Tensor, tokens: Tensor, emit: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> int:
+    """The row-wise decoding loop: `rows` start `tokens`; each tick is one backbone pass that
+    advances every row in flight by one pass of its own token. When rows' tokens are done,
+    `emit(rows, logits, depth)` returns the rows that go on and their next tokens. Returns the
+    ticks taken."""
+    decoder.start(rows, tokens)
+    ticks = 0
+    while rows.numel():
+        step = decoder.step(rows)
+        ticks += 1
+        going, tokens = emit(rows[step.finished], step.logits, step.depth)
+        decoder.start(going, tokens)
+        rows = torch.cat([rows[~step.finished], going]).sort().values
+    return ticks
+
+
 def _wait_for(device: torch.device) -> None:
     """Let queued GPU work finish, so that a phase's seconds are its own (CUDA runs asynchronously)."""
     if device.type == "cuda":
@@ -57,7 +74,7 @@ def _wait_for(device: torch.device) -> None:
 
 
 @torch.no_grad()
-@decoding()
+@prepacked_weights()
 def generate(
     model,
     prompts: Sequence[Sequence[int]] | Sequence[str],
@@ -116,15 +133,7 @@ def generate(
 
     start = time.perf_counter()
     decoder = model.row_decoder(cache)
-    in_flight, token = emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1])
-    decoder.start(in_flight, token)
-    passes = 0
-    while in_flight.numel():  # one backbone pass per tick; each row runs its own token's next pass
-        step = decoder.step(in_flight)
-        passes += 1
-        going, token = emit(in_flight[step.finished], step.logits, step.depth)
-        decoder.start(going, token)
-        in_flight = torch.cat([in_flight[~step.finished], going]).sort().values
+    passes = decode_rows(decoder, *emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1]), emit)
     _wait_for(device)
     decode_seconds = time.perf_counter() - start
     n_generated = sum(len(t) for t in new_tokens)

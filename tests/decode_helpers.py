@@ -2,7 +2,7 @@
 
 import torch
 
-from ponder_lightning.generate import Generation, generate
+from ponder_lightning.generate import Generation, decode_rows, generate
 
 
 def decode_incrementally(model, ids: torch.Tensor, prefill: int):
@@ -30,20 +30,17 @@ def decode_rowwise(model, ids: torch.Tensor, prefill: int, with_evaluations: boo
     logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
     depths: list[list[int]] = [[] for _ in range(b)]
     next_col = torch.full((b,), prefill + 1, device=ids.device)
-    in_flight = torch.arange(b, device=ids.device)
-    decoder.start(in_flight, ids[:, prefill])
-    ticks = 0
-    while in_flight.numel():
-        step = decoder.step(in_flight)
-        ticks += 1
-        done = in_flight[step.finished]
+
+    def emit(done: torch.Tensor, step_logits: torch.Tensor, step_depth: torch.Tensor):
         for j, row in enumerate(done.tolist()):
-            logits[row].append(step.logits[j])
-            depths[row].append(int(step.depth[j]))
+            logits[row].append(step_logits[j])
+            depths[row].append(int(step_depth[j]))
         going = done[next_col[done] < t]
-        decoder.start(going, ids[going, next_col[going]])
+        tokens = ids[going, next_col[going]]
         next_col[going] += 1
-        in_flight = torch.cat([in_flight[~step.finished], going]).sort().values
+        return going, tokens
+
+    ticks = decode_rows(decoder, torch.arange(b, device=ids.device), ids[:, prefill], emit)
     result = torch.stack([torch.stack(row) for row in logits]), torch.tensor(depths), ticks
     return result + (decoder.evaluations,) if with_evaluations else result
 

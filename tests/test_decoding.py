@@ -9,7 +9,7 @@ from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate, sample
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
-from ponder_lightning.nn import packed
+from ponder_lightning.nn import onednn
 
 VOCAB = 256
 
@@ -191,14 +191,14 @@ def test_stop_tokens_and_text_prompts():
 
 
 def test_cpu_generation_multiplies_on_packed_weights():
-    """On CPU, decoding's matmuls run on oneDNN-packed copies of the weights (`nn/packed.py`), so
+    """On CPU, decoding's matmuls run on oneDNN-packed copies of the weights (`nn/onednn.py`), so
     the equality tests above cover that path."""
     model = PonderLM(size="tiny", vocab_size=VOCAB).eval()
     generate(model, [[1, 2, 3]], max_new_tokens=2)
     backbone = model.backbone
     for weight in (backbone.embed_out.weight, backbone.layers[0].attention.query_key_value.weight, backbone.layers[-1].mlp.dense_4h_to_h.weight):
-        assert (id(weight), False) in packed._packed
-    assert (id(backbone.embed_in.weight), True) in packed._packed  # the mixture's table, transposed
+        assert (id(weight), False) in onednn._packed
+    assert (id(backbone.embed_in.weight), True) in onednn._packed  # the mixture's table, transposed
 
 
 def test_a_batch_decodes_in_as_many_passes_as_its_deepest_row_needs():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ponder_lightning.errors import UserError
-from ponder_lightning.gates.base import Gate, GateDecision
+from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.validation import AtLeastOneFloat, NonNegativeInt, check_init_args
 
 

@@ -6,7 +6,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from ponder_lightning.gates.base import Gate, GateDecision, halt_below, mlp_flops, mlp_scorer
+from ponder_lightning.gates.base import halt_below, mlp_flops, mlp_scorer
+from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.validation import ClosedUnitInterval, FiniteFloat, PositiveInt, check_init_args
 
 FeedbackScale = Literal["score", "straight_through"]

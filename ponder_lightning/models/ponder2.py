@@ -12,7 +12,8 @@ from torch import Tensor
 from ponder_lightning import flops
 from ponder_lightning.errors import UserError
 from ponder_lightning.models.base import CausalLMModule
-from ponder_lightning.nn.latent import LatentCache, LatentRecurrence, LatentRowDecoder
+from ponder_lightning.nn.cache import KVCache
+from ponder_lightning.nn.latent import LatentRecurrence, LatentRowDecoder
 from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.validation import NonNegativeInt, PositiveInt, check_init_args
 
@@ -97,16 +98,16 @@ class PonderLM2(CausalLMModule):
         self.last_jacobi_passes = self.jacobi_passes()
         return self.latent(inputs, valid, self.last_jacobi_passes)
 
-    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.config.max_seq_len:
             raise UserError(f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={self.config.max_seq_len}")
         return self.latent.new_cache(batch, max_len)
 
-    def extend(self, tokens: Tensor, valid: Tensor, cache: LatentCache) -> tuple[Tensor, Tensor, list[int]]:
+    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
         """Exact sequential decoding: K+1 single-slot passes per token (see `LatentRecurrence.extend`)."""
         return self.latent.extend(tokens, valid, cache)
 
-    def row_decoder(self, cache: LatentCache) -> LatentRowDecoder:
+    def row_decoder(self, cache: KVCache) -> LatentRowDecoder:
         """Decoding where every row runs its own next slot in each pass (see `nn/rowwise.py`)."""
         return LatentRowDecoder(self.latent, cache)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ponder_lightning.nn.config import BackboneConfig
-from ponder_lightning.nn.packed import Linear
+from ponder_lightning.nn.onednn import Linear
 
 
 class KVHook(Protocol):
@@ -270,6 +270,11 @@ class Backbone(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv_hook, i)
         return self.final_layer_norm(x) if final_norm else x
+
+    def embed(self, tokens: Tensor, scale: float = 1.0) -> Tensor:
+        """Token embeddings [B, T, d], times `scale` (the models' sqrt(d) or sqrt(2.5 d))."""
+        embeds = self.embed_in(tokens)
+        return embeds * scale if scale != 1.0 else embeds
 
     def logits(self, h: Tensor) -> Tensor:
         return self.embed_out(h)

@@ -1,11 +1,15 @@
-"""Per-iteration KV caches for incremental decoding, owned by the library.
+"""The decoding KV cache every model uses: it owns the slots, the attention masks and the capacity.
 
-One K and one V tensor hold every (layer, iteration) of a batch of sequences. Prefill fills them
-together (prompts are left-padded to a common length, so slot s is the same step for every row);
-row-wise decoding (`nn/rowwise.py`) then lets each row fill its own next slots. A token
-that halts after iteration j has its iteration-j K/V copied into every later iteration's cache
-(one slot per layer, cheap), so later tokens see exactly what the training-time KV alignment
-shows them.
+One K and one V tensor hold every (layer, iteration) of a batch of sequences. Token-recurrent
+models keep one cache per iteration: a token takes one slot, the same in each iteration's cache,
+and a token that halts after iteration j has its iteration-j K/V copied into every later
+iteration's cache (`inherit`, one slot per layer, cheap), so later tokens see exactly what the
+training-time KV alignment shows them. Latent-slot models (PonderLM-2/3) keep one iteration and
+take a slot per slot pass, each key with its attention bias (PonderLM-3's log w).
+
+Prefill (`reserve`) gives every row the same new slots (prompts are left-padded to a common
+length, so slot s is the same step for every row); row-wise decoding (`nn/rowwise.py`) then
+claims each row's next slot on its own (`claim`).
 """
 
 from __future__ import annotations
@@ -15,30 +19,73 @@ from torch import Tensor
 
 
 class KVCache:
-    def __init__(self, n_iterations: int, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        # Layer first, so that one layer's (iteration, row) caches form one [N * B] axis to gather from.
+    """K/V [layer, iteration, row, head, slot, head_dim] (layer first, so that one layer's
+    (iteration, row) caches form one axis to gather from), the valid keys and the bias of each
+    slot, and per row the slots used and the real tokens seen (the next token's rotary position).
+    `key_bias`: keep an additive attention bias per key (0 until set)."""
+
+    def __init__(
+        self,
+        n_iterations: int,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        key_bias: bool = False,
+    ) -> None:
         shape = (n_layers, n_iterations, batch, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.key_bias = torch.zeros(batch, max_len, dtype=dtype, device=device) if key_bias else None
+        self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # slots used per row
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row so far
-        self.length = 0  # slots used (same for every row)
         self.max_len = max_len
 
+    @property
+    def batch(self) -> int:
+        return self.key_valid.shape[0]
+
+    def check_room(self, rows: Tensor, slots: int) -> None:
+        """Raise unless each of `rows` has `slots` more free slots."""
+        if rows.numel() and int(self.fill[rows].max()) + slots > self.max_len:
+            raise ValueError(f"KV cache full: {int(self.fill[rows].max())} + {slots} slots exceed its {self.max_len} slots")
+
     def reserve(self, valid: Tensor) -> tuple[Tensor, Tensor]:
-        """Claim slots for new tokens [B, T_new]; returns their slot indices [T_new] and rotary
-        positions [B, T_new] (counting only real tokens, so left padding changes nothing)."""
+        """Claim the same new slots in every row for new tokens [B, T_new] (prefill); returns their
+        slot indices [T_new] and rotary positions [B, T_new] (counting only real tokens, so left
+        padding changes nothing)."""
+        start = int(self.fill[0])
+        if not bool((self.fill == start).all()):
+            raise ValueError("KV cache: a prefill needs every row at the same slot; its rows have moved on one by one (row-wise decoding)")
         t_new = valid.shape[1]
-        if self.length + t_new > self.max_len:
-            raise ValueError(f"KV cache full: {self.length} + {t_new} tokens exceed its {self.max_len} slots")
-        slots = torch.arange(self.length, self.length + t_new, device=valid.device)
+        self.check_room(torch.arange(self.batch, device=valid.device), t_new)
+        slots = torch.arange(start, start + t_new, device=valid.device)
         positions = (self.n_real.unsqueeze(1) + valid.long().cumsum(1) - 1).clamp(min=0)
         self.key_valid[:, slots] = valid
+        self.fill += t_new
+        self.n_real += valid.sum(1)
         return slots, positions
 
-    def commit(self, valid: Tensor) -> None:
-        self.length += valid.shape[1]
-        self.n_real += valid.sum(1)
+    def claim(self, rows: Tensor) -> Tensor:
+        """One new slot for each of `rows` (row-wise decoding): their indices [n], marked valid."""
+        self.check_room(rows, 1)
+        slots = self.fill[rows]
+        self.key_valid[rows, slots] = True
+        self.fill[rows] += 1
+        return slots
+
+    def attention_mask(self, rows: Tensor, query_slots: Tensor, total_len: int) -> Tensor:
+        """Mask [n, 1, A, total_len] for queries in slots `query_slots` [n, A] of `rows` [n]: each
+        sees the valid keys up to its own slot; bool, or additive with the key bias if kept."""
+        keys = torch.arange(total_len, device=rows.device) <= query_slots.unsqueeze(-1)
+        keys &= self.key_valid[rows, None, :total_len]
+        if self.key_bias is None:
+            return keys.unsqueeze(1)
+        return torch.where(keys, self.key_bias[rows, None, :total_len], float("-inf")).unsqueeze(1)
 
     def inherit(self, iteration: int, rows: Tensor, slots: Tensor) -> None:
         """Halted tokens (rows[j], slots[j]) keep the K/V of the previous iteration in this one."""
@@ -48,19 +95,19 @@ class KVCache:
 
 
 class CacheWriter:
-    """KV hook for one backbone pass of packed queries: writes the new tokens' K/V into their slots
-    of the cache and lets them attend over the whole cached prefix.
+    """KV hook for one backbone pass of gathered queries: writes the new tokens' K/V into their
+    slots of the cache and lets them attend over the whole cached prefix.
 
     `iteration` is the cache every row uses (an int), or one per row ([B'] tensor) when rows are
     at different iterations (row-wise decoding). `rows` [B'] are the batch rows that run, `slots`
-    [B', A] the slot of each packed query (padding entries duplicate a real one of the same row,
+    [B', A] the slot of each gathered query (padding entries duplicate a real one of the same row,
     so their writes are identical).
     """
 
-    def __init__(self, cache: KVCache, iteration: int | Tensor, rows: Tensor, slots: Tensor, total_len: int, all_rows: bool) -> None:
+    def __init__(self, cache: KVCache, iteration: int | Tensor, rows: Tensor, slots: Tensor, total_len: int) -> None:
         self.cache, self.rows, self.slots = cache, rows, slots
         self.iteration = iteration if isinstance(iteration, int) else iteration.unsqueeze(1)
-        self.total_len, self.all_rows = total_len, all_rows
+        self.total_len, self.all_rows = total_len, rows.numel() == cache.batch
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # [N, B, H, L, Dh]

@@ -6,19 +6,21 @@ the output (after the final norm) of slot (t, k-1); every slot of token t takes 
 slot (t, K)'s output predicts token t+1 (with PonderLM-3's router: the s-weighted sum of the
 slots' outputs, and log w of each slot added to every query's attention logit for it).
 
-The model is sequential: a latent depends on every earlier slot. Decoding runs it so (`extend`:
-K+1 single-slot passes per token on one KV cache; `LatentRowDecoder` lets every row of a batch
-run its own next slot in each pass, see `nn/rowwise.py`). Training runs the Jacobi form (`__call__`):
+The model is sequential: a latent depends on every earlier slot. Decoding runs it so: the slot
+step (`LatentRowDecoder.step`) runs every given row's next slot in one single-slot pass on the
+KV cache (each row at its own token and slot, see `nn/rowwise.py`), and prefill (`extend`) is the
+same step run over the prompt's tokens in order. Training runs the Jacobi form (`__call__`):
 build-up passes over the first 1..K slots of every token grow the latents, J passes over all K+1
 slots update every latent in parallel from the previous pass, and a final pass reads out. Each
 full-width pass makes at least one more latent (in sequence order) exact, and a token's router
 output is exact when its first latent is, so with J >= T*K the training form equals decoding
 exactly; the default J (2-3) is the paper's approximation.
 
-Why not `nn.recurrence.Recurrence`: its passes share one sequence shape and one attention mask,
-here the width grows during build-up and PonderLM-3's mask changes every pass (the router is
-refined from each pass's token-slot output). Shared with it: the backbone and its K/V hook,
-`causal_mask`, rotary positions, `CacheWriter` and `Trace`.
+Why the Jacobi form is a second step: it updates every latent of the sequence in parallel from
+the previous pass, which the sequential slot step cannot express. Why not `nn.recurrence.Recurrence`:
+its passes share one sequence shape and one attention mask, here the width grows during build-up
+and PonderLM-3's mask changes every pass. Shared with it: the backbone and its K/V hook,
+`causal_mask`, rotary positions, the `KVCache` and `Trace`.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ponder_lightning.nn.backbone import Backbone, CausalKeyBias, causal_mask, positions_from_valid
-from ponder_lightning.nn.cache import CacheWriter
-from ponder_lightning.nn.packed import decoding
+from ponder_lightning.nn.cache import CacheWriter, KVCache
+from ponder_lightning.nn.onednn import prepacked_weights
 from ponder_lightning.nn.recurrence import Trace
-from ponder_lightning.nn.rowwise import RowStep
+from ponder_lightning.nn.rowwise import RowDecoder, RowStep
 
 
 def tail_weights(probs: Tensor) -> Tensor:
@@ -80,26 +82,6 @@ class SlotRouter(nn.Module):
         return 2.0 * sum(p.numel() for p in self.parameters() if p.dim() == 2)
 
 
-class LatentCache:
-    """The decoding KV cache of the interleaved slots: one per batch, packed per row (a row's
-    slots are the slots its tokens ran, in order), so padding and pruned slots take no space and
-    never enter attention. Each cached slot keeps its log w (0 without a router).
-
-    K/V have an iteration axis of size 1 so that `CacheWriter` (iteration 0) writes them.
-    `length` counts token steps (same for every row), as `KVCache.length` does.
-    """
-
-    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_tokens: int, slots_per_token: int, dtype: torch.dtype, device: torch.device) -> None:
-        max_slots = max_tokens * slots_per_token
-        self.k = torch.zeros(n_layers, 1, batch, n_heads, max_slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.key_valid = torch.zeros(batch, max_slots, dtype=torch.bool, device=device)
-        self.key_bias = torch.zeros(batch, max_slots, dtype=dtype, device=device)
-        self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # slots used per row
-        self.n_real = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row = next position
-        self.length, self.max_tokens, self.batch = 0, max_tokens, batch
-
-
 class LatentRecurrence:
     """Training (Jacobi) and decoding (sequential) forms of the latent-slot model.
 
@@ -119,8 +101,7 @@ class LatentRecurrence:
         self.router, self.tau = router, tau
 
     def embed(self, tokens: Tensor) -> Tensor:
-        embeds = self.backbone.embed_in(tokens)
-        return embeds * self.embed_scale if self.embed_scale != 1.0 else embeds
+        return self.backbone.embed(tokens, self.embed_scale)
 
     # -- training form ---------------------------------------------------------------------
     def __call__(self, tokens: Tensor, valid: Tensor | None, jacobi_passes: int) -> tuple[Tensor, Trace]:
@@ -156,70 +137,41 @@ class LatentRecurrence:
         return bias if valid is None else bias.masked_fill(~valid.bool().unsqueeze(-1), 0.0)
 
     # -- decoding form ---------------------------------------------------------------------
-    def new_cache(self, batch: int, max_tokens: int) -> LatentCache:
+    def new_cache(self, batch: int, max_tokens: int) -> KVCache:
+        """One cache iteration, K+1 slots per token, and PonderLM-3's log w as the key bias."""
         cfg, weight = self.backbone.config, self.backbone.embed_in.weight
-        return LatentCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_tokens, self.latent_steps + 1, weight.dtype, weight.device)
+        slots = max_tokens * (self.latent_steps + 1)
+        return KVCache(1, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, slots, weight.dtype, weight.device, key_bias=self.router is not None)
 
     @torch.no_grad()
-    @decoding()
-    def extend(self, tokens: Tensor, valid: Tensor, cache: LatentCache) -> tuple[Tensor, Tensor, list[int]]:
-        """Run new tokens [B, T_new] (a prompt, or one token per row) slot by slot: for each token,
-        slot 0, then (with a router) only the latent slots whose w >= tau. Returns the hidden
-        states that predict the next tokens [B, T_new, d], the slots each token ran [B, T_new]
-        (1 + latent steps; 0 for padding) and the tokens that ran each slot k, [K+1]."""
-        b, t_new = tokens.shape
-        if cache.length + t_new > cache.max_tokens:
-            raise ValueError(f"latent cache full: {cache.length} + {t_new} tokens exceed its {cache.max_tokens}")
-        embeds = self.embed(tokens)
-        out = torch.zeros_like(embeds)
-        depth = torch.zeros(b, t_new, dtype=torch.long, device=tokens.device)
-        evaluations = [0] * (self.latent_steps + 1)
-        for col in range(t_new):
+    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
+        """Run new tokens [B, T_new] (a prompt, or one token per row) slot by slot with the row
+        decoder's step: for each token, slot 0, then (with a router) only the latent slots whose
+        w >= tau. Returns the hidden states that predict the next tokens [B, T_new, d], the slots
+        each token ran [B, T_new] (1 + latent steps; 0 for padding) and the tokens that ran each
+        slot k, [K+1]."""
+        decoder = LatentRowDecoder(self, cache)
+        out = torch.zeros(*tokens.shape, self.backbone.config.d_model, dtype=cache.k.dtype, device=tokens.device)
+        depth = torch.zeros(tokens.shape, dtype=torch.long, device=tokens.device)
+        for col in range(tokens.shape[1]):
             rows = valid[:, col].nonzero().squeeze(1)
-            x, probs, w = embeds[rows, col], None, None
-            for k in range(self.latent_steps + 1):
-                if k > 0 and w is not None:  # prune: w is non-increasing, so a pruned token stops here
-                    keep = w[:, k] >= self.tau
-                    rows, x, probs, w = rows[keep], x[keep], probs[keep], w[keep]
-                if rows.numel() == 0:
-                    break
-                h = self._slot(x, rows, cache, torch.zeros_like(x[:, 0]) if w is None else log_weights(w[:, k]))
-                evaluations[k] += rows.numel()
-                depth[rows, col] += 1
-                if self.router is not None and k == 0:
-                    probs = self.router(h)
-                    w = tail_weights(probs)
-                if probs is None:
-                    out[rows, col] = h  # PonderLM-2 reads out the last slot
-                else:
-                    out[rows, col] += probs[:, k : k + 1].to(h.dtype) * h
-                x = h
-            cache.n_real += valid[:, col]
-            cache.length += 1
-        return out, depth, evaluations
-
-    def _slot(self, x: Tensor, rows: Tensor, cache: LatentCache, bias: Tensor) -> Tensor:
-        """One single-slot pass for `rows`: append the slot to each row's cache (with its log w)
-        and attend over the row's cached slots."""
-        slot = cache.fill[rows]
-        cache.key_valid[rows, slot] = True
-        cache.key_bias[rows, slot] = bias.to(cache.key_bias.dtype)
-        total = int(slot.max()) + 1
-        keys = cache.key_valid[rows, :total]
-        mask = torch.where(keys, cache.key_bias[rows, :total], float("-inf")).to(x.dtype)[:, None, None, :]
-        writer = CacheWriter(cache, 0, rows, slot.unsqueeze(1), total, all_rows=rows.numel() == cache.batch)
-        h = self.backbone(x.unsqueeze(1), cache.n_real[rows].unsqueeze(1), mask, kv_hook=writer)
-        cache.fill[rows] += 1
-        return h[:, 0]
+            decoder.start(rows, tokens[rows, col])
+            while rows.numel():
+                step = decoder.step(rows, with_logits=False)
+                done = rows[step.finished]
+                out[done, col], depth[done, col] = step.hidden, step.depth
+                rows = rows[~step.finished]
+        return out, depth, decoder.evaluations
 
 
-class LatentRowDecoder:
+class LatentRowDecoder(RowDecoder):
     """Row-wise decoding of latent slots (see `nn/rowwise.py`): each pass runs every given row's
     next slot, whichever token and slot that is, so a row whose router prunes its latent steps
-    starts its next token while other rows still think. Same results as `LatentRecurrence.extend`."""
+    starts its next token while other rows still think."""
 
-    def __init__(self, latent: LatentRecurrence, cache: LatentCache) -> None:
-        self.latent, self.cache = latent, cache
+    def __init__(self, latent: LatentRecurrence, cache: KVCache) -> None:
+        super().__init__(cache, latent.latent_steps + 1)
+        self.latent = latent
         b, device = cache.batch, cache.fill.device
         d, dtype = latent.backbone.config.d_model, cache.k.dtype
         self.slot_index = torch.zeros(b, dtype=torch.long, device=device)  # k of each row's next slot
@@ -227,26 +179,29 @@ class LatentRowDecoder:
         self.out = torch.zeros(b, d, dtype=dtype, device=device)
         self.probs = torch.zeros(b, latent.latent_steps + 1, device=device)
         self.w = torch.ones(b, latent.latent_steps + 1, device=device)
-        self.evaluations = [0] * (latent.latent_steps + 1)
 
     def start(self, rows: Tensor, tokens: Tensor) -> None:
         """Rows `rows` begin new tokens `tokens` [n] at their token slot."""
-        max_slots = self.cache.key_valid.shape[1]
-        if rows.numel() and int(self.cache.fill[rows].max()) + self.latent.latent_steps + 1 > max_slots:
-            raise ValueError(f"latent cache full: its {self.cache.max_tokens} tokens are used")
+        self.cache.check_room(rows, self.latent.latent_steps + 1)
         self.x[rows] = self.latent.embed(tokens)
         self.out[rows] = 0.0
         self.slot_index[rows] = 0
         self.w[rows] = 1.0
 
     @torch.no_grad()
-    @decoding()
-    def step(self, rows: Tensor) -> RowStep:
-        latent, k = self.latent, self.slot_index[rows]
-        bias = torch.zeros(rows.numel(), dtype=self.x.dtype, device=rows.device) if latent.router is None else log_weights(self.w[rows, k])
-        h = latent._slot(self.x[rows], rows, self.cache, bias)
-        for i, count in enumerate(torch.bincount(k, minlength=latent.latent_steps + 1).tolist()):
-            self.evaluations[i] += count
+    @prepacked_weights()
+    def step(self, rows: Tensor, with_logits: bool = True) -> RowStep:
+        """One single-slot pass for `rows`: each appends its next slot to the cache (with its
+        log w) and attends over its own cached slots."""
+        latent, cache, k = self.latent, self.cache, self.slot_index[rows]
+        slot = cache.claim(rows)
+        if cache.key_bias is not None:
+            cache.key_bias[rows, slot] = log_weights(self.w[rows, k]).to(cache.key_bias.dtype)
+        total_len = int(slot.max()) + 1
+        mask = cache.attention_mask(rows, slot.unsqueeze(1), total_len)
+        writer = CacheWriter(cache, 0, rows, slot.unsqueeze(1), total_len)
+        h = latent.backbone(self.x[rows].unsqueeze(1), cache.n_real[rows].unsqueeze(1), mask, kv_hook=writer)[:, 0]
+        self.tally(k)
         if latent.router is None:
             self.out[rows] = h  # PonderLM-2 reads out the last slot
         else:
@@ -262,5 +217,6 @@ class LatentRowDecoder:
             finished |= self.w[rows, next_k.clamp(max=latent.latent_steps)] < latent.tau
         self.slot_index[rows] = next_k
         done = rows[finished]
-        self.cache.n_real[done] += 1
-        return RowStep(finished=finished, logits=latent.backbone.logits(self.out[done]), depth=next_k[finished])
+        cache.n_real[done] += 1
+        hidden = self.out[done]
+        return RowStep(finished=finished, hidden=hidden, depth=next_k[finished], logits=latent.backbone.logits(hidden) if with_logits else None)

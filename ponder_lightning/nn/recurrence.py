@@ -1,4 +1,4 @@
-"""The recurrence every pondering model shares, written once.
+"""The token recurrence every pondering model shares; its iteration step is written once.
 
     state = feedback.initial(embeddings); active = m^0 (every real token)
     for i in range(n_iterations):
@@ -7,6 +7,12 @@
         if last: break
         decision = gate(h, i, active)               # soft scores s^i and the next mask m^{i+1}
         state = feedback.update(state, h, m^{i+1} * s^i)
+
+`Recurrence.step` is the loop body. Its three execution forms differ only in which tokens they
+hand it and where K/V live: training (`__call__`: every token at every iteration, halted ones
+masked with `where`, K/V aligned in `KVAlignment`), prefill (`extend`: each row's active tokens
+gathered, K/V in the `KVCache`) and row-wise decoding (`nn/rowwise.py`: one token per row, rows at
+different iterations).
 
 PonderLM (probability-weighted embedding feedback), LoopTransformer (hidden-state feedback) and
 AdaPonderLM (PonderLM + learned gate) differ only in the feedback and the gate plugged in; the
@@ -20,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ponder_lightning.gates.base import Gate, GateDecision
-from ponder_lightning.nn.backbone import Backbone, causal_mask, positions_from_valid
+from ponder_lightning.nn.gate import Gate, GateDecision
+from ponder_lightning.nn.backbone import Backbone, KVHook, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
-from ponder_lightning.nn.packed import decoding, vocab_mixture
+from ponder_lightning.nn.onednn import prepacked_weights, vocab_mixture
 
 
 class Feedback:
@@ -37,7 +43,7 @@ class Feedback:
         return embeds
 
     def inputs(self, state: Tensor, embeds: Tensor, iteration: int | Tensor) -> Tensor:
-        """Backbone input; `iteration` is one int, or one per token (row-wise decoding)."""
+        """Backbone input; `iteration` is one int, or one per row (row-wise decoding)."""
         return state
 
     def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
@@ -107,7 +113,8 @@ class LoopFeedback(Feedback):
             return state
         if isinstance(iteration, int):
             return state + embeds if iteration > 0 else state
-        return torch.where((iteration > 0).unsqueeze(-1), state + embeds, state)
+        later = (iteration > 0).view(-1, *(1,) * (state.dim() - 1))  # one iteration per row
+        return torch.where(later, state + embeds, state)
 
     def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
         return h_raw if weight is None else state + weight.unsqueeze(-1).to(h_raw.dtype) * (h_raw - state)
@@ -161,6 +168,20 @@ class Trace:
         return counts / counts[0].clamp(min=1)
 
 
+@dataclass
+class Iteration:
+    """What one iteration step did for the tokens it was given: `h` the readout (after the final
+    norm); after every iteration but the last, `go` the tokens that run the next one, `scores`
+    the gate's s^i and `state` their next state (see `Recurrence.step`); `logits` of every token
+    when the step computed them for the feedback and the caller asked to keep them."""
+
+    h: Tensor
+    go: Tensor | None = None
+    scores: Tensor | None = None
+    state: Tensor | None = None
+    logits: Tensor | None = None
+
+
 class Recurrence:
     """Runs `n_iterations` backbone passes with a feedback rule and a gate (see module docstring).
 
@@ -174,61 +195,115 @@ class Recurrence:
         self.backbone, self.feedback, self.gate = backbone, feedback, gate
         self.n_iterations, self.embed_scale = n_iterations, embed_scale
 
+    def embed(self, tokens: Tensor) -> Tensor:
+        return self.backbone.embed(tokens, self.embed_scale)
+
+    def step(
+        self,
+        gate: Gate,
+        state: Tensor,
+        embeds: Tensor,
+        iteration: int | Tensor,
+        tokens: Tensor,
+        positions: Tensor | None,
+        active: Tensor,
+        mask: Tensor | None,
+        kv_hook: KVHook | None,
+        gathered: bool = False,
+        keep_logits: bool = False,
+    ) -> Iteration:
+        """One iteration for tokens [N, A] (state and embeds [N, A, d]): the backbone pass (K/V go
+        through `kv_hook`), the readout, the gate's decision and the next state.
+
+        `iteration`: an int, or one per row [N] when rows are at different iterations (row-wise
+        decoding; the gate then runs once per distinct iteration, since its parameters are per
+        iteration). `positions`: rotary positions (None = 0..A-1 in every row). `gathered`: the
+        next state only for the tokens that go on, flat in `go.nonzero()` order, as the decode
+        forms keep it (PonderLM's mixture reads the whole vocabulary, so halted tokens should not
+        pay for it); otherwise every token's, halted ones with weight 0, as training keeps its
+        shapes static. `keep_logits`: return the logits of every token when the feedback
+        computed them (decoding samples the finished tokens from the same product).
+        """
+        h_raw = self.backbone(self.feedback.inputs(state, embeds, iteration), positions, mask, kv_hook=kv_hook, final_norm=False)
+        h = self.backbone.final_layer_norm(h_raw)
+        if isinstance(iteration, int) and iteration == self.n_iterations - 1:
+            return Iteration(h)
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[:2])
+        go, scores, weight = self.decide(gate, h, iteration, active, tokens, positions)
+        if not gathered:
+            return Iteration(h, go, scores, self.feedback.update(self.backbone, state, h_raw, h, weight))
+        going = go.nonzero(as_tuple=True)
+        logits = self.backbone.logits(h) if keep_logits and self.feedback.reads_logits and going[0].numel() else None
+        if going[0].numel() == 0:
+            return Iteration(h, go, scores)
+        picked = [None if x is None else x[going] for x in (weight, logits)]
+        return Iteration(h, go, scores, self.feedback.update(self.backbone, state[going], h_raw[going], h[going], *picked), logits)
+
+    def decide(
+        self, gate: Gate, h: Tensor, iteration: int | Tensor, active: Tensor, tokens: Tensor, positions: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The tokens that run the next iteration, the gate's scores (one iteration only) and the
+        feedback weight m^{i+1} * s^i (None when nothing can halt). Tokens at the last iteration
+        never go on."""
+        if isinstance(iteration, int):
+            decision = gate(h, iteration, active, tokens, positions)
+            return decision.active, decision.scores, feedback_weight(gate, decision, h.dtype)
+        go = torch.zeros_like(active)
+        weight = torch.ones(active.shape, dtype=h.dtype, device=h.device) if gate.can_halt else None
+        for i in iteration.unique().tolist():
+            if i == self.n_iterations - 1:
+                continue
+            rows = (iteration == i).nonzero().squeeze(1)
+            decision = gate(h[rows], i, active[rows], tokens[rows], positions[rows])
+            go[rows] = decision.active
+            if weight is not None:
+                weight[rows] = feedback_weight(gate, decision, h.dtype)
+        return go, None, weight
+
     def __call__(self, tokens: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
-        """Final hidden states [B, T, d] (after the final norm) and the trace of halting.
-        `gate` overrides the recurrence's own gate for this call."""
+        """Training form: final hidden states [B, T, d] (after the final norm) and the trace of
+        halting. `gate` overrides the recurrence's own gate for this call."""
         gate = self.gate if gate is None else gate
-        b, t = tokens.shape
         if valid is None:
-            positions, mask = None, None
-            active = torch.ones(b, t, dtype=torch.bool, device=tokens.device)
+            positions, mask, active = None, None, torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         else:
             positions, mask, active = positions_from_valid(valid), causal_mask(valid), valid.bool()
-        gate_positions = positions if positions is not None else torch.arange(t, device=tokens.device).expand(b, t)
-        embeds = self.backbone.embed_in(tokens)
-        if self.embed_scale != 1.0:
-            embeds = embeds * self.embed_scale
+        embeds = self.embed(tokens)
         state = self.feedback.initial(embeds)
         trace, out, alignment = Trace(), None, None
         for i in range(self.n_iterations):
             trace.active.append(active)
             if gate.can_halt:
-                alignment = KVAlignment(alignment if i > 0 else None, active)
-            h_raw = self.backbone(self.feedback.inputs(state, embeds, i), positions, mask, kv_hook=alignment, final_norm=False)
-            h = self.backbone.final_layer_norm(h_raw)
-            out = h if out is None else torch.where(active.unsqueeze(-1), h, out)
-            if i == self.n_iterations - 1:
+                alignment = KVAlignment(alignment, active)
+            step = self.step(gate, state, embeds, i, tokens, positions, active, mask, alignment)
+            out = step.h if out is None else torch.where(active.unsqueeze(-1), step.h, out)
+            if step.go is None:
                 break
-            decision = gate(h, i, active, tokens, gate_positions)
-            trace.scores.append(decision.scores)
-            weight = feedback_weight(gate, decision, h.dtype)
-            state = self.feedback.update(self.backbone, state, h_raw, h, weight)
-            active = decision.active
+            trace.scores.append(step.scores)
+            state, active = step.state, step.go
         return out, trace
 
     @torch.no_grad()
-    @decoding()
+    @prepacked_weights()
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache, gate: Gate | None = None) -> tuple[Tensor, Tensor, list[int]]:
-        """Incremental form of the same recurrence: run new tokens [B, T_new] (prompt prefill, or
-        one token per row when decoding) against per-iteration caches holding the prefix.
+        """Prefill form: run new tokens [B, T_new] (a prompt, or one token per row when decoding
+        in lock-step) against per-iteration caches holding the prefix.
 
-        Unlike the training form, each iteration runs the backbone only on the tokens still active
-        (packed per row with gather/scatter); halted tokens cost nothing there and their K/V are
-        inherited from the previous iteration's cache. Results equal the training form.
-        Returns hidden states [B, T_new, d], depth per token [B, T_new] (0 for padding) and the
-        number of token-evaluations the backbone ran at each iteration.
+        Each iteration runs the backbone only on the tokens still active, gathered to the front of
+        their row; halted tokens cost nothing there and their K/V are inherited from the previous
+        iteration's cache. Results equal the training form. Returns hidden states
+        [B, T_new, d], depth per token [B, T_new] (0 for padding) and the number of
+        token-evaluations the backbone ran at each iteration.
         """
         gate = self.gate if gate is None else gate
-        b, t_new = tokens.shape
         slots, positions = cache.reserve(valid)
-        total_len = cache.length + t_new
-        embeds = self.backbone.embed_in(tokens)
-        if self.embed_scale != 1.0:
-            embeds = embeds * self.embed_scale
+        total_len = int(cache.fill[0])
+        embeds = self.embed(tokens)
         state = self.feedback.initial(embeds).clone()  # updated in place below; embeds must survive
         out = torch.zeros_like(embeds)
         active = valid.bool().clone()
-        depth = torch.zeros(b, t_new, dtype=torch.long, device=tokens.device)
+        depth = torch.zeros(tokens.shape, dtype=torch.long, device=tokens.device)
         evaluations = [0] * self.n_iterations
         for i in range(self.n_iterations):
             if i > 0:
@@ -240,31 +315,23 @@ class Recurrence:
                 continue  # nothing left to run; later iterations only inherit K/V
             evaluations[i] = int(counts.sum())
             depth += active
-            # Pack each row's active tokens to the front; padding entries repeat the row's first
+            # Gather each row's active tokens to the front; padding entries repeat the row's first
             # active token, so every write they cause is identical to a real one.
             width = int(counts.max())
             order = torch.argsort((~active[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
             real = torch.arange(width, device=tokens.device) < counts[rows].unsqueeze(1)
             cols = torch.where(real, order, order[:, :1])
             pick = (rows.unsqueeze(1), cols)
-            query_slots = slots[cols]
-            mask = (torch.arange(total_len, device=tokens.device) <= query_slots.unsqueeze(-1)) & cache.key_valid[rows, None, :total_len]
-            writer = CacheWriter(cache, i, rows, query_slots, total_len, all_rows=rows.numel() == b)
-            x = self.feedback.inputs(state[pick], embeds[pick], i)
-            h_raw = self.backbone(x, positions[pick], mask.unsqueeze(1), kv_hook=writer, final_norm=False)
-            h = self.backbone.final_layer_norm(h_raw)
-            out[pick] = h
-            if i == self.n_iterations - 1:
+            writer = CacheWriter(cache, i, rows, slots[cols], total_len)
+            mask = cache.attention_mask(rows, slots[cols], total_len)
+            step = self.step(gate, state[pick], embeds[pick], i, tokens[pick], positions[pick], real, mask, writer, gathered=True)
+            out[pick] = step.h
+            if step.go is None:
                 break
-            decision = gate(h, i, torch.ones_like(real), tokens[pick], positions[pick])
-            weight = feedback_weight(gate, decision, h.dtype)
-            # Only the tokens that go on need a next state (PonderLM's mixture reads the vocabulary).
-            go = (decision.active & real).nonzero(as_tuple=True)
-            if go[0].numel():
-                target = (rows[go[0]], cols[go])
-                state[target] = self.feedback.update(self.backbone, state[target], h_raw[go], h[go], None if weight is None else weight[go])
-            next_active = torch.zeros_like(active)
-            next_active[pick] = decision.active
-            active = next_active
-        cache.commit(valid)
+            going = step.go.nonzero(as_tuple=True)
+            target = (rows[going[0]], cols[going])
+            if step.state is not None:
+                state[target] = step.state
+            active = torch.zeros_like(active)
+            active[target] = True
         return out, depth, evaluations

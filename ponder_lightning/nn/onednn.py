@@ -10,7 +10,7 @@ oneDNN's inner product on a weight reordered once into its blocked layout (torch
 for a single row and grows smoothly with the rows, up to prompt-sized batches
 (benchmarks/RESULTS.md).
 
-Scope: only inside `decoding()` (prefill, decode steps and `generate` enter it), with autograd off,
+Scope: only inside `prepacked_weights()` (prefill, decode steps and `generate` enter it), with autograd off,
 on CPU, in fp32; everywhere else, and where oneDNN is missing or its ops fail (they are internal
 to torch), these are plain `F.linear` and `@`. Results equal those up to float rounding. Packed
 weights are cached per weight tensor and repacked when it changes (its version counter or storage
@@ -46,11 +46,11 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class decoding(ContextDecorator):
+class prepacked_weights(ContextDecorator):
     """Within it (also as a decorator), matmuls of this module run on packed weights where they
     can. Re-entrant and per thread."""
 
-    def __enter__(self) -> decoding:
+    def __enter__(self) -> prepacked_weights:
         _state.depth = getattr(_state, "depth", 0) + 1
         return self
 
