@@ -1,4 +1,4 @@
-"""Gates and the ponder regulariser in isolation (METHOD.md §4 steps 2d-2e and 3, §4.7)."""
+"""Gates and the ponder regulariser in isolation (docs/method.md §4.2 steps d-e, §4.3, §4.7)."""
 
 from __future__ import annotations
 
@@ -382,7 +382,7 @@ def test_ponder_loss_k_ramp():
 
 
 def test_ponder_loss_k_ramp_endpoints_match_docstring():
-    """Docstring / METHOD.md §4.3: k ramps 'from 0 at start_step to k_max at start_step + ramp_steps'."""
+    """Docstring / docs/method.md §4.3: k ramps 'from 0 at start_step to k_max at start_step + ramp_steps'."""
     reg = BottomKPonderLoss(lam=0.1, k_max=0.2, start_step=100, ramp_steps=50)
     assert reg.k_at(100) == pytest.approx(0.0)
     assert reg.k_at(125) == pytest.approx(0.1)

@@ -1,5 +1,5 @@
-"""The recurrent models against METHOD.md §2-4: independent reference implementations, causality,
-padding, gradient flow, FLOPs accounting and a small overfitting run.
+"""The recurrent models against docs/method.md §2-4: independent reference implementations,
+causality, padding, gradient flow, FLOPs accounting and a small overfitting run.
 
 The references below use the model's own backbone modules (embedding, decoder stack, final norm,
 LM head) but none of the library's Recurrence / Feedback / KVAlignment code, so a bug in the
@@ -42,12 +42,12 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference implementations written from METHOD.md
+# Reference implementations written from docs/method.md §2-4
 # ---------------------------------------------------------------------------------------------
 
 
 def ref_ponderlm(m, x, s=3, top_k=None, multiply=False, scale_embeds=True):
-    """METHOD.md §2: E0 = embed(x)*sqrt(d); s times h = backbone(E), E += softmax(head(h)) @ V;
+    """docs/method.md §2: E0 = embed(x)*sqrt(d); s times h = backbone(E), E += softmax(head(h)) @ V;
     final pass; logits."""
     bb = m.backbone
     scale = math.sqrt(bb.config.d_model) if scale_embeds else 1.0
@@ -68,7 +68,7 @@ def ref_ponderlm(m, x, s=3, top_k=None, multiply=False, scale_embeds=True):
 
 
 def ref_loop(m, x, r=4, injection=False):
-    """METHOD.md §3: h = embed*sqrt(2.5d); R times h = layers(h) (or layers(h + E0) after the
+    """docs/method.md §3: h = embed*sqrt(2.5d); R times h = layers(h) (or layers(h + E0) after the
     first pass with input injection); final norm once; logits."""
     bb = m.backbone
     e0 = bb.embed_in(x) * math.sqrt(2.5 * bb.config.d_model)
@@ -80,7 +80,7 @@ def ref_loop(m, x, r=4, injection=False):
 
 
 def ref_adaponder(m, x, gate_fn, n_iter=4, align_kv=True):
-    """METHOD.md §4 step 2, written out. `gate_fn(h, i) -> (s, keep)` gives the soft scores and
+    """docs/method.md §4.2, written out. `gate_fn(h, i) -> (s, keep)` gives the soft scores and
     the tokens whose score clears the threshold. Returns logits and per-token depth."""
     bb = m.backbone
     scale = math.sqrt(bb.config.d_model)
@@ -363,7 +363,7 @@ def test_left_padding_matches_unpadded(name):
 
 @pytest.mark.parametrize("name", ["ponder", "adaponder_mlp_halting"])
 def test_left_padding_not_counted_in_loss(name):
-    """Padding never counts in the loss (METHOD.md §7): a left-padded row contributes exactly the
+    """Padding never counts in the loss (docs/method.md §7): a left-padded row contributes exactly the
     targets of the sequence alone. The target right after the last pad (the first real token,
     predicted from a pad input) must not be counted."""
     m = MODEL_BUILDERS[name]()
