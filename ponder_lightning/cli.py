@@ -18,12 +18,12 @@ from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ponder_lightning.cli_errors import parser_error_message
 from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, TokenThroughput
+from ponder_lightning.checkpoints import check_saved_args, invalid_saved_args
+from ponder_lightning.cli_errors import parser_error_message
 from ponder_lightning.data import PileDataModule
-from ponder_lightning.errors import UserError
+from ponder_lightning.errors import UserError, user_error_in
 from ponder_lightning.models import CausalLMModule
-from ponder_lightning.models.checkpoint import check_saved_args, invalid_saved_args
 from ponder_lightning.progress import step_progress_bar
 from ponder_lightning.resume import (
     OPTIMIZER_ARGS,
@@ -161,17 +161,6 @@ def check_model_fits_data(model: CausalLMModule, data: PileDataModule | None) ->
         )
 
 
-def user_error_in(err: BaseException) -> UserError | None:
-    """The UserError behind an exception, if any (jsonargparse wraps errors raised while it
-    instantiates the model or data module)."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def flops_command(argv: list[str]) -> None:
     """`flops --config ... [--active 1,0.9,0.8,0.7] [--context N]`: inference FLOPs per token of the
     configured model at full depth and, optionally, at given per-iteration active fractions."""
@@ -233,9 +222,9 @@ def generate_command(argv: list[str]) -> None:
     continuation, the depth used for each generated token and the totals."""
     import argparse
 
+    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import load_tokenizer
     from ponder_lightning.generate import generate
-    from ponder_lightning.models.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning generate", description=generate_command.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`")
@@ -270,9 +259,9 @@ def evaluate_command(argv: list[str]) -> None:
     import argparse
     import inspect
 
+    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import PileDataModule
     from ponder_lightning.evaluate import evaluate, format_gate_study, format_rows, gate_study, write_curve, write_depth_figure
-    from ponder_lightning.models.checkpoint import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning evaluate", description=evaluate_command.__doc__)
     parser.add_argument("--checkpoint", required=True)
@@ -312,7 +301,7 @@ def evaluate_command(argv: list[str]) -> None:
 def study_command(argv: list[str]) -> None:
     from ponder_lightning.study import study_command as run
 
-    run(argv)
+    run(argv, fit=run_lightning_cli)
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -322,7 +311,7 @@ def prepare_command(argv: list[str]) -> None:
 
 
 def export_command(argv: list[str]) -> None:
-    from ponder_lightning.models.checkpoint import export_command as run
+    from ponder_lightning.hf_export import export_command as run
 
     run(argv)
 

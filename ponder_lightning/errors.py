@@ -4,6 +4,19 @@ The CLI prints these as a single line and exits with status 2 instead of a trace
 message must name the culprit and say what to do.
 """
 
+from __future__ import annotations
+
 
 class UserError(ValueError):
     """A problem in the user's input, described in one actionable sentence."""
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError behind an exception, if any (jsonargparse wraps errors raised while it
+    instantiates the model or data module)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

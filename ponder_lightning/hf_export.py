@@ -1,6 +1,12 @@
-"""Export a trained model as a transformers model with remote code, and read such a directory back.
+"""Write a trained model as a Hugging Face directory: `python -m ponder_lightning export`.
 
-`export_transformers(model, out, tokenizer, global_step)` writes:
+`export_hf(model, out, tokenizer, global_step)` (`--format backbone`, the default) writes the
+backbone in transformers' layout, GPT-NeoX (or LLaMA for the LLaMA block), so that
+`GPTNeoXForCausalLM.from_pretrained` (or `LlamaForCausalLM`) loads it; for VanillaLM that *is*
+the model. For pondering models, `ponder_lightning_config.json` (model class, init args,
+tokenizer) plus the parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
+
+`export_transformers(model, out, tokenizer, global_step)` (`--format transformers`) writes:
 - `config.json`: `model_type: ponder_lightning`, the model's class path and init arguments, the
   step it was trained to, `auto_map` naming the two classes of `modeling_ponder_lightning.py`;
 - `model.safetensors`: the model's whole state dict (backbone, gates, routers) under `model.`;
@@ -12,35 +18,32 @@
 - the tokenizer (`tokenizer.json` + `tokenizer_config.json`) for `neox`, `bpe4k`, `bytes` or a
   local tokenizer file/directory, so that `AutoTokenizer.from_pretrained(out)` works.
 
-`load_transformers_dir(path)` rebuilds the model from such a directory without transformers
-(`load_checkpoint` calls it). `load_ponderlm_authors_dir(path)` reads a GPT-NeoX directory saved
-by the PonderLM authors' training code (config fields `ponderinglm`, `pondering_steps`,
-`scale_embeds`, `mutiply_pondering_steps`) as a PonderLM.
+Both directories, and the PonderLM authors' GPT-NeoX directories, are read back by
+`ponder_lightning.checkpoints.load_checkpoint`; the file and field names are
+`ponder_lightning.pretrained`'s.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ponder_lightning.errors import UserError
+from ponder_lightning.pretrained import EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS, EXPORT_FORMAT, MODEL_TYPE, PREFIX, WEIGHTS_FILE
 
-MODEL_TYPE = "ponder_lightning"
 MODELING_FILE = "modeling_ponder_lightning.py"
-WEIGHTS_FILE = "model.safetensors"
-PREFIX = "model."  # PonderLightningForCausalLM keeps the LightningModule under `self.model`
 EOS_TEXT = "<|endoftext|>"
-BUILTIN_TOKENIZERS = ("neox", "gpt-neox-20b", "pythia", "bpe4k", "bytes")
 
 
 def export_transformers(model, out: str | Path, tokenizer: str | None = None, global_step: int = 0) -> Path:
     """Write `model` (any CausalLMModule) as a transformers directory (see the module docstring)."""
     from ponder_lightning import __version__
-    from ponder_lightning.models.checkpoint import _BUILD_ONLY_ARGS, _jsonable
+    from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,7 @@ def export_transformers(model, out: str | Path, tokenizer: str | None = None, gl
     if tokenizer_vocab is not None and tokenizer_vocab < cfg.vocab_size:
         generation["suppress_tokens"] = list(range(tokenizer_vocab, cfg.vocab_size))
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    for stale in ("ponder_lightning_config.json", "ponder_lightning.safetensors"):  # a previous `--format backbone` export
+    for stale in (EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS):  # a previous `--format backbone` export
         (out / stale).unlink(missing_ok=True)
     if tokenizer is not None:
         write_tokenizer(tokenizer, out, cfg.max_seq_len)
@@ -161,105 +164,77 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def is_transformers_export(path: Path) -> bool:
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == MODEL_TYPE
-    except (OSError, ValueError):
-        return False
+def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = None, global_step: int = 0) -> Path:
+    """Write `model` as a Hugging Face GPT-NeoX directory (see the module docstring).
+    `global_step` is recorded for models whose behaviour depends on it (gate_start_step)."""
+    from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
+    from ponder_lightning.nn.hf import save_hf_backbone
+
+    out = Path(out)
+    save_hf_backbone(model.backbone, out)
+    extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    config = out / EXPORT_CONFIG
+    if type(model).__name__ == "VanillaLM" and not extra:
+        config.unlink(missing_ok=True)  # a vanilla export is a plain GPT-NeoX checkpoint
+        (out / EXPORT_EXTRA_WEIGHTS).unlink(missing_ok=True)
+    else:
+        init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS}
+        meta = {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
+            "init_args": _jsonable(init_args),
+            "tokenizer": tokenizer,
+            "global_step": global_step,
+            "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); transformers loads it as a "
+                    "plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
+                    "ponder_lightning.checkpoints.load_checkpoint(<this directory>)",
+        }
+        config.write_text(json.dumps(meta, indent=2) + "\n")
+        if extra:
+            save_file(extra, str(out / EXPORT_EXTRA_WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, out, model.config.max_seq_len)
+    return out
 
 
-def load_transformers_dir(path: Path):
-    """(model, data) from a directory written by `export_transformers`, as `load_checkpoint` returns them."""
-    from ponder_lightning.models.checkpoint import LoadedCheckpoint, _load_state, build_model
-
-    meta = json.loads((path / "config.json").read_text())
-    if not meta.get("class_path"):
-        raise UserError(f"{path}/config.json has model_type {MODEL_TYPE} but no class_path: it was not written by this library's export")
-    model = build_model({"_class_path": meta["class_path"], **meta.get("init_args", {})}, source=str(path / "config.json"))
-    if not (path / WEIGHTS_FILE).is_file():
-        raise UserError(f"{path} has no {WEIGHTS_FILE}")
-    state = load_file(str(path / WEIGHTS_FILE))
-    _load_state(model, {k.removeprefix(PREFIX): v for k, v in state.items()}, str(path))
-    step = int(meta.get("global_step", 0))
-    model.on_load_checkpoint({"global_step": step})
-    data: dict[str, Any] = {"global_step": step}
-    tokenizer = meta.get("tokenizer")
-    if tokenizer is not None and str(tokenizer).lower() in BUILTIN_TOKENIZERS:
-        data["tokenizer"] = tokenizer  # the library's own ids (`bytes` keeps its text-only EOS rule)
-    elif (path / "tokenizer.json").is_file():
-        data["tokenizer"] = str(path)  # the copy written next to the weights
-    return LoadedCheckpoint(model.eval(), data)
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "__dict__"):  # a gate or regulariser object (models built in Python)
+        accepted = inspect.signature(type(value).__init__).parameters
+        init = {k: _jsonable(v) for k, v in vars(value).items() if k in accepted and k != "self"}
+        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": init}
+    return str(value)
 
 
-# -- the PonderLM authors' checkpoints ------------------------------------------------------------
-#: config.json fields the authors' training code (LUMIA-Group/PonderingLM) sets on a GPT-NeoX config.
-AUTHORS_FLAG = "ponderinglm"
-#: Parameters of their GPTNeoXForCausalLM that the pondering forward does not use.
-AUTHORS_UNUSED = ("adapter.weight",)
+def export_command(argv: list[str]) -> None:
+    """`export --checkpoint last.ckpt --out DIR [--format backbone|transformers]`: write a trained
+    model as a Hugging Face directory. `backbone` (default): the backbone as a plain GPT-NeoX/LLaMA
+    checkpoint plus ponder_lightning's files; `transformers`: the whole pondering model, loaded by
+    `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (needs ponder_lightning
+    installed where it is loaded)."""
+    import argparse
 
+    from ponder_lightning.checkpoints import load_checkpoint
 
-def is_ponderlm_authors_dir(path: Path) -> bool:
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return raw.get("model_type") == "gpt_neox" and bool(raw.get(AUTHORS_FLAG))
-
-
-def load_ponderlm_authors_dir(path: Path):
-    """A PonderLM from a GPT-NeoX directory saved by the PonderLM authors' code: the backbone's
-    weights, `pondering_steps`, `scale_embeds` and `mutiply_pondering_steps` from config.json,
-    the full-vocabulary mixture (their forward's `use_topk=False`)."""
-    from ponder_lightning.models.checkpoint import LoadedCheckpoint, _preset_for
-    from ponder_lightning.models.ponder import PonderLM
-    from ponder_lightning.nn.hf import load_into, load_hf_state_dict, read_hf_config
-
-    raw = json.loads((path / "config.json").read_text())
-    cfg = read_hf_config(path)
-    model = PonderLM(
-        size=_preset_for(cfg, path), n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len, pondering_steps=int(raw.get("pondering_steps", 3)), scale_embeds=bool(raw.get("scale_embeds", False)),
-        multiply_pondering_steps=bool(raw.get("mutiply_pondering_steps", raw.get("multiply_pondering_steps", False))),
-    )
-    state = {k: v for k, v in load_hf_state_dict(path).items() if k not in AUTHORS_UNUSED}
-    load_into(model.backbone, state, source=str(path))
-    tokenizer = {"tokenizer": str(path)} if (path / "tokenizer.json").is_file() else {}
-    return LoadedCheckpoint(model.eval(), {"global_step": 0, **tokenizer})
-
-
-# -- `pretrained`: a start for continued pretraining ----------------------------------------------
-def pretrained_backbone_state(path: str | Path) -> dict[str, Any] | None:
-    """The backbone's weights (backbone names) of a directory that is not a plain Hugging Face
-    backbone: a transformers export of this library, or the PonderLM authors' GPT-NeoX directory
-    (without their unused adapter). None for a plain GPT-NeoX/LLaMA directory (Pythia)."""
-    from ponder_lightning.nn.hf import load_hf_state_dict
-
-    directory = Path(path).expanduser()
-    if is_transformers_export(directory):
-        head = PREFIX + "backbone."
-        return {k.removeprefix(head): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if k.startswith(head)}
-    if is_ponderlm_authors_dir(directory):
-        return {k: v for k, v in load_hf_state_dict(directory).items() if k not in AUTHORS_UNUSED}
-    return None
-
-
-def pretrained_extra_state(path: str | Path, class_path: str) -> dict[str, Any]:
-    """The weights outside the backbone (gates, routers) of a transformers export of the same
-    model class; empty otherwise (a different class keeps its own initialisation)."""
-    directory = Path(path).expanduser()
-    if not is_transformers_export(directory) or json.loads((directory / "config.json").read_text()).get("class_path") != class_path:
-        return {}
-    return {k.removeprefix(PREFIX): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if not k.startswith(PREFIX + "backbone.")}
-
-
-def pretrained_scales_embeddings(path: str | Path) -> bool:
-    """The embedding scale the weights at `path` were trained with: an export's own setting, the
-    authors' config's `scale_embeds`, and none for a plain Hugging Face directory (Pythia)."""
-    directory = Path(path).expanduser()
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if raw.get("model_type") == MODEL_TYPE:
-        return bool(raw.get("init_args", {}).get("scale_embeds", False))
-    return bool(raw.get("scale_embeds", False)) if raw.get(AUTHORS_FLAG) else False
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory")
+    parser.add_argument("--out", required=True, help="output directory (created; existing files are replaced)")
+    parser.add_argument("--format", choices=("backbone", "transformers"), default="backbone",
+                        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; transformers: the whole model with remote code")
+    args = parser.parse_args(argv)
+    model, data = load_checkpoint(args.checkpoint)
+    if args.format == "transformers":
+        out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
+        note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
+        print(f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
+              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}")
+        return
+    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
+    kind = "GPT-NeoX checkpoint" if not (out / EXPORT_CONFIG).exists() else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
+    print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")

@@ -125,7 +125,7 @@ class PonderLightningLM(LM):
             raise UserError("pass exactly one of checkpoint=<path> (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or model=<CausalLMModule>")
         data_args: dict[str, Any] = {}
         if checkpoint is not None:
-            from ponder_lightning.models.checkpoint import load_checkpoint
+            from ponder_lightning.checkpoints import load_checkpoint
 
             model, data_args = load_checkpoint(str(checkpoint))
         if tokenizer is None:
@@ -443,7 +443,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
 if __name__ == "__main__":
     import sys
 
-    from ponder_lightning.cli import user_error_in
+    from ponder_lightning.errors import user_error_in
     from ponder_lightning.lm_eval_adapter import main as registered_main  # the copy lm_eval knows
 
     try:

@@ -25,6 +25,10 @@ most the same FLOPs: with PonderLM at full depth it brackets the adaptive model)
 pretraining: `--model.init_args.pretrained {vanilla:export}`); a run that refers to another is
 trained after it. Finished runs are skipped and an interrupted one
 resumes from its last checkpoint, so the same command continues a stopped study.
+
+The study sits below the command line (tests/test_layering.py): it does not import
+`ponder_lightning.cli` but is handed its `fit` entry (`fit(argv)`, the `run_lightning_cli` of
+`python -m ponder_lightning study`), which it calls with each run's `fit ...` arguments.
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from ponder_lightning.errors import UserError
+from ponder_lightning.errors import UserError, user_error_in
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps|export)\}")
@@ -105,11 +109,13 @@ def resolve(arg: str, results: dict[str, dict[str, Any]]) -> str:
     return REFERENCE.sub(value, str(arg))
 
 
-def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]]) -> float:
-    """Fit one run (resuming its last checkpoint if it was interrupted); returns minutes spent.
-    The run's own configs come first (they choose the model class), the study's base after."""
-    from ponder_lightning.cli import run_lightning_cli, user_error_in
+Fit = Callable[[list[str]], Any]
+"""The command line's `fit` entry: `fit(["fit", "--config", ...])` trains one run."""
 
+
+def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]], fit: Fit) -> float:
+    """Fit one run with `fit` (resuming its last checkpoint if it was interrupted); returns minutes
+    spent. The run's own configs come first (they choose the model class), the study's base after."""
     run = study["runs"][name] or {}
     configs = [*run.get("configs", []), *study.get("base", [])]
     argv = ["fit"]
@@ -126,7 +132,7 @@ def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: d
     (run_dir / "command.txt").write_text("python -m ponder_lightning " + " ".join(argv) + "\n")
     start = time.perf_counter()
     try:
-        run_lightning_cli(argv)
+        fit(argv)
     except Exception as err:
         cause = user_error_in(err)
         if cause is None:
@@ -137,7 +143,8 @@ def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: d
 
 def export_once(checkpoint: Path) -> Path:
     """The run's checkpoint as a Hugging Face directory next to its checkpoints (written once)."""
-    from ponder_lightning.models.checkpoint import export_hf, load_checkpoint
+    from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.hf_export import export_hf
 
     out = checkpoint.parent.parent / "export"
     if not (out / "config.json").is_file():
@@ -153,7 +160,7 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 def evaluate_run(checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None) -> dict[str, Any]:
     from ponder_lightning.evaluate import gate_study, summarise, token_nll
-    from ponder_lightning.models.checkpoint import load_checkpoint
+    from ponder_lightning.checkpoints import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     result: dict[str, Any] = {"model": type(model).__name__, "gate": type(getattr(model, "gate", None)).__name__}
@@ -177,7 +184,7 @@ def evaluate_run(checkpoint: Path, batches: list[Any], context: int, reference_c
 def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int]:
     """The run's validation blocks, read with its own data settings (every run of a study shares them)."""
     from ponder_lightning.data import PileDataModule
-    from ponder_lightning.models.checkpoint import load_checkpoint
+    from ponder_lightning.checkpoints import load_checkpoint
 
     _, data_args = load_checkpoint(checkpoint)
     accepted = inspect.signature(PileDataModule.__init__).parameters
@@ -186,7 +193,7 @@ def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int
     return list(data.val_dataloader()), data.seq_len
 
 
-def run_study(path: str | Path) -> Path:
+def run_study(path: str | Path, fit: Fit) -> Path:
     study = load_study(path)
     out = Path(study["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +211,7 @@ def run_study(path: str | Path) -> Path:
                 continue
             print(f"[study] {name} seed {seed}: training")
             try:
-                minutes = train(study, name, seed, run_dir, results[seed])
+                minutes = train(study, name, seed, run_dir, results[seed], fit)
             except UserError as err:  # e.g. a control that cannot reach the learned depth: say so, go on
                 print(f"[study] {name} seed {seed}: failed: {err}")
                 results[seed][name] = {"error": str(err)}
@@ -275,9 +282,9 @@ def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, A
     plt.close(fig)
 
 
-def study_command(argv: list[str]) -> None:
+def study_command(argv: list[str], fit: Fit) -> None:
     """`study --config STUDY.yaml`: train, evaluate and compare every run of an ablation study
     (see ponder_lightning/study.py and studies/*.yaml); rerun the same command to resume."""
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning study", description=study_command.__doc__)
     parser.add_argument("--config", required=True, help="a study file, e.g. studies/reproduce_small.yaml")
-    run_study(parser.parse_args(argv).config)
+    run_study(parser.parse_args(argv).config, fit)

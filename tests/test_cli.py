@@ -133,7 +133,7 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     assert result.stdout.count("depth per generated token:") == 2
     assert "tokens/s" in result.stdout and "backbone passes" in result.stdout and "x vanilla FLOPs per token" in result.stdout
 
-    from ponder_lightning.models.checkpoint import load_checkpoint
+    from ponder_lightning.checkpoints import load_checkpoint
 
     model, data_args = load_checkpoint(ckpt)
     assert type(model).__name__ == "AdaPonderLM" and type(model.gate).__name__ == "PerIterationMLPGate"
@@ -166,7 +166,7 @@ def test_step_bar_flops_summary_and_kept_checkpoints(tmp_path):
     last.ckpt and last_good.ckpt, all loadable."""
     from ponder_lightning.callbacks import FlopsModelSummary
     from ponder_lightning.models import VanillaLM
-    from ponder_lightning.models.checkpoint import load_checkpoint
+    from ponder_lightning.checkpoints import load_checkpoint
 
     args = ["fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny",
             "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)]

@@ -10,8 +10,8 @@ import torch
 import yaml
 from scaleout_helpers import ROOT, global_selection_inputs, global_selection_worker, logged_steps, read_losses, read_records, run_fit
 
+from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
-from ponder_lightning.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
 
+from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.generate import generate
 from ponder_lightning.hf_export import MODELING_FILE, export_transformers
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, PonderLM2, PonderLM3, VanillaLM
-from ponder_lightning.models.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 384  # the bytes tokenizer's 257 ids padded to a multiple of 128

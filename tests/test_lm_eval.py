@@ -15,11 +15,12 @@ import lm_eval  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+from ponder_lightning.checkpoints import load_checkpoint  # noqa: E402
 from ponder_lightning.data import load_tokenizer  # noqa: E402
 from ponder_lightning.generate import generate  # noqa: E402
+from ponder_lightning.hf_export import export_hf  # noqa: E402
 from ponder_lightning.lm_eval_adapter import PonderLightningLM, format_compute_report, main  # noqa: E402
 from ponder_lightning.models import AdaPonderLM  # noqa: E402
-from ponder_lightning.models.checkpoint import export_hf, load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"

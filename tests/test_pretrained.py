@@ -10,10 +10,12 @@ import torch
 import yaml
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
+from ponder_lightning.hf_export import export_hf
 from ponder_lightning.models import AdaPonderLM, VanillaLM
-from ponder_lightning.models.checkpoint import EXPORT_CONFIG, export_hf, load_checkpoint
+from ponder_lightning.pretrained import EXPORT_CONFIG
 from ponder_lightning.training import GateOnlyStage
 
 ROOT = Path(__file__).resolve().parents[1]

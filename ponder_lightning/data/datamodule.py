@@ -7,7 +7,7 @@ from functools import cached_property
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ponder_lightning.data.megatron import is_megatron, load_megatron
@@ -185,9 +185,9 @@ class PileDataModule(L.LightningDataModule):
             stream, num_docs = (load_megatron if is_megatron(self.tokens) else load_token_shards)(self.tokens, tok)
         else:
             sources = resolve_sources(self.data_files) if self.data_files is not None else embedded_corpus()
-            stream, num_docs = cached_token_stream(sources, tok, self.text_field, self.cache_dir)
+            stream, num_docs = cached_token_stream(sources, tok, self.text_field, self.cache_dir, log=rank_zero_info)
         if self.val_files is not None:
-            val, _ = cached_token_stream(resolve_sources(self.val_files), tok, self.text_field, self.cache_dir)
+            val, _ = cached_token_stream(resolve_sources(self.val_files), tok, self.text_field, self.cache_dir, log=rank_zero_info)
             return stream, val
         return split_documents(stream, num_docs, self.val_fraction, tok.eos_id)
 

@@ -8,19 +8,21 @@ train/validation split is *not* part of the key: it is applied to the cached str
 (see ``packing.split_documents``), so changing ``val_fraction`` never re-tokenises. The cache
 entry is built in a temporary directory and renamed into place, so concurrent or interrupted runs
 never see a partial entry.
+
+Lightning-free (only the DataModule imports Lightning): progress lines go to ``log``, which the
+DataModule sets to Lightning's rank-zero logger; by default this module's ``logging`` logger.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-
-from lightning.pytorch.utilities import rank_zero_info
 
 from ponder_lightning.data.shards import META_FILE, TokenStream, load_token_shards, write_token_shards
 from ponder_lightning.data.sources import Source, describe, iter_documents
@@ -58,19 +60,21 @@ def cache_key(sources: list[Source], tokenizer: Tokenizer, text_field: str) -> s
 
 
 def cached_token_stream(
-    sources: list[Source], tokenizer: Tokenizer, text_field: str, cache_dir: str | Path | None = None
+    sources: list[Source], tokenizer: Tokenizer, text_field: str, cache_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[TokenStream, int]:
-    """The EOS-separated token stream of ``sources`` and its document count, tokenising on a miss."""
+    """The EOS-separated token stream of ``sources`` and its document count, tokenising on a miss
+    (saying so through ``log``, default: this module's logger at INFO)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     entry = root / "tokens" / cache_key(sources, tokenizer, text_field)
     if not (entry / META_FILE).is_file():
-        _build(entry, sources, tokenizer, text_field)
+        _build(entry, sources, tokenizer, text_field, log or logging.getLogger(__name__).info)
     return load_token_shards(entry, tokenizer)
 
 
-def _build(entry: Path, sources: list[Source], tokenizer: Tokenizer, text_field: str) -> None:
+def _build(entry: Path, sources: list[Source], tokenizer: Tokenizer, text_field: str, log: Callable[[str], None]) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
-    rank_zero_info(f"Tokenising {describe(sources)} with {tokenizer.name} into {entry} ...")
+    log(f"Tokenising {describe(sources)} with {tokenizer.name} into {entry} ...")
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
     try:
         meta = write_token_shards(tmp, encode_documents(iter_documents(sources, text_field), tokenizer), tokenizer)
@@ -85,4 +89,4 @@ def _build(entry: Path, sources: list[Source], tokenizer: Tokenizer, text_field:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rank_zero_info(f"Cached {meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents")
+    log(f"Cached {meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents")

@@ -1,34 +1,43 @@
-"""Rebuild a trained model from what a run wrote, and export it to a Hugging Face directory.
+"""Rebuild a trained model from what a run or an export wrote.
 
 `load_checkpoint` reads, for every model class and gate:
 - a Lightning checkpoint written by `python -m ponder_lightning fit` (`last.ckpt`), a single file
   or the directory of shards written under FSDP (`save_distributed_checkpoint`);
-- a directory written by `export_hf` (config.json + model.safetensors + ponder_lightning_config.json);
+- a directory written by `export --format backbone` (`hf_export.export_hf`: config.json +
+  model.safetensors + ponder_lightning_config.json);
+- a directory written by `export --format transformers` (`hf_export.export_transformers`);
+- a GPT-NeoX directory saved by the PonderLM authors' training code, as a PonderLM;
 - a plain Hugging Face GPT-NeoX directory (a Pythia download), as a `VanillaLM`.
 
-`export_hf` writes the backbone in transformers' layout, GPT-NeoX (or LLaMA for the LLaMA block),
-so that `GPTNeoXForCausalLM.from_pretrained` (or `LlamaForCausalLM`) loads it; for VanillaLM that
-*is* the model. For
-pondering models, `ponder_lightning_config.json` (model class, init args, tokenizer) plus the
-parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
+`build_model`, `check_saved_args` and `invalid_saved_args` are shared by every command that
+rebuilds a model from saved init arguments. The file formats are named in
+`ponder_lightning.pretrained`; writing them is `ponder_lightning.hf_export`'s.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ponder_lightning.errors import UserError
 from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.pretrained import (
+    AUTHORS_UNUSED,
+    EXPORT_CONFIG,
+    EXPORT_EXTRA_WEIGHTS,
+    MODEL_TYPE,
+    PREFIX,
+    WEIGHTS_FILE,
+    is_ponderlm_authors_dir,
+    is_transformers_export,
+)
 
-EXPORT_CONFIG = "ponder_lightning_config.json"
-EXPORT_EXTRA_WEIGHTS = "ponder_lightning.safetensors"
-EXPORT_FORMAT = "ponder_lightning.export"
+# Tokenizer specs that name the library's own tokenizers (kept as the spec, not as a path).
+BUILTIN_TOKENIZERS = ("neox", "gpt-neox-20b", "pythia", "bpe4k", "bytes")
 # Init args that only matter while building a model for training, never when rebuilding one.
 _BUILD_ONLY_ARGS = ("pretrained",)
 
@@ -158,12 +167,10 @@ def _load_state(model: CausalLMModule, state: dict[str, torch.Tensor], source: s
 
 
 def _load_hf_dir(path: Path) -> LoadedCheckpoint:
-    from ponder_lightning import hf_export
-
-    if hf_export.is_transformers_export(path):  # `export --format transformers`
-        return hf_export.load_transformers_dir(path)
-    if hf_export.is_ponderlm_authors_dir(path):  # a GPT-NeoX saved by the PonderLM authors' code
-        return hf_export.load_ponderlm_authors_dir(path)
+    if is_transformers_export(path):  # `export --format transformers`
+        return load_transformers_dir(path)
+    if is_ponderlm_authors_dir(path):  # a GPT-NeoX saved by the PonderLM authors' code
+        return load_ponderlm_authors_dir(path)
     config_file = path / EXPORT_CONFIG
     if not config_file.is_file():
         return LoadedCheckpoint(_vanilla_from_hf(path).eval(), {"global_step": 0})
@@ -180,6 +187,47 @@ def _load_hf_dir(path: Path) -> LoadedCheckpoint:
     model.on_load_checkpoint({"global_step": step})
     tokenizer = meta.get("tokenizer")
     return LoadedCheckpoint(model.eval(), {"global_step": step, **({"tokenizer": tokenizer} if tokenizer else {})})
+
+
+def load_transformers_dir(path: Path) -> LoadedCheckpoint:
+    """(model, data) from a directory written by `export_transformers`, as `load_checkpoint` returns them."""
+    meta = json.loads((path / "config.json").read_text())
+    if not meta.get("class_path"):
+        raise UserError(f"{path}/config.json has model_type {MODEL_TYPE} but no class_path: it was not written by this library's export")
+    model = build_model({"_class_path": meta["class_path"], **meta.get("init_args", {})}, source=str(path / "config.json"))
+    if not (path / WEIGHTS_FILE).is_file():
+        raise UserError(f"{path} has no {WEIGHTS_FILE}")
+    state = load_file(str(path / WEIGHTS_FILE))
+    _load_state(model, {k.removeprefix(PREFIX): v for k, v in state.items()}, str(path))
+    step = int(meta.get("global_step", 0))
+    model.on_load_checkpoint({"global_step": step})
+    data: dict[str, Any] = {"global_step": step}
+    tokenizer = meta.get("tokenizer")
+    if tokenizer is not None and str(tokenizer).lower() in BUILTIN_TOKENIZERS:
+        data["tokenizer"] = tokenizer  # the library's own ids (`bytes` keeps its text-only EOS rule)
+    elif (path / "tokenizer.json").is_file():
+        data["tokenizer"] = str(path)  # the copy written next to the weights
+    return LoadedCheckpoint(model.eval(), data)
+
+
+def load_ponderlm_authors_dir(path: Path) -> LoadedCheckpoint:
+    """A PonderLM from a GPT-NeoX directory saved by the PonderLM authors' code: the backbone's
+    weights, `pondering_steps`, `scale_embeds` and `mutiply_pondering_steps` from config.json,
+    the full-vocabulary mixture (their forward's `use_topk=False`)."""
+    from ponder_lightning.models.ponder import PonderLM
+    from ponder_lightning.nn.hf import load_into, load_hf_state_dict, read_hf_config
+
+    raw = json.loads((path / "config.json").read_text())
+    cfg = read_hf_config(path)
+    model = PonderLM(
+        size=_preset_for(cfg, path), n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len, pondering_steps=int(raw.get("pondering_steps", 3)), scale_embeds=bool(raw.get("scale_embeds", False)),
+        multiply_pondering_steps=bool(raw.get("mutiply_pondering_steps", raw.get("multiply_pondering_steps", False))),
+    )
+    state = {k: v for k, v in load_hf_state_dict(path).items() if k not in AUTHORS_UNUSED}
+    load_into(model.backbone, state, source=str(path))
+    tokenizer = {"tokenizer": str(path)} if (path / "tokenizer.json").is_file() else {}
+    return LoadedCheckpoint(model.eval(), {"global_step": 0, **tokenizer})
 
 
 def _vanilla_from_hf(path: Path) -> CausalLMModule:
@@ -203,83 +251,6 @@ def _preset_for(cfg, path: Path) -> str:
     if size is None:
         raise UserError(f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here")
     return size
-
-
-def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = None, global_step: int = 0) -> Path:
-    """Write `model` as a Hugging Face GPT-NeoX directory (see the module docstring).
-    `global_step` is recorded for models whose behaviour depends on it (gate_start_step)."""
-    from ponder_lightning.nn.hf import save_hf_backbone
-
-    out = Path(out)
-    save_hf_backbone(model.backbone, out)
-    extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    config = out / EXPORT_CONFIG
-    if type(model).__name__ == "VanillaLM" and not extra:
-        config.unlink(missing_ok=True)  # a vanilla export is a plain GPT-NeoX checkpoint
-        (out / EXPORT_EXTRA_WEIGHTS).unlink(missing_ok=True)
-    else:
-        init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS}
-        meta = {
-            "format": EXPORT_FORMAT,
-            "version": 1,
-            "class_path": f"{type(model).__module__}.{type(model).__qualname__}",
-            "init_args": _jsonable(init_args),
-            "tokenizer": tokenizer,
-            "global_step": global_step,
-            "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); transformers loads it as a "
-                    "plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
-                    "ponder_lightning.models.checkpoint.load_checkpoint(<this directory>)",
-        }
-        config.write_text(json.dumps(meta, indent=2) + "\n")
-        if extra:
-            save_file(extra, str(out / EXPORT_EXTRA_WEIGHTS), metadata={"format": "pt"})
-    if tokenizer is not None:
-        from ponder_lightning.hf_export import write_tokenizer
-
-        write_tokenizer(tokenizer, out, model.config.max_seq_len)
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if hasattr(value, "__dict__"):  # a gate or regulariser object (models built in Python)
-        accepted = inspect.signature(type(value).__init__).parameters
-        init = {k: _jsonable(v) for k, v in vars(value).items() if k in accepted and k != "self"}
-        return {"class_path": f"{type(value).__module__}.{type(value).__qualname__}", "init_args": init}
-    return str(value)
-
-
-def export_command(argv: list[str]) -> None:
-    """`export --checkpoint last.ckpt --out DIR [--format backbone|transformers]`: write a trained
-    model as a Hugging Face directory. `backbone` (default): the backbone as a plain GPT-NeoX/LLaMA
-    checkpoint plus ponder_lightning's files; `transformers`: the whole pondering model, loaded by
-    `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (needs ponder_lightning
-    installed where it is loaded)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory")
-    parser.add_argument("--out", required=True, help="output directory (created; existing files are replaced)")
-    parser.add_argument("--format", choices=("backbone", "transformers"), default="backbone",
-                        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; transformers: the whole model with remote code")
-    args = parser.parse_args(argv)
-    model, data = load_checkpoint(args.checkpoint)
-    if args.format == "transformers":
-        from ponder_lightning.hf_export import export_transformers
-
-        out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
-        note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
-        print(f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
-              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}")
-        return
-    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
-    kind = "GPT-NeoX checkpoint" if not (out / EXPORT_CONFIG).exists() else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
-    print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")
 
 
 def _first_line(exc: BaseException) -> str:
