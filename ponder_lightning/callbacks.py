@@ -1,4 +1,4 @@
-"""Callbacks the CLI always installs; TensorBoard names are documented in the README."""
+"""Callbacks the CLI always installs; TensorBoard names are documented in docs/training.md, "Reading TensorBoard"."""
 
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ class DepthMonitor(Callback):
     without a TensorBoard logger."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        trace = getattr(pl_module, "last_trace", None)
+        trace = outputs.get("trace") if isinstance(outputs, dict) else None
         writer = _tensorboard(trainer)
         if trace is None or writer is None or (trainer.global_step % max(trainer.log_every_n_steps, 1)):
             return
@@ -189,13 +189,15 @@ class DepthMonitor(Callback):
                 writer.add_histogram(f"gate/scores_iter_{i}", scores[active].float().cpu(), trainer.global_step)
         writer.add_histogram("depth/tokens", trace.depth()[trace.active[0]].float().cpu(), trainer.global_step)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        table = getattr(pl_module, "depth_vs_nll", None)
-        writer = _tensorboard(trainer)
-        if trainer.sanity_checking or not table or writer is None or getattr(pl_module, "n_iterations", 1) < 2:
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Runs before the module's own hook, which resets the metrics the report reads; every
+        # rank computes it (the metrics synchronise), rank 0 draws it.
+        if trainer.sanity_checking or getattr(pl_module, "n_iterations", 1) < 2:
             return
-        deciles = getattr(pl_module, "depth_by_difficulty", None)
-        writer.add_figure("val/depth_vs_nll", depth_figure(table, deciles), trainer.global_step)
+        report = pl_module.depth_report()
+        writer = _tensorboard(trainer)
+        if report.table and writer is not None:
+            writer.add_figure("val/depth_vs_nll", depth_figure(report.table, report.deciles), trainer.global_step)
 
 
 def _tensorboard(trainer: L.Trainer) -> Any:

@@ -33,7 +33,7 @@ class LossDump(Callback):
         loss = outputs["loss"].detach().clone().float()
         loss = trainer.strategy.reduce(loss, reduce_op="mean")
         record = {"step": trainer.global_step - 1, "loss": loss.item()}
-        trace = getattr(pl_module, "last_trace", None)
+        trace = outputs.get("trace")
         if trace is not None and trace.active:
             ran = torch.stack([trace.active[0].sum(), trace.depth().sum()]).float()
             ran = trainer.strategy.reduce(ran, reduce_op="sum")

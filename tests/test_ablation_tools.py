@@ -86,7 +86,7 @@ def test_first_pass_only_is_the_first_pass_and_full_depth_never_halts():
     first, first_trace = run(model, ids, FirstPassOnly(model.gate))
     assert first_trace.depth().eq(1).all()
     with torch.no_grad():
-        one_pass = model.backbone.logits(model.backbone(model.backbone.embed_in(ids) * model.recurrence.embed_scale))
+        one_pass = model.backbone.logits(model.backbone(model.backbone.embed_in(ids) * model.backbone.embed_scale))
     assert torch.allclose(first, one_pass, atol=1e-5)
     _, full_trace = run(model, ids, FullDepth(model.gate))
     assert full_trace.depth().eq(4).all()
@@ -197,9 +197,9 @@ def test_continued_pretraining_starts_where_the_pretrained_model_is(tmp_path):
     first_pass, _ = run(model, ids, FirstPassOnly(model.gate))
     assert torch.allclose(first_pass, hf_logits(original, ids), atol=1e-5)
     scratch = AdaPonderLM(size="tiny", vocab_size=NEOX_VOCAB)
-    assert scratch.hparams.scale_embeds is True and scratch.recurrence.embed_scale == 8.0
+    assert scratch.hparams.scale_embeds is True and scratch.backbone.embed_scale == 8.0
     reloaded = AdaPonderLM(**dict(model.hparams, pretrained=None))  # how checkpoints and exports rebuild it
-    assert reloaded.recurrence.embed_scale == 1.0
+    assert reloaded.backbone.embed_scale == 1.0
     assert VanillaLM(size="tiny", vocab_size=NEOX_VOCAB, pretrained=str(tmp_path / "pythia"))  # unchanged
 
 

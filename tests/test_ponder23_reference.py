@@ -251,7 +251,7 @@ def test_training_form_equals_the_reference(cls, size, latent_steps):
     model.train()  # the training loss at the J drawn for this step: CE of the slot read out for t -> t+1
     batch = torch.randint(0, VOCAB, (2, 8))
     loss, _, _ = model.training_loss(batch)
-    logits, _ = reference_jacobi(model, batch[:, :-1], torch.ones(2, 7, dtype=torch.bool), model.last_jacobi_passes)
+    logits, _ = reference_jacobi(model, batch[:, :-1], torch.ones(2, 7, dtype=torch.bool), model.jacobi_passes())
     reference_loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
     assert abs(loss.item() - reference_loss.item()) <= TOL
 

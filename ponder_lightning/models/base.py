@@ -1,16 +1,18 @@
-"""`CausalLMModule`: what every model shares — backbone construction, the recurrence, next-token
-loss, metrics, optimiser and schedule, FLOPs and depth logging.
+"""`CausalLMModule`: what every model shares — backbone construction, next-token loss, validation
+metrics, optimiser and schedule, FLOPs and depth logging.
 
-Every model is the shared recurrence (`nn/recurrence.py`) with parts plugged in; the vanilla model
-is its one-iteration case. Subclasses override `n_iterations`, `embed_scale`, `build_feedback`
-and, for learned halting, the gate and an auxiliary loss.
+Two families build on it: the token recurrence (`models/recurrent.py`: vanilla, PonderLM,
+LoopTransformer, AdaPonderLM) and the latent slots (`models/ponder2.py`: PonderLM-2, PonderLM-3).
+Each model states what it plugs in when it calls its parent's constructor (passes per token,
+feedback, embedding scale, gate); a family provides the forward (`hidden_states`), decoding
+(`new_cache`, `extend`, `row_decoder`) and FLOPs at a given depth (`realised_flops`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from functools import partial
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import lightning as L
@@ -20,15 +22,18 @@ from torch import Tensor
 
 from ponder_lightning import flops
 from ponder_lightning.errors import UserError
-from ponder_lightning.gates import AlwaysContinue, Gate
-from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, pad_vocab
-from ponder_lightning.nn.hf import load_pretrained
 from ponder_lightning.models.metrics import DepthNLL
+from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, pad_vocab
 from ponder_lightning.nn.cache import KVCache
+from ponder_lightning.nn.gate import Gate
+from ponder_lightning.nn.hf import load_pretrained
 from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
-from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
-from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
+from ponder_lightning.nn.recurrence import Trace
+from ponder_lightning.nn.rowwise import RowDecoder
+from ponder_lightning.parallel import shard_model
+from ponder_lightning.pretrained import pretrained_backbone_state
 from ponder_lightning.resume import apply_optimizer_changes
+from ponder_lightning.training import resume_hint
 from ponder_lightning.validation import (
     ClosedUnitInterval,
     HalfOpenUnitInterval,
@@ -39,6 +44,9 @@ from ponder_lightning.validation import (
 )
 
 NEOX_TOKENIZER_VOCAB = 50277
+#: Constructor arguments through which a model class states what it plugs into its parent; they
+#: are code, not settings, so they are not saved as hyper-parameters (nor offered by the CLI).
+MODEL_PARTS = ["n_iterations", "feedback", "embed_scale_factor"]
 
 
 def split_batch(batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -59,6 +67,16 @@ def split_batch(batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor, Tens
     return inputs, targets, valid[:, :-1]
 
 
+@dataclass
+class DepthReport:
+    """What the depth figure shows after a validation: (depth, tokens, mean NLL after its passes)
+    per depth reached, and the mean depth per decile of a difficulty measured independently of
+    depth (NLL at full depth), for models whose gates halt tokens."""
+
+    table: list[tuple[int, int, float]]
+    deciles: list[dict[str, float]] | None = None
+
+
 class CausalLMModule(L.LightningModule):
     """Base LightningModule for Pythia-style causal LMs.
 
@@ -77,6 +95,8 @@ class CausalLMModule(L.LightningModule):
             GPT-NeoX/LLaMA checkpoint (e.g. a Pythia download), a `--format transformers` export
             of this library (a model of the same class also takes its gates), or the PonderLM
             authors' GPT-NeoX directory; its shape and vocabulary must match the configured model.
+        n_iterations: backbone passes per token at full depth (each model passes its own; it is
+            not a setting, and it scales the output-projection init).
     """
 
     def __init__(
@@ -95,6 +115,8 @@ class CausalLMModule(L.LightningModule):
         betas: tuple[HalfOpenUnitInterval, HalfOpenUnitInterval] = (0.9, 0.95),
         activation_checkpointing: bool = False,
         pretrained: str | None = None,
+        *,
+        n_iterations: PositiveInt = 1,
     ) -> None:
         check_init_args(CausalLMModule, locals())
         super().__init__()
@@ -102,7 +124,8 @@ class CausalLMModule(L.LightningModule):
             # Gates are nn.Modules passed as arguments: the CLI stores their class path and init
             # args (not the module), and their weights live in the state dict, as intended.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters()
+            self.save_hyperparameters(ignore=MODEL_PARTS)
+        self.n_iterations = n_iterations
         vocab = vocab_size or pad_vocab(tokenizer_vocab_size or NEOX_TOKENIZER_VOCAB)
         if tokenizer_vocab_size is not None and tokenizer_vocab_size > vocab:
             raise UserError(
@@ -113,68 +136,48 @@ class CausalLMModule(L.LightningModule):
             size, vocab_size=vocab, n_layer=n_layer, d_model=d_model, n_head=n_head, max_seq_len=max_seq_len
         )
         self.backbone = Backbone(self.config)
-        self.backbone.init_weights(passes_per_token=self.n_iterations)
+        self.backbone.init_weights(passes_per_token=n_iterations)
         self.backbone.activation_checkpointing = activation_checkpointing
         if pretrained is not None:
-            from ponder_lightning.hf_export import pretrained_backbone_state
-
             load_pretrained(self.backbone, pretrained, pretrained_backbone_state(pretrained))
-        self.gate: Gate = AlwaysContinue()
-        self.eval_metric = DepthNLL(max_depth=self.n_iterations)
+        self.eval_metric = DepthNLL(max_depth=n_iterations)
         self.flops_per_batch: float | None = None
-        self.last_trace: Trace | None = None
 
-    # -- what subclasses plug in ---------------------------------------------------------------
-    @property
-    def n_iterations(self) -> int:
-        """Backbone passes per token at full depth (also scales the output-projection init)."""
-        return 1
-
-    @property
-    def embed_scale(self) -> float:
-        return 1.0
-
-    def build_feedback(self) -> Feedback:
-        return Feedback()
+    # -- what each family provides -----------------------------------------------------------
+    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+        """Final hidden states [B, T, d] (after the final norm) and the trace of what ran; `gate`
+        replaces the gate in force for this call (evaluation's counterfactuals)."""
+        raise NotImplementedError
 
     def aux_loss(self, trace: Trace) -> Tensor | None:
-        """Extra training loss from the recurrence (e.g. AdaPonderLM's ponder loss)."""
+        """Extra training loss from the forward (e.g. AdaPonderLM's ponder loss)."""
         return None
 
-    # -- the model -----------------------------------------------------------------------------
-    @property
-    def recurrence(self) -> Recurrence:
-        # Built lazily: subclasses finish setting up the gate after this base __init__ returns.
-        if getattr(self, "_recurrence", None) is None:
-            self._recurrence = Recurrence(self.backbone, self.build_feedback(), self.gate, self.n_iterations, self.embed_scale)
-        return self._recurrence
-
-    def effective_gate(self) -> Gate:
-        """The gate in force now (a model may bypass its gate early in training)."""
-        return self.gate
-
-    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
-        """Final hidden states [B, T, d] (after the final norm) and the halting trace; `gate`
-        replaces the gate in force for this call (evaluation's counterfactuals)."""
-        return self.recurrence(inputs, valid, gate=self.effective_gate() if gate is None else gate)
-
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """Empty decoding caches for `batch` sequences of up to `max_len` tokens."""
-        cfg = self.config
-        if max_len > cfg.max_seq_len:
-            raise UserError(f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={cfg.max_seq_len}")
-        weight = self.backbone.embed_in.weight
-        return KVCache(self.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, weight.dtype, weight.device)
+        """Empty decoding cache for `batch` sequences of up to `max_len` tokens."""
+        raise NotImplementedError
 
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
-        """Run new tokens against the cache (prefill or one decode step): hidden states, depth per
-        token and backbone token-evaluations per iteration (see `Recurrence.extend`)."""
-        return self.recurrence.extend(tokens, valid, cache, gate=self.effective_gate())
+        """Run new tokens against the cache (prefill): hidden states, depth per token and backbone
+        token-evaluations per iteration."""
+        raise NotImplementedError
 
-    def row_decoder(self, cache: KVCache) -> RecurrenceRowDecoder:
-        """Token-by-token decoding where each row moves through iterations at its own pace, on a
-        cache prefilled by `extend` (see `nn/rowwise.py`)."""
-        return RecurrenceRowDecoder(self.recurrence, cache, self.effective_gate())
+    def row_decoder(self, cache: KVCache) -> RowDecoder:
+        """Token-by-token decoding where each row moves at its own pace, on a cache prefilled by
+        `extend` (see `nn/rowwise.py`)."""
+        raise NotImplementedError
+
+    def realised_flops(self, active_fractions: list[float], context: int) -> dict[str, float]:
+        """Inference FLOPs per token (x vanilla) at the given per-iteration active fractions."""
+        raise NotImplementedError
+
+    def full_depth_flops_per_token(self, context: int) -> float:
+        """Forward FLOPs per token of a training step."""
+        raise NotImplementedError
+
+    def check_context(self, max_len: int) -> None:
+        if max_len > self.config.max_seq_len:
+            raise UserError(f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={self.config.max_seq_len}")
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for input tokens [B, T]."""
@@ -187,21 +190,6 @@ class CausalLMModule(L.LightningModule):
         hidden, trace = self.hidden_states(inputs, valid)
         loss = linear_cross_entropy(hidden.flatten(0, 1), self.backbone.embed_out.weight, targets.flatten())
         return loss, (targets != IGNORE_INDEX).sum(), trace
-
-    # -- FLOPs -----------------------------------------------------------------------------
-    def realised_flops(self, active_fractions: list[float], context: int) -> dict[str, float]:
-        """Inference FLOPs per token (x vanilla) at the given per-iteration active fractions."""
-        return flops.recurrent_forward_flops(
-            self.config,
-            context,
-            active_fractions,
-            self.recurrence.feedback.extra_flops_per_token(self.backbone),
-            self.gate.extra_flops_per_token(self.config.d_model),
-        )
-
-    def full_depth_flops_per_token(self, context: int) -> float:
-        """Forward FLOPs per token with every token running every iteration (what training does)."""
-        return self.realised_flops([1.0] * self.n_iterations, context)["x_vanilla"] * flops.vanilla_forward_flops(self.config, context)
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -217,7 +205,8 @@ class CausalLMModule(L.LightningModule):
         rows = getattr(datamodule, "batch_size", 1) // max(self.trainer.world_size, 1)
         self.flops_per_batch = flops.training_flops(self.full_depth_flops_per_token(seq_len)) * seq_len * rows
 
-    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """The loss, and the step's trace (detached) for callbacks (`on_train_batch_end` outputs)."""
         ce, n_tokens, trace = self.training_loss(batch)
         aux = self.aux_loss(trace)
         loss = ce if aux is None else ce + aux
@@ -229,9 +218,7 @@ class CausalLMModule(L.LightningModule):
             self.log("train/aux_loss", aux)
         if self.n_iterations > 1:
             self._log_depth("train", trace, split_batch(batch)[0].shape[1])
-            self._log_gate_health(trace)
-        self.last_trace = Trace([a.detach() for a in trace.active], [None if s is None else s.detach() for s in trace.scores])
-        return loss
+        return {"loss": loss, "trace": trace.detach()}
 
     def _log_depth(self, stage: str, trace: Trace, context: int) -> None:
         fractions = trace.active_fractions()
@@ -242,39 +229,39 @@ class CausalLMModule(L.LightningModule):
         for name, value in self.realised_flops(fractions.tolist(), context).items():
             self.log(f"{stage}/flops_{name}", value)
 
-    def _log_gate_health(self, trace: Trace) -> None:
-        """Hook for models with learned gates (see RecurrentLM)."""
-
     def token_nll(self, batch: Tensor | dict[str, Tensor], gate: Gate | None = None) -> tuple[Tensor, Tensor]:
         """NLL and depth of the counted (non-padding) target tokens of a batch, flat; `gate`
         replaces the gate in force (evaluation's counterfactuals)."""
         inputs, targets, valid = split_batch(batch)
-        hidden, trace = self.hidden_states(inputs, valid) if gate is None else self.hidden_states(inputs, valid, gate=gate)
+        hidden, trace = self.hidden_states(inputs, valid, gate=gate)
         logits = self.backbone.logits(hidden).float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         counted = targets.flatten() != IGNORE_INDEX
         return nll[counted], trace.depth().flatten()[counted]
 
-    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per-token NLL and depth of the batch's counted targets (also what the metric adds up)."""
         nll, depth = self.token_nll(batch)
         self.eval_metric.update(nll, depth)
-        self._update_difficulty(batch, depth)
-
-    def _update_difficulty(self, batch: Tensor | dict[str, Tensor], depth: Tensor) -> None:
-        """Hook for models whose gates halt tokens (see RecurrentLM)."""
+        return {"nll": nll, "depth": depth}
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
-    def test_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+    def test_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        return self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
+    def depth_report(self) -> DepthReport:
+        """The depth figure's data for the validation now ending (callbacks call it from
+        `on_validation_epoch_end`, which Lightning runs before the module's, and on every rank)."""
+        return DepthReport(self.eval_metric.table())
+
     def _log_eval(self, stage: str) -> None:
         result = self.eval_metric.compute()  # a torchmetrics Metric: already reduced over ranks
-        log = partial(self.log, sync_dist=True)  # the same on every rank; says so to Lightning (no DDP warning)
+        log = self.log_global
         log(f"{stage}/loss", result["loss"], prog_bar=True)
         log(f"{stage}/ppl", torch.exp(result["loss"]))
         if self.n_iterations > 1:
@@ -284,12 +271,12 @@ class CausalLMModule(L.LightningModule):
                 log(f"{stage}/active_fraction/iter_{i}", f)
             context = getattr(getattr(self.trainer, "datamodule", None), "seq_len", self.config.max_seq_len)
             log(f"{stage}/flops_x_vanilla", self.realised_flops(fractions, context)["x_vanilla"])
-        self.depth_vs_nll = self.eval_metric.table()
         self.eval_metric.reset()
-        self._log_difficulty(stage, log)
 
-    def _log_difficulty(self, stage: str, log: Callable[..., None]) -> None:
-        """Hook for models whose gates halt tokens (see RecurrentLM)."""
+    def log_global(self, name: str, value: Any, **kwargs: Any) -> None:
+        """Log a value that is the same on every rank (a synchronised metric): says so to
+        Lightning, so DDP does not warn."""
+        self.log(name, value, sync_dist=True, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run uses the configured lr, weight decay and betas, not the saved optimizer's."""
@@ -298,8 +285,6 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         """Under Lightning's ModelParallelStrategy, shard with FSDP2 (`parallel.shard_model`)."""
         if self.device_mesh is not None:
-            from ponder_lightning.parallel import shard_model
-
             shard_model(self, self.device_mesh)
 
     def _check_finite(self, loss: Tensor) -> None:
@@ -309,8 +294,6 @@ class CausalLMModule(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if not finite:
-            from ponder_lightning.training import resume_hint
-
             raise UserError(
                 f"training loss became {loss.item()} at step {self.global_step} (on at least one rank): "
                 f"{resume_hint(self._trainer)} (or check the data)"

@@ -47,8 +47,10 @@ class PonderLM2(CausalLMModule):
         check_init_args(PonderLM2, locals())
         if jacobi_choices is not None and not jacobi_choices:
             raise UserError("PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3], or null for the authors' draw")
-        super().__init__(**kwargs)
-        self.last_jacobi_passes = jacobi_eval
+        super().__init__(n_iterations=latent_steps + 1, **kwargs)
+        if scale_embeds:
+            self.backbone.embed_scale = math.sqrt(2.5 * self.config.d_model)
+        self.latent = LatentRecurrence(self.backbone, latent_steps)
         # The base drew the output projections with R = K+1 (the GPT-NeoX code's factor); redraw them
         # where the configured R differs (the LLaMA code's R = 1 by default).
         if self.output_init_passes != self.n_iterations and kwargs.get("pretrained") is None:
@@ -68,25 +70,6 @@ class PonderLM2(CausalLMModule):
             return passes
         return self.n_iterations if self.config.block == "neox" else 1
 
-    @property
-    def n_iterations(self) -> int:
-        return self.hparams.latent_steps + 1
-
-    @property
-    def embed_scale(self) -> float:
-        return math.sqrt(2.5 * self.config.d_model) if self.hparams.scale_embeds else 1.0
-
-    def build_latent(self) -> LatentRecurrence:
-        """PonderLM-3 plugs its router in here."""
-        return LatentRecurrence(self.backbone, self.hparams.latent_steps, self.embed_scale)
-
-    @property
-    def latent(self) -> LatentRecurrence:
-        # Built lazily, like the base's recurrence: a subclass registers its router after __init__.
-        if getattr(self, "_latent", None) is None:
-            self._latent = self.build_latent()
-        return self._latent
-
     def jacobi_passes(self) -> int:
         """J for this forward: in training a pure function of the step (so every rank runs the same
         passes under FSDP, and a resumed run draws what the original drew), else `jacobi_eval`."""
@@ -94,13 +77,14 @@ class PonderLM2(CausalLMModule):
             return self.hparams.jacobi_eval
         return random.Random(self.global_step).choice(list(self.jacobi_choice_set))
 
-    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Trace]:
-        self.last_jacobi_passes = self.jacobi_passes()
-        return self.latent(inputs, valid, self.last_jacobi_passes)
+    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: None = None) -> tuple[Tensor, Trace]:
+        """The Jacobi training form (`gate` must be None: latent models have no token gate)."""
+        if gate is not None:
+            raise TypeError(f"{type(self).__name__} has no token gate to replace")
+        return self.latent(inputs, valid, self.jacobi_passes())
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if max_len > self.config.max_seq_len:
-            raise UserError(f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={self.config.max_seq_len}")
+        self.check_context(max_len)
         return self.latent.new_cache(batch, max_len)
 
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
@@ -124,11 +108,11 @@ class PonderLM2(CausalLMModule):
         choices = self.jacobi_choice_set
         return flops.latent_training_forward_flops(self.config, context, self.hparams.latent_steps, sum(choices) / len(choices), self._router_flops())
 
-    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = super().training_step(batch, batch_idx)
-        self.log("train/jacobi_passes", float(self.last_jacobi_passes))
-        trace = self.last_trace
+    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        output = super().training_step(batch, batch_idx)
+        self.log("train/jacobi_passes", float(self.jacobi_passes()))
+        trace = output["trace"]
         for k, w in enumerate(trace.scores, start=1):  # PonderLM-3: mean visibility of latent slot k
             if w is not None:
                 self.log(f"train/w_mean/slot_{k}", w[trace.active[0]].mean())
-        return loss
+        return output

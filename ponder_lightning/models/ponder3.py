@@ -49,9 +49,7 @@ class PonderLM3(PonderLM2):
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=sigma, a=-3 * sigma, b=3 * sigma)
                 nn.init.zeros_(module.bias)
-
-    def build_latent(self) -> LatentRecurrence:
-        return LatentRecurrence(self.backbone, self.hparams.latent_steps, self.embed_scale, self.router, self.hparams.tau)
+        self.latent = LatentRecurrence(self.backbone, latent_steps, self.router, tau)  # PonderLM-2's, now routed
 
     def aux_loss(self, trace: Trace) -> Tensor | None:
         """lambda * E_s[k], with E_s[k] = sum_{k>=1} w_k per token, averaged over real tokens."""

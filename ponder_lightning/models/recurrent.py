@@ -1,20 +1,26 @@
-"""`RecurrentLM`: the parts PonderLM, LoopTransformer and AdaPonderLM share on top of the base —
-a pluggable gate, a pluggable compute regulariser, embedding scaling and a gate-only stage."""
+"""The token-recurrent family: `TokenRecurrentLM` runs the shared recurrence (`nn/recurrence.py`)
+with a feedback rule and a gate; the vanilla model is its one-iteration case. `RecurrentLM` adds
+what PonderLM, LoopTransformer and AdaPonderLM share: a pluggable gate, a pluggable compute
+regulariser, embedding scaling and a gate-only stage."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from ponder_lightning import flops
 from ponder_lightning.gates import AlwaysContinue, FirstPassOnly, FullDepth, Gate, NoPonderLoss, PonderRegularizer
-from ponder_lightning.hf_export import pretrained_extra_state, pretrained_scales_embeddings
-from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.models.base import CausalLMModule, DepthReport
 from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, spearman
-from ponder_lightning.nn.recurrence import Trace
-from ponder_lightning.validation import NonNegativeInt, check_init_args
+from ponder_lightning.nn.cache import KVCache
+from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
+from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
+from ponder_lightning.pretrained import pretrained_extra_state, pretrained_scales_embeddings
+from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args
 
 ALWAYS_CONTINUE = AlwaysContinue()
 
@@ -44,7 +50,49 @@ def gate_health(gate: Gate, trace: Trace) -> dict[str, float]:
     return stats
 
 
-class RecurrentLM(CausalLMModule):
+class TokenRecurrentLM(CausalLMModule):
+    """A model that is the token recurrence: `n_iterations` passes with `feedback` between them
+    and `self.gate` deciding which tokens go on (AlwaysContinue here; `RecurrentLM` plugs gates)."""
+
+    def __init__(self, *, n_iterations: PositiveInt = 1, feedback: Feedback | None = None, **kwargs: Any) -> None:
+        super().__init__(n_iterations=n_iterations, **kwargs)
+        self.gate: Gate = AlwaysContinue()
+        self.recurrence = Recurrence(self.backbone, Feedback() if feedback is None else feedback, n_iterations)
+
+    def effective_gate(self) -> Gate:
+        """The gate in force now (a model may bypass its gate early in training)."""
+        return self.gate
+
+    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+        return self.recurrence(inputs, valid, self.effective_gate() if gate is None else gate)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        self.check_context(max_len)
+        cfg, weight = self.config, self.backbone.embed_in.weight
+        return KVCache(self.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, weight.dtype, weight.device)
+
+    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
+        """Prefill at adaptive depth (see `Recurrence.extend`)."""
+        return self.recurrence.extend(tokens, valid, cache, self.effective_gate())
+
+    def row_decoder(self, cache: KVCache) -> RecurrenceRowDecoder:
+        return RecurrenceRowDecoder(self.recurrence, cache, self.effective_gate())
+
+    def realised_flops(self, active_fractions: list[float], context: int) -> dict[str, float]:
+        return flops.recurrent_forward_flops(
+            self.config,
+            context,
+            active_fractions,
+            self.recurrence.feedback.extra_flops_per_token(self.backbone),
+            self.gate.extra_flops_per_token(self.config.d_model),
+        )
+
+    def full_depth_flops_per_token(self, context: int) -> float:
+        """Forward FLOPs per token with every token running every iteration (what training does)."""
+        return self.realised_flops([1.0] * self.n_iterations, context)["x_vanilla"] * flops.vanilla_forward_flops(self.config, context)
+
+
+class RecurrentLM(TokenRecurrentLM):
     """Args:
     gate: decides per token whether to run the next iteration (default: the model's own,
         AlwaysContinue for PonderLM/LoopTransformer, PerIterationMLPGate for AdaPonderLM).
@@ -58,6 +106,9 @@ class RecurrentLM(CausalLMModule):
         iteration at full weight), so that the model learns to use its passes before gates may
         halt them; from scratch, gates met with an untrained mixture learn to skip it. 0 = gated
         from the start.
+    embed_scale_factor: with `scale_embeds`, token embeddings are multiplied by
+        sqrt(factor * d) (each model passes its own: 1 with mixture feedback, 2.5 with hidden
+        feedback; not a setting).
     """
 
     def __init__(
@@ -67,6 +118,8 @@ class RecurrentLM(CausalLMModule):
         scale_embeds: bool | None = None,
         train_only_gates: bool = False,
         gate_start_step: NonNegativeInt = 0,
+        *,
+        embed_scale_factor: PositiveFloat = 1.0,
         **kwargs: Any,
     ) -> None:
         check_init_args(RecurrentLM, locals())
@@ -74,16 +127,17 @@ class RecurrentLM(CausalLMModule):
         pretrained = self.hparams.get("pretrained")
         if scale_embeds is None:  # resolved once and kept in the hyper-parameters, so checkpoints and exports keep it
             self.hparams.scale_embeds = pretrained is None or pretrained_scales_embeddings(pretrained)
-        self.gate = gate if gate is not None else self.default_gate()
+        if self.hparams.scale_embeds:
+            self.backbone.embed_scale = math.sqrt(embed_scale_factor * self.config.d_model)
+        self.gate = gate if gate is not None else AlwaysContinue()
         self.gate.bind(self.config.d_model, self.n_iterations - 1)
         if pretrained is not None:
             self._load_pretrained_gates(pretrained)
-        self.regularizer = regularizer if regularizer is not None else self.default_regularizer()
+        self.regularizer = regularizer if regularizer is not None else NoPonderLoss()
         if train_only_gates:
             self.backbone.requires_grad_(False)
         self._weak_steps = 0
         self.difficulty_metric = DepthDifficulty()
-        self.depth_by_difficulty: list[dict[str, float]] | None = None
 
     def _load_pretrained_gates(self, pretrained: str) -> None:
         """An export of this very class brings its gates too, when they are the same gates."""
@@ -95,11 +149,6 @@ class RecurrentLM(CausalLMModule):
             rank_zero_info(f"pretrained {pretrained}: backbone loaded; its gate weights do not fit this model's gate, which keeps its initialisation")
             return
         self.load_state_dict(extra, strict=False)
-
-    @property
-    def scales_embeddings(self) -> bool:
-        """Whether token embeddings are scaled (`scale_embeds`, resolved at construction)."""
-        return self.hparams.scale_embeds
 
     @property
     def gate_active(self) -> bool:
@@ -114,16 +163,15 @@ class RecurrentLM(CausalLMModule):
     def effective_gate(self) -> Gate:
         return self.gate if self.gate_active else ALWAYS_CONTINUE
 
-    def default_gate(self) -> Gate:
-        return AlwaysContinue()
-
-    def default_regularizer(self) -> PonderRegularizer:
-        return NoPonderLoss()
-
     def aux_loss(self, trace: Trace) -> Tensor | None:
         if not self.gate_active:
             return None
         return self.regularizer(trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:])
+
+    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        output = super().training_step(batch, batch_idx)
+        self._log_gate_health(output["trace"])
+        return output
 
     @torch.no_grad()
     def _log_gate_health(self, trace: Trace) -> None:
@@ -150,23 +198,30 @@ class RecurrentLM(CausalLMModule):
         """True when the gate in force can halt tokens (there is a depth to explain)."""
         return self.n_iterations > 1 and self.gate_active and self.gate.can_halt
 
-    def _update_difficulty(self, batch: Tensor | dict[str, Tensor], depth: Tensor) -> None:
+    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        output = super().validation_step(batch, batch_idx)
         if self.measures_difficulty:
             full, _ = self.token_nll(batch, FullDepth(self.gate))
             first, _ = self.token_nll(batch, FirstPassOnly(self.gate))
-            self.difficulty_metric.update(depth, full, first)
+            self.difficulty_metric.update(output["depth"], full, first)
+        return output
 
-    def _log_difficulty(self, stage: str, log: Callable[..., None]) -> None:
-        """`<stage>/ppl_full_depth` (the dead-pass check), `<stage>/ppl_first_pass`, and the rank
-        correlation of depth with each difficulty; the deciles go to the depth figure."""
+    def depth_report(self) -> DepthReport:
+        report = super().depth_report()
+        if self.difficulty_metric.update_called:
+            result = self.difficulty_metric.compute()
+            report.deciles = depth_by_decile(result["nll_full_depth"], result["depth"])
+        return report
+
+    def _log_eval(self, stage: str) -> None:
+        """Adds `<stage>/ppl_full_depth` (the dead-pass check), `<stage>/ppl_first_pass`, and the
+        rank correlation of depth with each difficulty."""
+        super()._log_eval(stage)
         if not self.difficulty_metric.update_called:
-            self.depth_by_difficulty = None
             return
         result = self.difficulty_metric.compute()
         self.difficulty_metric.reset()
-        depth = result["depth"]
-        log(f"{stage}/ppl_full_depth", torch.exp(result["nll_full_depth"].double().mean()).float())
-        log(f"{stage}/ppl_first_pass", torch.exp(result["nll_first_pass"].double().mean()).float())
+        self.log_global(f"{stage}/ppl_full_depth", torch.exp(result["nll_full_depth"].double().mean()).float())
+        self.log_global(f"{stage}/ppl_first_pass", torch.exp(result["nll_first_pass"].double().mean()).float())
         for name in ("nll_full_depth", "nll_first_pass"):
-            log(f"{stage}/depth_spearman/{name}", spearman(depth, result[name]))
-        self.depth_by_difficulty = depth_by_decile(result["nll_full_depth"], depth)
+            self.log_global(f"{stage}/depth_spearman/{name}", spearman(result["depth"], result[name]))

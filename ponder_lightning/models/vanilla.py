@@ -1,7 +1,13 @@
 """The vanilla Pythia baseline: the backbone run once per token."""
 
-from ponder_lightning.models.base import CausalLMModule
+from typing import Any
+
+from ponder_lightning.models.recurrent import TokenRecurrentLM
+from ponder_lightning.nn.recurrence import Feedback
 
 
-class VanillaLM(CausalLMModule):
+class VanillaLM(TokenRecurrentLM):
     """Pythia as released: every comparison ('x vanilla' FLOPs, perplexity gaps) is against this."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(n_iterations=1, feedback=Feedback(), **kwargs)

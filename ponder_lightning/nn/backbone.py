@@ -222,6 +222,8 @@ class Backbone(nn.Module):
         self.embed_out = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dims, cfg.max_seq_len, cfg.rotary_base)
         self.activation_checkpointing = False
+        #: token embeddings are multiplied by this (a model's sqrt(d) or sqrt(2.5 d); 1 = Pythia)
+        self.embed_scale = 1.0
 
     def init_weights(self, passes_per_token: int = 1) -> None:
         """Pythia/PonderLM init: truncated normal with sigma = sqrt(2 / (5 d)); residual-output
@@ -271,10 +273,10 @@ class Backbone(nn.Module):
                 x = layer(x, cos, sin, mask, kv_hook, i)
         return self.final_layer_norm(x) if final_norm else x
 
-    def embed(self, tokens: Tensor, scale: float = 1.0) -> Tensor:
-        """Token embeddings [B, T, d], times `scale` (the models' sqrt(d) or sqrt(2.5 d))."""
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token embeddings [B, T, d], times `embed_scale`."""
         embeds = self.embed_in(tokens)
-        return embeds * scale if scale != 1.0 else embeds
+        return embeds * self.embed_scale if self.embed_scale != 1.0 else embeds
 
     def logits(self, h: Tensor) -> Tensor:
         return self.embed_out(h)

@@ -89,19 +89,15 @@ class LatentRecurrence:
 
     Args:
         latent_steps: K latent slots per token.
-        embed_scale: token embeddings are multiplied by this (sqrt(2.5 d) in the papers).
         router: PonderLM-3's router; None = PonderLM-2 (read out the last slot, no attention bias).
         tau: a slot whose w is below tau is pruned at inference (and counted so in the trace).
     """
 
-    def __init__(self, backbone: Backbone, latent_steps: int, embed_scale: float, router: SlotRouter | None = None, tau: float = 1e-4) -> None:
+    def __init__(self, backbone: Backbone, latent_steps: int, router: SlotRouter | None = None, tau: float = 1e-4) -> None:
         if latent_steps < 1:
             raise ValueError(f"latent_steps must be >= 1, got {latent_steps}")
-        self.backbone, self.latent_steps, self.embed_scale = backbone, latent_steps, embed_scale
+        self.backbone, self.latent_steps = backbone, latent_steps
         self.router, self.tau = router, tau
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        return self.backbone.embed(tokens, self.embed_scale)
 
     # -- training form ---------------------------------------------------------------------
     def __call__(self, tokens: Tensor, valid: Tensor | None, jacobi_passes: int) -> tuple[Tensor, Trace]:
@@ -109,7 +105,7 @@ class LatentRecurrence:
         tokens that run slot k at inference (all of them without a router), `scores[k-1]` = w_k."""
         b, t = tokens.shape
         k_max = self.latent_steps
-        embeds = self.embed(tokens).unsqueeze(2)  # the token slots, [B, T, 1, d]
+        embeds = self.backbone.embed(tokens).unsqueeze(2)  # the token slots, [B, T, 1, d]
         positions = torch.arange(t, device=tokens.device) if valid is None else positions_from_valid(valid)
         widths = list(range(1, k_max + 1)) + [k_max + 1] * (jacobi_passes + 1)
         slots, probs = embeds, None
@@ -183,7 +179,7 @@ class LatentRowDecoder(RowDecoder):
     def start(self, rows: Tensor, tokens: Tensor) -> None:
         """Rows `rows` begin new tokens `tokens` [n] at their token slot."""
         self.cache.check_room(rows, self.latent.latent_steps + 1)
-        self.x[rows] = self.latent.embed(tokens)
+        self.x[rows] = self.latent.backbone.embed(tokens)
         self.out[rows] = 0.0
         self.slot_index[rows] = 0
         self.w[rows] = 1.0

@@ -60,14 +60,15 @@ class Feedback:
 class PonderFeedback(Feedback):
     """PonderLM: E <- E + softmax(embed_out(h)) @ V, V the (scaled) input embedding table.
 
+    The mixture is scaled like the token embeddings (`Backbone.embed_scale`).
+
     Args:
-        embed_scale: the same scale as applied to the token embeddings (sqrt(d) or 1).
         top_k: mix only the k most probable tokens' embeddings (None = full vocabulary).
         start_multiplier: E starts at start_multiplier * E0 (PonderLM's multiply_pondering_steps).
     """
 
-    def __init__(self, embed_scale: float, top_k: int | None = None, start_multiplier: float = 1.0) -> None:
-        self.embed_scale, self.top_k, self.start_multiplier = embed_scale, top_k, start_multiplier
+    def __init__(self, top_k: int | None = None, start_multiplier: float = 1.0) -> None:
+        self.top_k, self.start_multiplier = top_k, start_multiplier
 
     def initial(self, embeds: Tensor) -> Tensor:
         return embeds * self.start_multiplier if self.start_multiplier != 1.0 else embeds
@@ -83,7 +84,7 @@ class PonderFeedback(Feedback):
             top_logits, top_ids = logits.topk(self.top_k, dim=-1)
             probs = top_logits.softmax(dim=-1).to(table.dtype)
             mixed = torch.einsum("...k,...kd->...d", probs, table[top_ids])
-        return mixed * self.embed_scale
+        return mixed * backbone.embed_scale
 
     def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
         mixed = self.mixture(backbone, h, logits)
@@ -162,6 +163,9 @@ class Trace:
         """Iterations each token ran, [B, T] (0 for padding)."""
         return torch.stack(self.active).sum(0)
 
+    def detach(self) -> Trace:
+        return Trace([a.detach() for a in self.active], [None if s is None else s.detach() for s in self.scores])
+
     def active_fractions(self) -> Tensor:
         """Fraction of the real tokens that ran each iteration, [n_iterations] (the first is 1)."""
         counts = torch.stack([a.sum() for a in self.active]).float()
@@ -185,18 +189,14 @@ class Iteration:
 class Recurrence:
     """Runs `n_iterations` backbone passes with a feedback rule and a gate (see module docstring).
 
-    A plain object, not a module: the backbone and gate are registered on the LightningModule,
-    so checkpoints hold each parameter once under its natural name.
+    A plain object, not a module: the backbone (and the gate each call is given) are registered
+    on the LightningModule, so checkpoints hold each parameter once under its natural name.
     """
 
-    def __init__(self, backbone: Backbone, feedback: Feedback, gate: Gate, n_iterations: int, embed_scale: float) -> None:
+    def __init__(self, backbone: Backbone, feedback: Feedback, n_iterations: int) -> None:
         if n_iterations < 1:
             raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
-        self.backbone, self.feedback, self.gate = backbone, feedback, gate
-        self.n_iterations, self.embed_scale = n_iterations, embed_scale
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        return self.backbone.embed(tokens, self.embed_scale)
+        self.backbone, self.feedback, self.n_iterations = backbone, feedback, n_iterations
 
     def step(
         self,
@@ -261,15 +261,14 @@ class Recurrence:
                 weight[rows] = feedback_weight(gate, decision, h.dtype)
         return go, None, weight
 
-    def __call__(self, tokens: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+    def __call__(self, tokens: Tensor, valid: Tensor | None, gate: Gate) -> tuple[Tensor, Trace]:
         """Training form: final hidden states [B, T, d] (after the final norm) and the trace of
-        halting. `gate` overrides the recurrence's own gate for this call."""
-        gate = self.gate if gate is None else gate
+        halting."""
         if valid is None:
             positions, mask, active = None, None, torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         else:
             positions, mask, active = positions_from_valid(valid), causal_mask(valid), valid.bool()
-        embeds = self.embed(tokens)
+        embeds = self.backbone.embed(tokens)
         state = self.feedback.initial(embeds)
         trace, out, alignment = Trace(), None, None
         for i in range(self.n_iterations):
@@ -286,7 +285,7 @@ class Recurrence:
 
     @torch.no_grad()
     @prepacked_weights()
-    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache, gate: Gate | None = None) -> tuple[Tensor, Tensor, list[int]]:
+    def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache, gate: Gate) -> tuple[Tensor, Tensor, list[int]]:
         """Prefill form: run new tokens [B, T_new] (a prompt, or one token per row when decoding
         in lock-step) against per-iteration caches holding the prefix.
 
@@ -296,10 +295,9 @@ class Recurrence:
         [B, T_new, d], depth per token [B, T_new] (0 for padding) and the number of
         token-evaluations the backbone ran at each iteration.
         """
-        gate = self.gate if gate is None else gate
         slots, positions = cache.reserve(valid)
         total_len = int(cache.fill[0])
-        embeds = self.embed(tokens)
+        embeds = self.backbone.embed(tokens)
         state = self.feedback.initial(embeds).clone()  # updated in place below; embeds must survive
         out = torch.zeros_like(embeds)
         active = valid.bool().clone()

@@ -89,7 +89,7 @@ class RecurrenceRowDecoder(RowDecoder):
         self.cache.n_real[rows] += 1
         self.iteration[rows] = 0
         self.token[rows] = tokens
-        embeds = self.recurrence.embed(tokens)
+        embeds = self.recurrence.backbone.embed(tokens)
         self.embeds[rows] = embeds
         self.state[rows] = self.recurrence.feedback.initial(embeds)
 
