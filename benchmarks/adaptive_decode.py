@@ -106,32 +106,55 @@ def main() -> None:
             for name, model in models.items():
                 flops = model.realised_flops(fractions(counts[name]), context)["x_vanilla"]
                 measured, ideal = seconds["full depth"] / seconds[name], ref_flops / flops
-                rows.append({
-                    "model": "AdaPonderLM", "batch": batch, "phase": phase, "variant": name,
-                    "halted": 1 - sum(fractions(counts[name])) / len(counts[name]), "x_vanilla": flops,
-                    "tok/s": counts[name][0] / seconds[name],
-                    "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
-                    "passes": passes[name], "speedup if passes cost alike": passes["full depth"] / passes[name],
-                })
+                rows.append(
+                    {
+                        "model": "AdaPonderLM",
+                        "batch": batch,
+                        "phase": phase,
+                        "variant": name,
+                        "halted": 1 - sum(fractions(counts[name])) / len(counts[name]),
+                        "x_vanilla": flops,
+                        "tok/s": counts[name][0] / seconds[name],
+                        "measured speedup": measured,
+                        "ideal speedup": ideal,
+                        "measured/ideal": measured / ideal,
+                        "passes": passes[name],
+                        "speedup if passes cost alike": passes["full depth"] / passes[name],
+                    }
+                )
         # --- PonderLM vs vanilla, with and without caches ----------------------------------
         ponder = PonderLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
         vanilla = VanillaLM(size=args.size, vocab_size=VOCAB).to(args.device).eval()
-        generators = {"PonderLM": Generate(ponder, prompts, args.new_tokens), "vanilla": Generate(vanilla, prompts, args.new_tokens)}
+        generators = {
+            "PonderLM": Generate(ponder, prompts, args.new_tokens),
+            "vanilla": Generate(vanilla, prompts, args.new_tokens),
+        }
         with torch.no_grad():
-            no_cache = alternate(generators | {"PonderLM no cache": no_cache_decode(ponder, prompts, args.new_tokens - 1)}, args.repeats)["PonderLM no cache"]
+            no_cache = alternate(
+                generators | {"PonderLM no cache": no_cache_decode(ponder, prompts, args.new_tokens - 1)}, args.repeats
+            )["PonderLM no cache"]
         tokens = batch * (args.new_tokens - 1)  # the first new token comes from the prefill
         tps = {name: tokens / g.seconds("decode") for name, g in generators.items()}
         tps["PonderLM no cache"] = tokens / no_cache
         ponder_flops = ponder.realised_flops([1.0] * ponder.n_iterations, context)["x_vanilla"]
         predicted = tps["vanilla"] / ponder_flops
         for name in ("vanilla", "PonderLM", "PonderLM no cache"):
-            rows.append({
-                "model": name, "batch": batch, "phase": "decode", "variant": "full depth", "halted": 0.0,
-                "x_vanilla": 1.0 if name == "vanilla" else ponder_flops, "tok/s": tps[name],
-                "measured speedup": float("nan"), "ideal speedup": float("nan"),
-                "measured/ideal": tps[name] / predicted if name == "PonderLM" else float("nan"),
-                "passes": float("nan"), "speedup if passes cost alike": float("nan"),
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "phase": "decode",
+                    "variant": "full depth",
+                    "halted": 0.0,
+                    "x_vanilla": 1.0 if name == "vanilla" else ponder_flops,
+                    "tok/s": tps[name],
+                    "measured speedup": float("nan"),
+                    "ideal speedup": float("nan"),
+                    "measured/ideal": tps[name] / predicted if name == "PonderLM" else float("nan"),
+                    "passes": float("nan"),
+                    "speedup if passes cost alike": float("nan"),
+                }
+            )
     write_results("adaptive_decode", rows, list(rows[0]))
 
 

@@ -74,8 +74,14 @@ def main() -> None:
         with torch.no_grad():
             alternate(generators | {f"{name} lock-step": d for name, d in lockstep.items()}, args.repeats)
         schedules = {
-            "row-wise": ({name: g.seconds("decode") for name, g in generators.items()}, {name: g.counts("decode") for name, g in generators.items()}),
-            "lock-step": ({name: d.seconds() for name, d in lockstep.items()}, {name: d.decode_counts for name, d in lockstep.items()}),
+            "row-wise": (
+                {name: g.seconds("decode") for name, g in generators.items()},
+                {name: g.counts("decode") for name, g in generators.items()},
+            ),
+            "lock-step": (
+                {name: d.seconds() for name, d in lockstep.items()},
+                {name: d.decode_counts for name, d in lockstep.items()},
+            ),
         }
         ref_name = "PonderLM-2 K=3"
         for schedule, (seconds, counts) in schedules.items():
@@ -83,11 +89,20 @@ def main() -> None:
             for name, model in models.items():
                 flops = model.realised_flops(fractions(counts[name]), context)["x_vanilla"]
                 measured, ideal = seconds[ref_name] / seconds[name], ref_flops / flops
-                rows.append({
-                    "batch": batch, "decode": schedule, "model": name, "tau": f"{model.latent.tau:.2g}" if model.latent.router is not None else "-",
-                    "mean steps": sum(counts[name][1:]) / counts[name][0], "x_vanilla": flops, "tok/s": counts[name][0] / seconds[name],
-                    "measured speedup": measured, "ideal speedup": ideal, "measured/ideal": measured / ideal,
-                })
+                rows.append(
+                    {
+                        "batch": batch,
+                        "decode": schedule,
+                        "model": name,
+                        "tau": f"{model.latent.tau:.2g}" if model.latent.router is not None else "-",
+                        "mean steps": sum(counts[name][1:]) / counts[name][0],
+                        "x_vanilla": flops,
+                        "tok/s": counts[name][0] / seconds[name],
+                        "measured speedup": measured,
+                        "ideal speedup": ideal,
+                        "measured/ideal": measured / ideal,
+                    }
+                )
     write_results("ponder3_decode", rows, list(rows[0]))
 
 

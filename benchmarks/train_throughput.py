@@ -45,7 +45,9 @@ def peak_flops(device: torch.device, bf16: bool, override_tflops: float | None) 
     return get_available_flops(device, torch.bfloat16 if bf16 else torch.float32) if device.type == "cuda" else None
 
 
-def compare(size: str, batch: int, seq_len: int, repeats: int, device: torch.device, bf16: bool, peak: float | None) -> dict:
+def compare(
+    size: str, batch: int, seq_len: int, repeats: int, device: torch.device, bf16: bool, peak: float | None
+) -> dict:
     torch.manual_seed(0)
     ours = VanillaLM(size=size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +58,9 @@ def compare(size: str, batch: int, seq_len: int, repeats: int, device: torch.dev
     contenders = {
         "ours": train_step(lambda: ours.training_loss(tokens)[0], torch.optim.AdamW(ours.parameters(), lr=1e-4), bf16),
         "transformers": train_step(
-            lambda: theirs(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss, torch.optim.AdamW(theirs.parameters(), lr=1e-4), bf16
+            lambda: theirs(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss,
+            torch.optim.AdamW(theirs.parameters(), lr=1e-4),
+            bf16,
         ),
     }
     seconds = alternate(contenders, repeats)
@@ -83,7 +87,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU), as precision: bf16-mixed")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="the chip's dense peak, for chips Lightning does not list")
+    parser.add_argument(
+        "--peak_tflops", type=float, default=None, help="the chip's dense peak, for chips Lightning does not list"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     peak = peak_flops(device, args.bf16, args.peak_tflops)

@@ -103,7 +103,9 @@ def print_model_summary(columns: list[tuple[str, list[str]]], totals: list[tuple
         table = Table(header_style="bold magenta")
         for name, _ in columns:
             right = name in ("Params", "Params per Device", "In sizes", "Out sizes")
-            table.add_column(name, justify="right" if right else "left", style="dim" if name == " " else None, no_wrap=name == "Name")
+            table.add_column(
+                name, justify="right" if right else "left", style="dim" if name == " " else None, no_wrap=name == "Name"
+            )
         for row in rows:
             table.add_row(*map(str, row))
         grid = Table.grid(expand=True)
@@ -166,7 +168,11 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
             lines.append(
                 f"the same weights with no token halted: val ppl {last['val/ppl_full_depth']:.2f} (learned depth: {last['val/ppl']:.2f}); "
                 f"first pass only: {last['val/ppl_first_pass']:.2f}; depth vs full-depth NLL: "
-                + ("n/a (every token ran the same depth)" if math.isnan(rho) else f"Spearman {rho:+.3f} (> 0: harder tokens get more passes)")
+                + (
+                    "n/a (every token ran the same depth)"
+                    if math.isnan(rho)
+                    else f"Spearman {rho:+.3f} (> 0: harder tokens get more passes)"
+                )
             )
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
@@ -179,7 +185,9 @@ class DepthMonitor(Callback):
     depth-vs-NLL figure (tokens per depth and their mean NLL). Silent for one-pass models and
     without a TensorBoard logger."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         trace = outputs.get("trace") if isinstance(outputs, dict) else None
         writer = _tensorboard(trainer)
         if trace is None or writer is None or (trainer.global_step % max(trainer.log_every_n_steps, 1)):

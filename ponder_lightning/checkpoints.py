@@ -60,7 +60,9 @@ def load_checkpoint(path: str | Path, model_class: type[CausalLMModule] | None =
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist: pass a .ckpt file (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or an exported directory")
+        raise UserError(
+            f"checkpoint {path} does not exist: pass a .ckpt file (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or an exported directory"
+        )
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_dir(path)
     ckpt = _read_lightning_checkpoint(path)
@@ -68,14 +70,18 @@ def load_checkpoint(path: str | Path, model_class: type[CausalLMModule] | None =
     model = build_model(hparams, model_class, source=str(path))
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
-        raise UserError(f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint of a ponder_lightning model")
+        raise UserError(
+            f"checkpoint {path} holds no state_dict: it is not a Lightning checkpoint of a ponder_lightning model"
+        )
     _load_state(model, state, str(path))
     model.on_load_checkpoint(ckpt)
     data = {k: v for k, v in (ckpt.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     return LoadedCheckpoint(model.eval(), {**data, "global_step": int(ckpt.get("global_step", 0))})
 
 
-def build_model(hparams: dict[str, Any], model_class: type[CausalLMModule] | None = None, source: str = "checkpoint") -> CausalLMModule:
+def build_model(
+    hparams: dict[str, Any], model_class: type[CausalLMModule] | None = None, source: str = "checkpoint"
+) -> CausalLMModule:
     """A freshly initialised model from saved init args (`_class_path` as LightningCLI records it)."""
     from lightning.pytorch.cli import instantiate_module
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
@@ -148,12 +154,16 @@ def _read_lightning_checkpoint(path: Path) -> dict[str, Any]:
         from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
         if not (path / _METADATA_FILENAME).is_file():
-            raise UserError(f"{path} is a directory but neither an FSDP checkpoint ({_METADATA_FILENAME}) nor an exported model (config.json)")
+            raise UserError(
+                f"{path} is a directory but neither an FSDP checkpoint ({_METADATA_FILENAME}) nor an exported model (config.json)"
+            )
         return _load_distributed_checkpoint(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
-        raise UserError(f"checkpoint {path} could not be read ({_first_line(exc)}): it is damaged or not a PyTorch checkpoint") from exc
+        raise UserError(
+            f"checkpoint {path} could not be read ({_first_line(exc)}): it is damaged or not a PyTorch checkpoint"
+        ) from exc
 
 
 def _load_state(model: CausalLMModule, state: dict[str, torch.Tensor], source: str) -> None:
@@ -193,8 +203,12 @@ def load_transformers_dir(path: Path) -> LoadedCheckpoint:
     """(model, data) from a directory written by `export_transformers`, as `load_checkpoint` returns them."""
     meta = json.loads((path / "config.json").read_text())
     if not meta.get("class_path"):
-        raise UserError(f"{path}/config.json has model_type {MODEL_TYPE} but no class_path: it was not written by this library's export")
-    model = build_model({"_class_path": meta["class_path"], **meta.get("init_args", {})}, source=str(path / "config.json"))
+        raise UserError(
+            f"{path}/config.json has model_type {MODEL_TYPE} but no class_path: it was not written by this library's export"
+        )
+    model = build_model(
+        {"_class_path": meta["class_path"], **meta.get("init_args", {})}, source=str(path / "config.json")
+    )
     if not (path / WEIGHTS_FILE).is_file():
         raise UserError(f"{path} has no {WEIGHTS_FILE}")
     state = load_file(str(path / WEIGHTS_FILE))
@@ -215,13 +229,19 @@ def load_ponderlm_authors_dir(path: Path) -> LoadedCheckpoint:
     weights, `pondering_steps`, `scale_embeds` and `mutiply_pondering_steps` from config.json,
     the full-vocabulary mixture (their forward's `use_topk=False`)."""
     from ponder_lightning.models.ponder import PonderLM
-    from ponder_lightning.nn.hf import load_into, load_hf_state_dict, read_hf_config
+    from ponder_lightning.nn.hf import load_hf_state_dict, load_into, read_hf_config
 
     raw = json.loads((path / "config.json").read_text())
     cfg = read_hf_config(path)
     model = PonderLM(
-        size=_preset_for(cfg, path), n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len, pondering_steps=int(raw.get("pondering_steps", 3)), scale_embeds=bool(raw.get("scale_embeds", False)),
+        size=_preset_for(cfg, path),
+        n_layer=cfg.n_layer,
+        d_model=cfg.d_model,
+        n_head=cfg.n_head,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+        pondering_steps=int(raw.get("pondering_steps", 3)),
+        scale_embeds=bool(raw.get("scale_embeds", False)),
         multiply_pondering_steps=bool(raw.get("mutiply_pondering_steps", raw.get("multiply_pondering_steps", False))),
     )
     state = {k: v for k, v in load_hf_state_dict(path).items() if k not in AUTHORS_UNUSED}
@@ -237,8 +257,13 @@ def _vanilla_from_hf(path: Path) -> CausalLMModule:
 
     cfg = read_hf_config(path)
     return VanillaLM(
-        size=_preset_for(cfg, path), n_layer=cfg.n_layer, d_model=cfg.d_model, n_head=cfg.n_head, vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len, pretrained=str(path),
+        size=_preset_for(cfg, path),
+        n_layer=cfg.n_layer,
+        d_model=cfg.d_model,
+        n_head=cfg.n_head,
+        vocab_size=cfg.vocab_size,
+        max_seq_len=cfg.max_seq_len,
+        pretrained=str(path),
     )
 
 
@@ -247,9 +272,13 @@ def _preset_for(cfg, path: Path) -> str:
     from ponder_lightning.nn.config import PRESETS, backbone_config
 
     fixed = ("block", "mlp_ratio", "rotary_pct", "rotary_base", "norm_eps")  # not init args: a preset must have them
-    size = next((name for name in PRESETS if all(getattr(backbone_config(name), f) == getattr(cfg, f) for f in fixed)), None)
+    size = next(
+        (name for name in PRESETS if all(getattr(backbone_config(name), f) == getattr(cfg, f) for f in fixed)), None
+    )
     if size is None:
-        raise UserError(f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here")
+        raise UserError(
+            f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here"
+        )
     return size
 
 

@@ -48,11 +48,15 @@ class PonderCLI(LightningCLI):
         # The model's vocabulary follows the tokenizer (padded to a multiple of 128 by the model).
         parser.link_arguments("data.vocab_size", "model.init_args.tokenizer_vocab_size", apply_on="instantiate")
         parser.add_argument(
-            "--checkpoint_every", type=Optional[PositiveInt], default=None,
+            "--checkpoint_every",
+            type=Optional[PositiveInt],
+            default=None,
             help="save a checkpoint every N optimizer steps (sets every_n_train_steps of the configured checkpoint callback)",
         )
         parser.add_argument(
-            "--peak_tflops", type=Optional[float], default=None,
+            "--peak_tflops",
+            type=Optional[float],
+            default=None,
             help="peak TFLOP/s per device for the MFU in TensorBoard (e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
         )
 
@@ -60,7 +64,9 @@ class PonderCLI(LightningCLI):
         # Lightning's default bar shows `Epoch 0/-2` in step-based runs; ours counts steps. Only
         # when a bar is wanted and none was configured (Lightning rejects a bar with it disabled).
         configured = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in [*configured, *callbacks]):
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*configured, *callbacks]
+        ):
             callbacks = [*callbacks, step_progress_bar()]
         # Lightning's summary prints `Total FLOPs: 0` (it counts FLOPs on an example input these
         # models do not define); ours prints the analytic training FLOPs per step. Lightning's
@@ -111,11 +117,17 @@ class PonderCLI(LightningCLI):
         changes = changed_args(saved, configured)
         if sub == "fit":
             if unknown:
-                rank_zero_warn(f"--ckpt_path {ckpt_path} has model arguments {short_class(model.class_path)} no longer takes (renamed or removed): "
-                               f"{', '.join(f'{k}={saved[k]!r}' for k in unknown)}; they are ignored, the config's arguments are used")
-            changes = {k: v for k, v in changes.items() if k not in OPTIMIZER_ARGS}  # the optimizer says so itself on load
+                rank_zero_warn(
+                    f"--ckpt_path {ckpt_path} has model arguments {short_class(model.class_path)} no longer takes (renamed or removed): "
+                    f"{', '.join(f'{k}={saved[k]!r}' for k in unknown)}; they are ignored, the config's arguments are used"
+                )
+            changes = {
+                k: v for k, v in changes.items() if k not in OPTIMIZER_ARGS
+            }  # the optimizer says so itself on load
             if changes:
-                rank_zero_info(f"resuming from {ckpt_path} with model arguments changed from the checkpoint's: {describe_changes(changes)}")
+                rank_zero_info(
+                    f"resuming from {ckpt_path} with model arguments changed from the checkpoint's: {describe_changes(changes)}"
+                )
             return
         check_saved_args(saved, model_class, f"--ckpt_path {ckpt_path}")
         try:
@@ -123,7 +135,9 @@ class PonderCLI(LightningCLI):
         except argparse.ArgumentError as err:  # a saved value the class's constraints now reject: not the config's
             raise invalid_saved_args(f"--ckpt_path {ckpt_path}", short_class(model.class_path), err) from None
         if changes:
-            rank_zero_info(f"{sub} uses the model arguments saved in {ckpt_path}, where they differ from the config's: {describe_changes(changes, used='checkpoint')}")
+            rank_zero_info(
+                f"{sub} uses the model arguments saved in {ckpt_path}, where they differ from the config's: {describe_changes(changes, used='checkpoint')}"
+            )
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -145,7 +159,10 @@ def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
         save_config_kwargs={"overwrite": True},
         # The DataModule shards batches across ranks itself (sampling is a pure function of
         # seed, step and rank), so Lightning must not wrap its sampler.
-        trainer_defaults={"use_distributed_sampler": False, "callbacks": [TokenThroughput(), DepthMonitor(), FitSummary()]},
+        trainer_defaults={
+            "use_distributed_sampler": False,
+            "callbacks": [TokenThroughput(), DepthMonitor(), FitSummary()],
+        },
         args=args,
     )
 
@@ -169,16 +186,28 @@ def flops_command(argv: list[str]) -> None:
     from ponder_lightning.flops import format_flops_table
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning flops", description=flops_command.__doc__)
-    parser.add_argument("--active", action="append", default=[], help="comma-separated active fraction per iteration (repeatable)")
-    parser.add_argument("--context", type=int, default=None, help="attention context in tokens (default: the data seq_len)")
+    parser.add_argument(
+        "--active", action="append", default=[], help="comma-separated active fraction per iteration (repeatable)"
+    )
+    parser.add_argument(
+        "--context", type=int, default=None, help="attention context in tokens (default: the data seq_len)"
+    )
     own, rest = parser.parse_known_args(argv)
-    cli = PonderCLI(CausalLMModule, PileDataModule, subclass_mode_model=True, run=False, args=rest,
-                    trainer_defaults={"use_distributed_sampler": False, "logger": False})
+    cli = PonderCLI(
+        CausalLMModule,
+        PileDataModule,
+        subclass_mode_model=True,
+        run=False,
+        args=rest,
+        trainer_defaults={"use_distributed_sampler": False, "logger": False},
+    )
     model, context = cli.model, own.context or cli.datamodule.seq_len
     depths = [[1.0] * model.n_iterations] + [[float(x) for x in spec.split(",")] for spec in own.active]
     for fractions in depths:
         if len(fractions) != model.n_iterations:
-            raise UserError(f"--active {','.join(map(str, fractions))} has {len(fractions)} fractions; {type(model).__name__} runs {model.n_iterations} iterations")
+            raise UserError(
+                f"--active {','.join(map(str, fractions))} has {len(fractions)} fractions; {type(model).__name__} runs {model.n_iterations} iterations"
+            )
     print(format_flops_table(type(model).__name__, context, [(f, model.realised_flops(f, context)) for f in depths]))
 
 
@@ -195,7 +224,9 @@ def bounded(kind: type, low: float | None = None, high: float | None = None, low
         if too_low or (high is not None and value > high):
             lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
             hi = "" if high is None else f"<= {high}"
-            raise argparse.ArgumentTypeError(f"{value} is out of range: use a value {' and '.join(filter(None, [lo, hi]))}")
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: use a value {' and '.join(filter(None, [lo, hi]))}"
+            )
         return value
 
     parse.__name__ = kind.__name__
@@ -214,7 +245,9 @@ def tau_list(text: str) -> list[float]:
     try:
         return [parse(t.strip()) for t in text.split(",")]
     except argparse.ArgumentTypeError as err:
-        raise argparse.ArgumentTypeError(f"{err} (in {text!r}; use comma-separated thresholds in [0, 1], e.g. 1e-4,1e-3)") from None
+        raise argparse.ArgumentTypeError(
+            f"{err} (in {text!r}; use comma-separated thresholds in [0, 1], e.g. 1e-4,1e-3)"
+        ) from None
 
 
 def generate_command(argv: list[str]) -> None:
@@ -228,7 +261,9 @@ def generate_command(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning generate", description=generate_command.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`")
-    parser.add_argument("--prompt", action="append", required=True, type=non_empty_text, help="prompt text (repeat for a batch)")
+    parser.add_argument(
+        "--prompt", action="append", required=True, type=non_empty_text, help="prompt text (repeat for a batch)"
+    )
     parser.add_argument("--max_new_tokens", type=bounded(int, 1), default=64)
     parser.add_argument("--temperature", type=bounded(float, 0.0), default=0.0, help="0 = greedy")
     parser.add_argument("--top_k", type=bounded(int, 1), default=None)
@@ -238,15 +273,27 @@ def generate_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, data_args = load_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(args.tokenizer or data_args.get("tokenizer", "neox"))
-    result = generate(model, args.prompt, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    result = generate(
+        model,
+        args.prompt,
+        tokenizer=tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     for prompt, text, tokens, depths in zip(args.prompt, result.texts, result.tokens, result.depths):
         print(f"--- prompt: {prompt!r}\n{prompt}{text}")
-        print("depth per generated token: " + " ".join(f"{tokenizer.decode([t])!r}:{d}" for t, d in zip(tokens, depths)))
+        print(
+            "depth per generated token: " + " ".join(f"{tokenizer.decode([t])!r}:{d}" for t, d in zip(tokens, depths))
+        )
     s = result.stats
-    print(f"--- {s['generated_tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s (prefill {s['prefill_seconds']:.2f}s, "
-          f"decode {s['decode_seconds']:.2f}s in {s['decode_passes']} backbone passes), mean depth {s['mean_depth']:.2f} of {model.n_iterations}, "
-          f"{s['flops_x_vanilla']:.2f}x vanilla FLOPs per token")
+    print(
+        f"--- {s['generated_tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s (prefill {s['prefill_seconds']:.2f}s, "
+        f"decode {s['decode_seconds']:.2f}s in {s['decode_passes']} backbone passes), mean depth {s['mean_depth']:.2f} of {model.n_iterations}, "
+        f"{s['flops_x_vanilla']:.2f}x vanilla FLOPs per token"
+    )
 
 
 def evaluate_command(argv: list[str]) -> None:
@@ -261,15 +308,34 @@ def evaluate_command(argv: list[str]) -> None:
 
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import PileDataModule
-    from ponder_lightning.evaluate import evaluate, format_gate_study, format_rows, gate_study, write_curve, write_depth_figure
+    from ponder_lightning.evaluate import (
+        evaluate,
+        format_gate_study,
+        format_rows,
+        gate_study,
+        write_curve,
+        write_depth_figure,
+    )
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning evaluate", description=evaluate_command.__doc__)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--data_files", default=None, help="evaluate on these files instead of the training run's validation split")
-    parser.add_argument("--batches", type=bounded(int, 1), default=None, help="validation batches (default: the run's val_batches)")
-    parser.add_argument("--tau", type=tau_list, default=None, help="comma-separated halting thresholds in [0, 1] to sweep")
-    parser.add_argument("--reference", default=None, help="a one-pass (vanilla) checkpoint trained on the same data: its NLL is one more difficulty measure")
-    parser.add_argument("--out", default="evaluation", help="directory for evaluation.json, gate_study.json and the figures")
+    parser.add_argument(
+        "--data_files", default=None, help="evaluate on these files instead of the training run's validation split"
+    )
+    parser.add_argument(
+        "--batches", type=bounded(int, 1), default=None, help="validation batches (default: the run's val_batches)"
+    )
+    parser.add_argument(
+        "--tau", type=tau_list, default=None, help="comma-separated halting thresholds in [0, 1] to sweep"
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="a one-pass (vanilla) checkpoint trained on the same data: its NLL is one more difficulty measure",
+    )
+    parser.add_argument(
+        "--out", default="evaluation", help="directory for evaluation.json, gate_study.json and the figures"
+    )
     args = parser.parse_args(argv)
     model, data_args = load_checkpoint(args.checkpoint)
     accepted = inspect.signature(PileDataModule.__init__).parameters
@@ -295,7 +361,9 @@ def evaluate_command(argv: list[str]) -> None:
     print("\ncontrols on the same weights and data:")
     print(format_gate_study(study))
     (Path(args.out) / "gate_study.json").write_text(json.dumps(study, indent=2))
-    print(f"wrote {Path(args.out) / 'gate_study.json'} and {write_depth_figure(study['rows'][0], args.out, study['difficulty']['nll_full_depth']['deciles'])}")
+    print(
+        f"wrote {Path(args.out) / 'gate_study.json'} and {write_depth_figure(study['rows'][0], args.out, study['difficulty']['nll_full_depth']['deciles'])}"
+    )
 
 
 def study_command(argv: list[str]) -> None:

@@ -79,7 +79,9 @@ def where_set(key: str, argv: list[str]) -> str:
         except (OSError, yaml.YAMLError):
             continue
         # A file may also nest its keys under the subcommand (`fit: {model: ...}`).
-        if _lookup(tree, parts) or (isinstance(tree, dict) and any(_lookup(v, parts) for v in tree.values() if isinstance(v, dict))):
+        if _lookup(tree, parts) or (
+            isinstance(tree, dict) and any(_lookup(v, parts) for v in tree.values() if isinstance(v, dict))
+        ):
             return f" (set in {name})"
     return ""
 
@@ -135,14 +137,16 @@ def parser_error_message(message: str, argv: list[str]) -> str:
         if option:
             field = f"{dotted}.{option.group(1)}" if dotted else option.group(1)
             owner = next((name.split("=", 1)[1].rsplit(".", 1)[-1] for _, name in reversed(stack) if "=" in name), None)
-            return (f"{field}: {owner or 'this class'} has no argument {option.group(1)!r}{where_set(field, argv)}: "
-                    "check its spelling (--help lists the arguments)")
+            return (
+                f"{field}: {owner or 'this class'} has no argument {option.group(1)!r}{where_set(field, argv)}: "
+                "check its spelling (--help lists the arguments)"
+            )
         if stack and stack[-1][1].startswith("init_args="):  # the class itself failed (import, ...)
             owner = ".".join(name.split("=")[0] for _, name in stack[:-1])
             class_path = stack[-1][1].split("=", 1)[1]
             return f"{owner}.class_path={class_path}: {text}{where_set(owner, argv)}: give an importable subclass with that class_path"
         if dotted == "config":
             return f"--config: {text}"
-        reason = _reason(text, _given_value(lines[number + 1:]))
+        reason = _reason(text, _given_value(lines[number + 1 :]))
         return f"{dotted}: {reason}{where_set(dotted, argv)}" if dotted else reason
     return message.strip().splitlines()[0] if message.strip() else "invalid arguments"

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +51,9 @@ def summarise(model, nll: Tensor, depth: Tensor, context: int) -> dict[str, Any]
         "depth_mean": float(depth.double().mean()),
         "active_fractions": fractions,
         "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
-        "depth_vs_nll": [(int(d), int((depth == d).sum()), float(nll[depth == d].double().mean())) for d in depth.unique().tolist()],
+        "depth_vs_nll": [
+            (int(d), int((depth == d).sum()), float(nll[depth == d].double().mean())) for d in depth.unique().tolist()
+        ],
     }
 
 
@@ -58,7 +61,9 @@ def scored_gate(model) -> Gate:
     """The model's trained gate, if it has scores that a counterfactual can keep."""
     gate = getattr(model, "gate", None)
     if gate is None or not gate.can_halt:
-        raise UserError(f"{type(model).__name__} has no gate that halts tokens ({type(gate).__name__}): nothing to compare")
+        raise UserError(
+            f"{type(model).__name__} has no gate that halts tokens ({type(gate).__name__}): nothing to compare"
+        )
     return gate
 
 
@@ -67,11 +72,16 @@ def evaluate(model, batches: Iterable[Any], context: int, taus: list[float] | No
     re-thresholds the trained gate's scores (`AtThreshold`); the model itself is not changed."""
     batches = list(batches)
     if not taus:
-        return [{"tau": getattr(getattr(model, "gate", None), "tau", None)} | summarise(model, *token_nll(model, batches), context)]
+        return [
+            {"tau": getattr(getattr(model, "gate", None), "tau", None)}
+            | summarise(model, *token_nll(model, batches), context)
+        ]
     gate = scored_gate(model)
     if not hasattr(gate, "tau"):
         raise UserError(f"--tau needs a gate with a threshold; {type(gate).__name__} has none")
-    return [{"tau": tau} | summarise(model, *token_nll(model, batches, AtThreshold(gate, tau)), context) for tau in taus]
+    return [
+        {"tau": tau} | summarise(model, *token_nll(model, batches, AtThreshold(gate, tau)), context) for tau in taus
+    ]
 
 
 def difficulty_report(depth: Tensor, difficulties: dict[str, Tensor], bins: int = 10) -> dict[str, Any]:
@@ -83,7 +93,9 @@ def difficulty_report(depth: Tensor, difficulties: dict[str, Tensor], bins: int 
     }
 
 
-def gate_study(model, batches: Iterable[Any], context: int, reference=None, seeds: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+def gate_study(
+    model, batches: Iterable[Any], context: int, reference=None, seeds: tuple[int, ...] = (0, 1)
+) -> dict[str, Any]:
     """The learned gate against its counterfactuals on the same weights and data (module
     docstring). `reference`: a one-pass model trained on the same data (same tokenizer) whose
     per-token NLL is a third difficulty measure."""
@@ -95,13 +107,18 @@ def gate_study(model, batches: Iterable[Any], context: int, reference=None, seed
     rows = [learned, {"control": "full depth (no halting)"} | summarise(model, full_nll, full_depth, context)]
     for seed in seeds:
         control = MatchedRandomPruning(gate, learned["active_fractions"], seed=seed)
-        rows.append({"control": f"random pruning, learned profile (seed {seed})"} | summarise(model, *token_nll(model, batches, control), context))
+        rows.append(
+            {"control": f"random pruning, learned profile (seed {seed})"}
+            | summarise(model, *token_nll(model, batches, control), context)
+        )
     first_nll, _ = token_nll(model, batches, FirstPassOnly(gate))
     difficulties = {"nll_full_depth": full_nll, "nll_first_pass": first_nll}
     if reference is not None:
         if reference.config.vocab_size != model.config.vocab_size:
-            raise UserError(f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
-                            "train the reference with the same tokenizer")
+            raise UserError(
+                f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
+                "train the reference with the same tokenizer"
+            )
         difficulties["nll_reference"] = token_nll(reference, batches)[0]
     # Not a difficulty but what the passes do for a token, also measured at full depth on the
     # same weights: NLL after one pass minus NLL after all of them (> 0: pondering helps it).
@@ -110,22 +127,38 @@ def gate_study(model, batches: Iterable[Any], context: int, reference=None, seed
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["| tau | val loss | ppl | mean depth | active fraction per iteration | FLOPs x vanilla |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| tau | val loss | ppl | mean depth | active fraction per iteration | FLOPs x vanilla |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         tau = "-" if r["tau"] is None else f"{r['tau']:g}"
         fractions = ", ".join(f"{f:.3f}" for f in r["active_fractions"])
-        lines.append(f"| {tau} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |")
+        lines.append(
+            f"| {tau} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def format_gate_study(study: dict[str, Any]) -> str:
-    lines = ["| same weights, same data | ppl | mean depth | active fraction per iteration | FLOPs x vanilla |", "|---|---|---|---|---|"]
+    lines = [
+        "| same weights, same data | ppl | mean depth | active fraction per iteration | FLOPs x vanilla |",
+        "|---|---|---|---|---|",
+    ]
     for r in study["rows"]:
         fractions = ", ".join(f"{f:.3f}" for f in r["active_fractions"])
-        lines.append(f"| {r['control']} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |")
-    lines += ["", f"mean depth per difficulty decile (easiest first; {study['tokens']} tokens):", "",
-              "| measure (difficulty, or pondering_gain) | Spearman with depth | " + " | ".join(f"d{i + 1}" for i in range(10)) + " |",
-              "|---|---|" + "---|" * 10]
+        lines.append(
+            f"| {r['control']} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |"
+        )
+    lines += [
+        "",
+        f"mean depth per difficulty decile (easiest first; {study['tokens']} tokens):",
+        "",
+        "| measure (difficulty, or pondering_gain) | Spearman with depth | "
+        + " | ".join(f"d{i + 1}" for i in range(10))
+        + " |",
+        "|---|---|" + "---|" * 10,
+    ]
     for name, report in study["difficulty"].items():
         cells = " | ".join(f"{row['depth']:.2f}" for row in report["deciles"])
         lines.append(f"| {name} | {report['spearman']:+.3f} | {cells} |")
@@ -165,4 +198,3 @@ def write_depth_figure(row: dict[str, Any], out_dir: str | Path, deciles: list[d
     figure = depth_figure(row["depth_vs_nll"], deciles)
     figure.savefig(path, dpi=120)
     return path
-

@@ -61,7 +61,9 @@ def recurrent_forward_flops(
     }
 
 
-def slot_forward_flops(cfg: BackboneConfig, context: int, slot_fractions: list[float], router_flops: float = 0.0) -> dict[str, float]:
+def slot_forward_flops(
+    cfg: BackboneConfig, context: int, slot_fractions: list[float], router_flops: float = 0.0
+) -> dict[str, float]:
     """Inference FLOPs per token of a latent-slot model (PonderLM-2/3): sum_t (1 + steps_t)
     slot-forwards, i.e. `slot_fractions[k]` = fraction of tokens that ran slot k (the token slot:
     1). The KV cache holds that many slots per token, so attention spans `context` x slots keys.
@@ -70,10 +72,17 @@ def slot_forward_flops(cfg: BackboneConfig, context: int, slot_fractions: list[f
     unit = vanilla_forward_flops(cfg, context)
     slots = float(sum(slot_fractions))
     total = stack_flops(cfg, context * slots) * slots + head_flops(cfg) + router_flops
-    return {"x_vanilla": total / unit, "passes": slots, "feedback_x_vanilla": 0.0, "gate_x_vanilla": router_flops / unit}
+    return {
+        "x_vanilla": total / unit,
+        "passes": slots,
+        "feedback_x_vanilla": 0.0,
+        "gate_x_vanilla": router_flops / unit,
+    }
 
 
-def latent_training_forward_flops(cfg: BackboneConfig, context: int, latent_steps: int, jacobi_passes: float, router_flops: float = 0.0) -> float:
+def latent_training_forward_flops(
+    cfg: BackboneConfig, context: int, latent_steps: int, jacobi_passes: float, router_flops: float = 0.0
+) -> float:
     """Forward FLOPs per token of one latent-slot training step: build-up passes over 1..K slots
     per token, then J Jacobi passes and a final pass over K+1 slots (about (3 + 2J) x vanilla for
     K = 1), the router after every pass but the last, the LM head once."""

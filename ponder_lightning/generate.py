@@ -13,8 +13,8 @@ backbone compute in later iterations. Finished rows leave the batch.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -35,7 +35,9 @@ class Generation:
     evaluations: dict[str, list[int]] = field(default_factory=dict)
 
 
-def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None) -> Tensor:
+def sample(
+    logits: Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator | None
+) -> Tensor:
     """Next token per row from logits [B, V]: greedy at temperature 0, else filtered sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -51,7 +53,9 @@ def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float |
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
-def decode_rows(decoder: RowDecoder, rows: Tensor, tokens: Tensor, emit: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> int:
+def decode_rows(
+    decoder: RowDecoder, rows: Tensor, tokens: Tensor, emit: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+) -> int:
     """The row-wise decoding loop: `rows` start `tokens`; each tick is one backbone pass that
     advances every row in flight by one pass of its own token. When rows' tokens are done,
     `emit(rows, logits, depth)` returns the rows that go on and their next tokens. Returns the
@@ -106,8 +110,8 @@ def generate(
     ids = torch.zeros(b, longest, dtype=torch.long, device=device)
     valid = torch.zeros(b, longest, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):  # left padding: every row's next token lands in the same slot
-        ids[row, longest - len(prompt):] = torch.tensor(list(prompt), device=device)
-        valid[row, longest - len(prompt):] = True
+        ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), device=device)
+        valid[row, longest - len(prompt) :] = True
     cache = model.new_cache(b, longest + max_new_tokens)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
@@ -133,7 +137,9 @@ def generate(
 
     start = time.perf_counter()
     decoder = model.row_decoder(cache)
-    passes = decode_rows(decoder, *emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1]), emit)
+    passes = decode_rows(
+        decoder, *emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1]), emit
+    )
     _wait_for(device)
     decode_seconds = time.perf_counter() - start
     n_generated = sum(len(t) for t in new_tokens)
@@ -151,4 +157,10 @@ def generate(
         "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"] if evaluations[0] else float("nan"),
     }
     texts = [tokenizer.decode(t) for t in new_tokens] if tokenizer is not None else None
-    return Generation(tokens=new_tokens, depths=depths, texts=texts, stats=stats, evaluations={"prefill": prefill_counts, "decode": evaluations})
+    return Generation(
+        tokens=new_tokens,
+        depths=depths,
+        texts=texts,
+        stats=stats,
+        evaluations={"prefill": prefill_counts, "decode": evaluations},
+    )

@@ -34,7 +34,14 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ponder_lightning.errors import UserError
-from ponder_lightning.pretrained import EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS, EXPORT_FORMAT, MODEL_TYPE, PREFIX, WEIGHTS_FILE
+from ponder_lightning.pretrained import (
+    EXPORT_CONFIG,
+    EXPORT_EXTRA_WEIGHTS,
+    EXPORT_FORMAT,
+    MODEL_TYPE,
+    PREFIX,
+    WEIGHTS_FILE,
+)
 
 MODELING_FILE = "modeling_ponder_lightning.py"
 EOS_TEXT = "<|endoftext|>"
@@ -106,7 +113,13 @@ def _tokenizer_facts(spec: str | None) -> tuple[int | None, int | None]:
 
 def write_tokenizer(spec: str, out: Path, max_len: int) -> None:
     """Tokenizer files transformers' `AutoTokenizer` loads, giving the ids of `load_tokenizer(spec)`."""
-    from ponder_lightning.data.tokenizer import BPE4K_ALIASES, KNOWN_EOS_TOKENS, NEOX_ALIASES, VENDORED_BPE4K, VENDORED_NEOX
+    from ponder_lightning.data.tokenizer import (
+        BPE4K_ALIASES,
+        KNOWN_EOS_TOKENS,
+        NEOX_ALIASES,
+        VENDORED_BPE4K,
+        VENDORED_NEOX,
+    )
 
     config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     path = Path(spec).expanduser()
@@ -153,7 +166,9 @@ def _byte_tokenizer():
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (the one ByteLevel uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -178,7 +193,9 @@ def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = No
         config.unlink(missing_ok=True)  # a vanilla export is a plain GPT-NeoX checkpoint
         (out / EXPORT_EXTRA_WEIGHTS).unlink(missing_ok=True)
     else:
-        init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS}
+        init_args = {
+            k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS
+        }
         meta = {
             "format": EXPORT_FORMAT,
             "version": 1,
@@ -187,8 +204,8 @@ def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = No
             "tokenizer": tokenizer,
             "global_step": global_step,
             "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); transformers loads it as a "
-                    "plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
-                    "ponder_lightning.checkpoints.load_checkpoint(<this directory>)",
+            "plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
+            "ponder_lightning.checkpoints.load_checkpoint(<this directory>)",
         }
         config.write_text(json.dumps(meta, indent=2) + "\n")
         if extra:
@@ -223,18 +240,32 @@ def export_command(argv: list[str]) -> None:
     from ponder_lightning.checkpoints import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory",
+    )
     parser.add_argument("--out", required=True, help="output directory (created; existing files are replaced)")
-    parser.add_argument("--format", choices=("backbone", "transformers"), default="backbone",
-                        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; transformers: the whole model with remote code")
+    parser.add_argument(
+        "--format",
+        choices=("backbone", "transformers"),
+        default="backbone",
+        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; transformers: the whole model with remote code",
+    )
     args = parser.parse_args(argv)
     model, data = load_checkpoint(args.checkpoint)
     if args.format == "transformers":
         out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
         note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
-        print(f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
-              f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}")
+        print(
+            f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}"
+        )
         return
     out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
-    kind = "GPT-NeoX checkpoint" if not (out / EXPORT_CONFIG).exists() else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
+    kind = (
+        "GPT-NeoX checkpoint"
+        if not (out / EXPORT_CONFIG).exists()
+        else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
+    )
     print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")

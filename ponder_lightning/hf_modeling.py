@@ -94,7 +94,9 @@ class PonderLightningForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: PonderLightningConfig) -> None:
         super().__init__(config)
         if not config.class_path:
-            raise ValueError("config.json has no class_path: it was not written by `python -m ponder_lightning export --format transformers`")
+            raise ValueError(
+                "config.json has no class_path: it was not written by `python -m ponder_lightning export --format transformers`"
+            )
         self.model = build_model({"_class_path": config.class_path, **config.init_args}, source="config.json")
         # What the model may do depends on the step it was trained to (gate_start_step).
         self.model.on_load_checkpoint({"global_step": config.global_step})
@@ -131,7 +133,9 @@ class PonderLightningForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,  # past_key_values, use_cache, position_ids...: positions follow attention_mask
     ) -> PonderCausalLMOutput | tuple:
         if inputs_embeds is not None or input_ids is None:
-            raise ValueError("ponder_lightning models take input_ids (the feedback mixes token embeddings), not inputs_embeds")
+            raise ValueError(
+                "ponder_lightning models take input_ids (the feedback mixes token embeddings), not inputs_embeds"
+            )
         valid = None
         if attention_mask is not None and not bool(attention_mask.all()):
             valid = attention_mask.bool()  # padding on either side; positions count real tokens
@@ -148,6 +152,8 @@ class PonderLightningForCausalLM(PreTrainedModel, GenerationMixin):
             return (logits,) if loss is None else (loss, logits)
         return PonderCausalLMOutput(loss=loss, logits=logits, depth=depth)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         """The whole sequence at every step (no cache)."""
         return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,9 @@ class PonderLightningLM(LM):
         if unused:
             logger.warning("ponder_lightning: ignoring unknown model_args %s", sorted(unused))
         if (checkpoint is None) == (model is None):
-            raise UserError("pass exactly one of checkpoint=<path> (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or model=<CausalLMModule>")
+            raise UserError(
+                "pass exactly one of checkpoint=<path> (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or model=<CausalLMModule>"
+            )
         data_args: dict[str, Any] = {}
         if checkpoint is not None:
             from ponder_lightning.checkpoints import load_checkpoint
@@ -131,7 +134,9 @@ class PonderLightningLM(LM):
         if tokenizer is None:
             tokenizer = data_args.get("tokenizer")
             if tokenizer is None:
-                raise UserError(f"{checkpoint or type(model).__name__} records no tokenizer: pass tokenizer=<neox|bytes|path>")
+                raise UserError(
+                    f"{checkpoint or type(model).__name__} records no tokenizer: pass tokenizer=<neox|bytes|path>"
+                )
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(str(tokenizer))
         self.checkpoint = None if checkpoint is None else str(checkpoint)
 
@@ -266,7 +271,7 @@ class PonderLightningLM(LM):
             context, continuation = context[:-spaces], context[-spaces:] + continuation
         whole = self.tok_encode(context + continuation)
         context_ids = self.tok_encode(context)
-        return context_ids, whole[len(context_ids):]
+        return context_ids, whole[len(context_ids) :]
 
     @torch.no_grad()
     def _score(self, pairs: Sequence[tuple[list[int], list[int]]], kind: str) -> list[tuple[float, bool]]:
@@ -278,12 +283,14 @@ class PonderLightningLM(LM):
             if not continuation:
                 continue
             if len(continuation) > self.max_length:
-                raise UserError(f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}")
-            inputs = (list(context) + list(continuation))[-(self.max_length + 1):][:-1]
+                raise UserError(
+                    f"a continuation of {len(continuation)} tokens does not fit max_length={self.max_length}"
+                )
+            inputs = (list(context) + list(continuation))[-(self.max_length + 1) :][:-1]
             rows.append((index, inputs, list(continuation)))
         rows.sort(key=lambda row: -len(row[1]))
         for start in range(0, len(rows), self.batch_size):
-            batch = rows[start:start + self.batch_size]
+            batch = rows[start : start + self.batch_size]
             longest = len(batch[0][1])
             ids = torch.zeros(len(batch), longest, dtype=torch.long)
             valid = torch.zeros(len(batch), longest, dtype=torch.bool)
@@ -296,7 +303,7 @@ class PonderLightningLM(LM):
             self._tallies[kind].add(counts, len(batch), int(valid.sum()))
             for r, (index, inputs, continuation) in enumerate(batch):
                 end = len(inputs)
-                logits = self.model.backbone.logits(hidden[r, end - len(continuation):end]).float()
+                logits = self.model.backbone.logits(hidden[r, end - len(continuation) : end]).float()
                 logprobs = F.log_softmax(logits, dim=-1)
                 target = torch.tensor(continuation, device=logprobs.device)
                 score = logprobs.gather(-1, target.unsqueeze(-1)).sum()
@@ -333,11 +340,16 @@ class PonderLightningLM(LM):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         texts: list[str] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             out = generate(
-                self.model, [prompts[i] for i in chunk], tokenizer=self.tokenizer, max_new_tokens=max_new,
-                temperature=temperature, top_k=None if top_k is None else int(top_k),
-                top_p=None if top_p is None else float(top_p), stop_tokens=sorted(stops),
+                self.model,
+                [prompts[i] for i in chunk],
+                tokenizer=self.tokenizer,
+                max_new_tokens=max_new,
+                temperature=temperature,
+                top_k=None if top_k is None else int(top_k),
+                top_p=None if top_p is None else float(top_p),
+                stop_tokens=sorted(stops),
                 seed=None if seed is None else int(seed),
             )
             self._add_generation(out.depths, [len(prompts[i]) for i in chunk])
@@ -365,7 +377,8 @@ def format_compute_report(report: dict[str, Any]) -> str:
     """A Markdown table of `compute_report()`: one row per request type and the total."""
     lines = [
         f"{report['model']} ({report['n_iterations']} iterations"
-        + (f", tau={report['tau']:g}" if isinstance(report.get("tau"), (int, float)) else "") + ")",
+        + (f", tau={report['tau']:g}" if isinstance(report.get("tau"), (int, float)) else "")
+        + ")",
         "| requests | tokens | mean depth | active fraction per iteration | FLOPs x vanilla | context |",
         "|---|---|---|---|---|---|",
     ]
@@ -375,7 +388,9 @@ def format_compute_report(report: dict[str, Any]) -> str:
             lines.append(f"| {kind} | 0 | - | - | - | - |")
             continue
         fractions = ", ".join(f"{f:.3f}" for f in row["active_fractions"])
-        lines.append(f"| {kind} | {row['tokens']} | {row['mean_depth']:.3f} | {fractions} | {row['flops_x_vanilla']:.3f} | {row['context']} |")
+        lines.append(
+            f"| {kind} | {row['tokens']} | {row['mean_depth']:.3f} | {fractions} | {row['flops_x_vanilla']:.3f} | {row['context']} |"
+        )
     return "\n".join(lines)
 
 
@@ -390,11 +405,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
     from lm_eval.tasks import TaskManager
 
     parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`, an FSDP checkpoint directory or an exported directory (either format)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .ckpt written by `fit`, an FSDP checkpoint directory or an exported directory (either format)",
+    )
     parser.add_argument("--tasks", required=True, help="comma-separated lm_eval task (or group) names")
     parser.add_argument("--include_path", default=None, help="a directory of extra task YAMLs")
-    parser.add_argument("--only_include_path", action="store_true",
-                        help="index only --include_path, not lm_eval's own tasks (saves ~10 s of start-up)")
+    parser.add_argument(
+        "--only_include_path",
+        action="store_true",
+        help="index only --include_path, not lm_eval's own tasks (saves ~10 s of start-up)",
+    )
     parser.add_argument("--limit", default=None, help="examples per task (a fraction if < 1); for quick checks only")
     parser.add_argument("--num_fewshot", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -413,17 +435,35 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
     if args.limit is not None:
         limit = float(args.limit) if float(args.limit) < 1 else int(float(args.limit))
     lm = PonderLightningLM(
-        checkpoint=args.checkpoint, tokenizer=args.tokenizer, batch_size=args.batch_size, max_length=args.max_length,
-        max_gen_toks=args.max_gen_toks, device=args.device, dtype=args.dtype, tau=args.tau,
+        checkpoint=args.checkpoint,
+        tokenizer=args.tokenizer,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        max_gen_toks=args.max_gen_toks,
+        device=args.device,
+        dtype=args.dtype,
+        tau=args.tau,
     )
     if args.only_include_path and not args.include_path:
         raise UserError("--only_include_path needs --include_path DIR")
-    task_manager = TaskManager(include_path=args.include_path, include_defaults=not args.only_include_path) if args.include_path else None
+    task_manager = (
+        TaskManager(include_path=args.include_path, include_defaults=not args.only_include_path)
+        if args.include_path
+        else None
+    )
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=limit, task_manager=task_manager,
-        bootstrap_iters=args.bootstrap_iters, random_seed=args.seed, numpy_random_seed=args.seed,
-        torch_random_seed=args.seed, fewshot_random_seed=args.seed, log_samples=False,
+        model=lm,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        task_manager=task_manager,
+        bootstrap_iters=args.bootstrap_iters,
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
+        fewshot_random_seed=args.seed,
+        log_samples=False,
     )
     report = lm.compute_report()
     print(f"{type(lm.model).__name__} from {args.checkpoint}" + (f", limit {limit}" if limit is not None else ""))

@@ -66,7 +66,9 @@ def pretrained_backbone_state(path: str | Path) -> dict[str, Any] | None:
     directory = Path(path).expanduser()
     if is_transformers_export(directory):
         head = PREFIX + "backbone."
-        return {k.removeprefix(head): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if k.startswith(head)}
+        return {
+            k.removeprefix(head): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if k.startswith(head)
+        }
     if is_ponderlm_authors_dir(directory):
         return {k: v for k, v in load_hf_state_dict(directory).items() if k not in AUTHORS_UNUSED}
     return None
@@ -76,9 +78,16 @@ def pretrained_extra_state(path: str | Path, class_path: str) -> dict[str, Any]:
     """The weights outside the backbone (gates, routers) of a transformers export of the same
     model class; empty otherwise (a different class keeps its own initialisation)."""
     directory = Path(path).expanduser()
-    if not is_transformers_export(directory) or json.loads((directory / "config.json").read_text()).get("class_path") != class_path:
+    if (
+        not is_transformers_export(directory)
+        or json.loads((directory / "config.json").read_text()).get("class_path") != class_path
+    ):
         return {}
-    return {k.removeprefix(PREFIX): v for k, v in load_file(str(directory / WEIGHTS_FILE)).items() if not k.startswith(PREFIX + "backbone.")}
+    return {
+        k.removeprefix(PREFIX): v
+        for k, v in load_file(str(directory / WEIGHTS_FILE)).items()
+        if not k.startswith(PREFIX + "backbone.")
+    }
 
 
 def pretrained_scales_embeddings(path: str | Path) -> bool:

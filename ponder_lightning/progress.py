@@ -35,7 +35,9 @@ class StepRichProgressBar(_StepCounting, RichProgressBar):
             return super()._get_train_description(current_epoch)
         return f"{'Step':{len(self.validation_description)}}"
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if _step_based(trainer):
             self._update(self.train_progress_bar_id, trainer.global_step)
@@ -49,7 +51,9 @@ class StepTQDMProgressBar(_StepCounting, TQDMProgressBar):
             self.train_progress_bar.n = trainer.global_step
             self.train_progress_bar.refresh()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if _step_based(trainer) and self.train_progress_bar.n != trainer.global_step:
             self.train_progress_bar.n = trainer.global_step

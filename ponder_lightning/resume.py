@@ -38,7 +38,11 @@ def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
     if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry"):
         return
     if not Path(ckpt_path).expanduser().exists():
-        hint = "'last' to resume from the newest last.ckpt under lightning_logs/" if subcommand == "fit" else "an existing checkpoint"
+        hint = (
+            "'last' to resume from the newest last.ckpt under lightning_logs/"
+            if subcommand == "fit"
+            else "an existing checkpoint"
+        )
         raise UserError(
             f"--ckpt_path {ckpt_path} does not exist: pass an existing .ckpt file (e.g. "
             f"lightning_logs/version_0/checkpoints/last.ckpt) or {hint}"
@@ -52,7 +56,9 @@ def saved_hparams(ckpt_path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {ckpt_path} could not be read ({first}): it is damaged or not a Lightning checkpoint") from exc
+        raise UserError(
+            f"checkpoint {ckpt_path} could not be read ({first}): it is damaged or not a Lightning checkpoint"
+        ) from exc
     return dict(ckpt.get("hyper_parameters") or {})
 
 
@@ -172,4 +178,6 @@ def apply_optimizer_changes(checkpoint: dict[str, Any], hparams: dict[str, Any])
                 group["betas"] = tuple(float(b) for b in new_betas)
         notices.append(f"betas {tuple(old_betas)} -> {tuple(new_betas)}")
     if notices:
-        rank_zero_info(f"resuming with {', '.join(notices)}: applied to the optimizer state restored from the checkpoint")
+        rank_zero_info(
+            f"resuming with {', '.join(notices)}: applied to the optimizer state restored from the checkpoint"
+        )

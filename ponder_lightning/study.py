@@ -39,8 +39,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -48,8 +49,18 @@ from ponder_lightning.errors import UserError, user_error_in
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps|export)\}")
-SUMMARY_FIELDS = ["ppl", "flops_x_vanilla", "depth_mean", "ppl_full_depth", "ppl_random_pruning", "spearman_nll_full_depth",
-                  "spearman_nll_first_pass", "spearman_nll_reference", "spearman_pondering_gain", "train_minutes"]
+SUMMARY_FIELDS = [
+    "ppl",
+    "flops_x_vanilla",
+    "depth_mean",
+    "ppl_full_depth",
+    "ppl_random_pruning",
+    "spearman_nll_full_depth",
+    "spearman_nll_first_pass",
+    "spearman_nll_reference",
+    "spearman_pondering_gain",
+    "train_minutes",
+]
 
 
 def load_study(path: str | Path) -> dict[str, Any]:
@@ -72,11 +83,15 @@ def load_study(path: str | Path) -> dict[str, Any]:
         if unknown:
             raise UserError(f"{path}: run {name} has unknown field(s) {sorted(unknown)} (configs, args, seeds)")
         if not set(run.get("seeds", [])) <= set(study["seeds"]):
-            raise UserError(f"{path}: run {name}'s seeds {run['seeds']} are not among the study's seeds {study['seeds']}")
+            raise UserError(
+                f"{path}: run {name}'s seeds {run['seeds']} are not among the study's seeds {study['seeds']}"
+            )
         for ref, _ in REFERENCE.findall(" ".join(map(str, run.get("args", [])))):
             if ref not in study["runs"]:
                 raise UserError(f"{path}: run {name} refers to {{{ref}:...}}, which is not a run of this study")
-            if not set(run.get("seeds", study["seeds"])) <= set((study["runs"][ref] or {}).get("seeds", study["seeds"])):
+            if not set(run.get("seeds", study["seeds"])) <= set(
+                (study["runs"][ref] or {}).get("seeds", study["seeds"])
+            ):
                 raise UserError(f"{path}: run {name} refers to {ref}, which is not trained for all of {name}'s seeds")
     if study.get("reference") is not None and study["reference"] not in study["runs"]:
         raise UserError(f"{path}: reference {study['reference']!r} is not a run of this study")
@@ -89,7 +104,11 @@ def run_order(runs: dict[str, Any], reference: str | None) -> list[str]:
     done: list[str] = [reference] if reference else []
     pending = [name for name in runs if name not in done]
     while pending:
-        ready = [n for n in pending if all(r in done for r, _ in REFERENCE.findall(" ".join(map(str, (runs[n] or {}).get("args", [])))))]
+        ready = [
+            n
+            for n in pending
+            if all(r in done for r, _ in REFERENCE.findall(" ".join(map(str, (runs[n] or {}).get("args", [])))))
+        ]
         if not ready:
             raise UserError(f"runs {pending} refer to each other in a cycle")
         done += ready
@@ -104,7 +123,11 @@ def resolve(arg: str, results: dict[str, dict[str, Any]]) -> str:
             raise UserError(f"run {match.group(1)} failed, so {arg} has no value")
         if match.group(2) == "export":
             return str(export_once(Path(result["checkpoint"])))
-        return f"{result['depth_mean']:.4f}" if match.group(2) == "depth_mean" else str(max(math.floor(result["depth_mean"] + 1e-9) - 1, 0))
+        return (
+            f"{result['depth_mean']:.4f}"
+            if match.group(2) == "depth_mean"
+            else str(max(math.floor(result["depth_mean"] + 1e-9) - 1, 0))
+        )
 
     return REFERENCE.sub(value, str(arg))
 
@@ -113,7 +136,9 @@ Fit = Callable[[list[str]], Any]
 """The command line's `fit` entry: `fit(["fit", "--config", ...])` trains one run."""
 
 
-def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]], fit: Fit) -> float:
+def train(
+    study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]], fit: Fit
+) -> float:
     """Fit one run with `fit` (resuming its last checkpoint if it was interrupted); returns minutes
     spent. The run's own configs come first (they choose the model class), the study's base after."""
     run = study["runs"][name] or {}
@@ -122,9 +147,20 @@ def train(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: d
     for config in configs:  # relative to the working directory, else to the repository
         argv += ["--config", str(config if Path(config).exists() else ROOT / config)]
     argv += [resolve(a, results) for a in [*study.get("args", []), *run.get("args", [])]]
-    argv += ["--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir), "--trainer.logger.class_path",
-             "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.init_args.save_dir", str(run_dir.parent.parent),
-             "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", f"seed_{seed}"]
+    argv += [
+        "--seed_everything",
+        str(seed),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger.class_path",
+        "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir",
+        str(run_dir.parent.parent),
+        "--trainer.logger.init_args.name",
+        name,
+        "--trainer.logger.init_args.version",
+        f"seed_{seed}",
+    ]
     resume_from = last_checkpoint(run_dir)
     if resume_from is not None:
         argv += ["--ckpt_path", str(resume_from)]
@@ -158,9 +194,11 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def evaluate_run(checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None) -> dict[str, Any]:
-    from ponder_lightning.evaluate import gate_study, summarise, token_nll
+def evaluate_run(
+    checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None
+) -> dict[str, Any]:
     from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.evaluate import gate_study, summarise, token_nll
 
     model, _ = load_checkpoint(checkpoint)
     result: dict[str, Any] = {"model": type(model).__name__, "gate": type(getattr(model, "gate", None)).__name__}
@@ -183,8 +221,8 @@ def evaluate_run(checkpoint: Path, batches: list[Any], context: int, reference_c
 
 def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int]:
     """The run's validation blocks, read with its own data settings (every run of a study shares them)."""
-    from ponder_lightning.data import PileDataModule
     from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.data import PileDataModule
 
     _, data_args = load_checkpoint(checkpoint)
     accepted = inspect.signature(PileDataModule.__init__).parameters
@@ -219,9 +257,14 @@ def run_study(path: str | Path, fit: Fit) -> Path:
             checkpoint = last_checkpoint(run_dir)
             batches, context = validation_batches(checkpoint, study.get("eval_batches", 16))
             reference = study.get("reference")
-            reference_checkpoint = last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
+            reference_checkpoint = (
+                last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
+            )
             result = evaluate_run(checkpoint, batches, context, reference_checkpoint) | {
-                "train_minutes": minutes, "seed": seed, "checkpoint": str(checkpoint)}
+                "train_minutes": minutes,
+                "seed": seed,
+                "checkpoint": str(checkpoint),
+            }
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
     table = summary_table(study, results)
@@ -229,7 +272,9 @@ def run_study(path: str | Path, fit: Fit) -> Path:
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     write_figure(study, results, out / "ppl_vs_flops.png")
     print(table)
-    print(f"[study] wrote {out / 'summary.md'}, {out / 'results.json'}, {out / 'ppl_vs_flops.png'}; TensorBoard, every run side by side: tensorboard --logdir {out / 'runs'}")
+    print(
+        f"[study] wrote {out / 'summary.md'}, {out / 'results.json'}, {out / 'ppl_vs_flops.png'}; TensorBoard, every run side by side: tensorboard --logdir {out / 'runs'}"
+    )
     return out
 
 
@@ -243,7 +288,12 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
     seeds = list(results)
     header = "| run | model / gate | " + " | ".join(SUMMARY_FIELDS) + " |"
-    lines = [f"Mean ± standard deviation over seeds {seeds} (one value: one seed).", "", header, "|---|---|" + "---|" * len(SUMMARY_FIELDS)]
+    lines = [
+        f"Mean ± standard deviation over seeds {seeds} (one value: one seed).",
+        "",
+        header,
+        "|---|---|" + "---|" * len(SUMMARY_FIELDS),
+    ]
     for name in study["runs"]:
         rows = [results[s][name] for s in seeds if "error" not in results[s].get(name, {"error": ""})]
         errors = {results[s][name]["error"] for s in seeds if "error" in results[s].get(name, {})}
@@ -253,7 +303,11 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
             continue
         cells = []
         for field in SUMMARY_FIELDS:
-            values = [r[field] for r in rows if r.get(field) is not None and not (isinstance(r[field], float) and math.isnan(r[field]))]
+            values = [
+                r[field]
+                for r in rows
+                if r.get(field) is not None and not (isinstance(r[field], float) and math.isnan(r[field]))
+            ]
             if not values:
                 cells.append("")
                 continue

@@ -66,7 +66,10 @@ class AtomicModelCheckpoint(ModelCheckpoint):
             return
         if trainer.is_global_zero:
             self._remove_stale_temporaries(trainer)
-        previous = sorted(self._checkpoint_dirs(trainer), key=lambda d: (d / LAST_GOOD).stat().st_mtime if (d / LAST_GOOD).exists() else -1)
+        previous = sorted(
+            self._checkpoint_dirs(trainer),
+            key=lambda d: (d / LAST_GOOD).stat().st_mtime if (d / LAST_GOOD).exists() else -1,
+        )
         if previous and (previous[-1] / LAST_GOOD).exists():  # a resumed run that diverges at once can go back to it
             self.last_good_path = str(previous[-1] / LAST_GOOD)
 
@@ -93,16 +96,22 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ckpt_path = getattr(trainer, "ckpt_path", None)
-        if ckpt_path and Path(ckpt_path).exists():  # the first step's loss tells whether the resumed weights are healthy
+        if (
+            ckpt_path and Path(ckpt_path).exists()
+        ):  # the first step's loss tells whether the resumed weights are healthy
             self._candidate = (trainer.global_step, str(ckpt_path))
 
     def _promotion_target(self, source: str) -> Path:
         return Path(self.dirpath) / LAST_GOOD if self.dirpath else Path(source).with_name(LAST_GOOD)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._weights_step = trainer.global_step  # the step whose weights this batch's loss measures
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.last_good:
             self._judge_loss(trainer, outputs)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -141,7 +150,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
                 shutil.copytree(source, tmp)
             else:
                 try:
-                    os.link(source, tmp)  # the same bytes, no copy (last.ckpt is replaced by a new file, never rewritten)
+                    os.link(
+                        source, tmp
+                    )  # the same bytes, no copy (last.ckpt is replaced by a new file, never rewritten)
                 except OSError:
                     shutil.copyfile(source, tmp)
             _replace(tmp, str(target))
@@ -181,8 +192,10 @@ def resume_hint(trainer: L.Trainer | None) -> str:
     if good is None:
         return "no checkpoint of this run is known to be healthy: restart with a lower model.init_args.lr"
     step = f" (step {good.last_good_step})" if good.last_good_step is not None else ""
-    return (f"resume from the last checkpoint saved while the loss was healthy{step} with a lower learning rate: "
-            f"--ckpt_path {good.last_good_path} --model.init_args.lr <lower>")
+    return (
+        f"resume from the last checkpoint saved while the loss was healthy{step} with a lower learning rate: "
+        f"--ckpt_path {good.last_good_path} --model.init_args.lr <lower>"
+    )
 
 
 def _size(path: Path) -> int:
@@ -246,7 +259,9 @@ class GateOnlyStage(Callback):
                 "backbone for the whole run; drop it to train jointly after the gate-only stage"
             )
         if pl_module.hparams.get("pretrained") is None and not getattr(trainer, "ckpt_path", None):
-            rank_zero_warn("GateOnlyStage on a randomly initialised backbone: set model.init_args.pretrained to start from Pythia")
+            rank_zero_warn(
+                "GateOnlyStage on a randomly initialised backbone: set model.init_args.pretrained to start from Pythia"
+            )
         gates = [n for n, p in pl_module.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
         if not gates:
             raise UserError(

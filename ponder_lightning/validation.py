@@ -59,7 +59,14 @@ __all__ = [
     "constraint_of",
 ]
 
-_SYMBOLS = {operator.ge: ">=", operator.gt: ">", operator.le: "<=", operator.lt: "<", operator.eq: "==", operator.ne: "!="}
+_SYMBOLS = {
+    operator.ge: ">=",
+    operator.gt: ">",
+    operator.le: "<=",
+    operator.lt: "<",
+    operator.eq: "==",
+    operator.ne: "!=",
+}
 
 
 def is_restricted(hint: Any) -> bool:
@@ -102,7 +109,9 @@ def _violation(value: Any, hint: Any) -> str | None:
         for i, (element, element_hint) in enumerate(zip(value, element_hints)):
             reason = _violation(element, element_hint)
             if reason is not None:
-                return f"has element {i} = {element!r}, which {reason.removeprefix('must')}".replace("which  ", "which must ")
+                return f"has element {i} = {element!r}, which {reason.removeprefix('must')}".replace(
+                    "which  ", "which must "
+                )
     return None
 
 

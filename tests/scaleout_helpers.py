@@ -29,7 +29,9 @@ class LossDump(Callback):
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         loss = outputs["loss"].detach().clone().float()
         loss = trainer.strategy.reduce(loss, reduce_op="mean")
         record = {"step": trainer.global_step - 1, "loss": loss.item()}
@@ -39,7 +41,11 @@ class LossDump(Callback):
             ran = trainer.strategy.reduce(ran, reduce_op="sum")
             record["depth"] = (ran[1] / ran[0]).item()
             regularizer = getattr(pl_module, "regularizer", None)
-            aux = None if regularizer is None else regularizer(trace.scores, trace.active[:-1], record["step"], continuing=trace.active[1:])
+            aux = (
+                None
+                if regularizer is None
+                else regularizer(trace.scores, trace.active[:-1], record["step"], continuing=trace.active[1:])
+            )
             if aux is not None:
                 record["aux"] = aux.item()
         if trainer.is_global_zero:
@@ -54,7 +60,9 @@ class KillAtStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step >= self.step:
             trainer.strategy.barrier("KillAtStep")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -98,7 +106,11 @@ def run_fit(*args: str, cwd: Path, timeout: int = 240) -> subprocess.CompletedPr
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(
         [sys.executable, "-m", "ponder_lightning", "fit", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -164,7 +176,9 @@ def global_selection_worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     if rank == 0:
         torch.save(global_selection_results(0, 1), os.path.join(out_dir, "single.pt"))
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world
+    )
     try:
         torch.save(global_selection_results(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -10,8 +10,8 @@ import warnings
 import lightning as L
 import pytest
 import torch
-
 from decode_helpers import decode_incrementally, decode_rowwise
+
 from ponder_lightning.gates import (
     AtThreshold,
     BottomKPonderLoss,
@@ -28,7 +28,9 @@ from ponder_lightning.models.recurrent import COLLAPSE_STEPS, gate_health
 VOCAB = 256
 
 
-def gated_model(bias: float = -3.0, tau: float = 0.05, feedback: str = "score", seed: int = 0, weight_std: float = 2.0) -> AdaPonderLM:
+def gated_model(
+    bias: float = -3.0, tau: float = 0.05, feedback: str = "score", seed: int = 0, weight_std: float = 2.0
+) -> AdaPonderLM:
     """Random gates whose scores straddle tau, so that a realistic share of tokens halts."""
     torch.manual_seed(seed)
     model = AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=PerIterationMLPGate(tau=tau, feedback=feedback)).eval()
@@ -149,8 +151,15 @@ def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path):
     model.regularizer = BottomKPonderLoss(k_max=0.1, ramp_steps=1)
     model.train()
     data = torch.utils.data.DataLoader([torch.randint(0, VOCAB, (33,)) for _ in range(4)], batch_size=2)
-    trainer = L.Trainer(max_steps=COLLAPSE_STEPS + 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=COLLAPSE_STEPS + 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, data)
@@ -164,7 +173,9 @@ def test_log_score_operand_pushes_until_the_token_halts():
     active = [torch.ones(1, 4, dtype=torch.bool)]
     went_on = [torch.tensor([[True, True, True, False]])]  # the last one halted at this decision
     for operand in ("score", "log_score"):
-        loss = BottomKPonderLoss(lam=1.0, k_max=0.5, ramp_steps=1, operand=operand)([scores.sigmoid()], active, step=1, continuing=went_on)
+        loss = BottomKPonderLoss(lam=1.0, k_max=0.5, ramp_steps=1, operand=operand)(
+            [scores.sigmoid()], active, step=1, continuing=went_on
+        )
         (grad,) = torch.autograd.grad(loss, scores)
         if operand == "score":  # the sigmoid's gradient vanishes near 0: s = 1e-3 is barely pushed
             assert 0 < grad[0, 0] < 1e-3
@@ -188,7 +199,8 @@ def test_spearman_and_deciles_against_hand_computed_values():
 
 
 def test_continued_pretraining_starts_where_the_pretrained_model_is(tmp_path):
-    from test_pretrained import VOCAB as NEOX_VOCAB, hf_logits, save_tiny_neox
+    from test_pretrained import VOCAB as NEOX_VOCAB
+    from test_pretrained import hf_logits, save_tiny_neox
 
     original = save_tiny_neox(tmp_path / "pythia")
     model = AdaPonderLM(size="tiny", vocab_size=NEOX_VOCAB, pretrained=str(tmp_path / "pythia")).eval()
@@ -209,11 +221,15 @@ def test_the_ponder_loss_makes_tokens_halt_and_the_passes_kept_matter():
     passes the continuing tokens still run must change their predictions (a collapsed gate
     would keep them at s ~ 0, and their outputs would equal the first pass's)."""
     torch.manual_seed(0)
-    model = AdaPonderLM(size="tiny", vocab_size=VOCAB, lr=3e-3, regularizer=BottomKPonderLoss(lam=0.1, k_max=0.2, ramp_steps=10))
+    model = AdaPonderLM(
+        size="tiny", vocab_size=VOCAB, lr=3e-3, regularizer=BottomKPonderLoss(lam=0.1, k_max=0.2, ramp_steps=10)
+    )
     ids = torch.randint(0, VOCAB, (4, 32))
     assert run(model.eval(), ids)[1].depth().eq(4).all()  # nothing halts at initialisation
     data = torch.utils.data.DataLoader([torch.randint(0, VOCAB, (33,)) for _ in range(16)], batch_size=4)
-    L.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, data)
+    L.Trainer(
+        max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    ).fit(model, data)
     logits, trace = run(model.eval(), ids)
     depth = trace.depth()
     assert (depth < 4).float().mean() > 0.05, trace.active_fractions()  # the ponder loss made tokens halt

@@ -17,7 +17,17 @@ TINY = ["--data.tokenizer", "bytes", "--model.init_args.size", "tiny", "--data.s
 
 
 def fit(tmp_path: Path, *extra: str, config: str = "vanilla") -> None:
-    main(["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *TINY, "--trainer.default_root_dir", str(tmp_path), *extra])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / f"{config}.yaml"),
+            *TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            *extra,
+        ]
+    )
 
 
 def scalars(logdir: Path) -> dict[str, list[float]]:
@@ -34,12 +44,18 @@ def test_every_config_fits_with_fast_dev_run(tmp_path, config):
 def test_short_run_learns_and_logs_to_tensorboard(tmp_path):
     fit(
         tmp_path,
-        "--trainer.max_steps", "60",
-        "--trainer.val_check_interval", "20",
-        "--trainer.limit_val_batches", "2",
-        "--trainer.log_every_n_steps", "5",
-        "--model.init_args.lr", "3e-3",
-        "--peak_tflops", "0.001",  # MFU against a 1 GFLOP/s chip
+        "--trainer.max_steps",
+        "60",
+        "--trainer.val_check_interval",
+        "20",
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "5",
+        "--model.init_args.lr",
+        "3e-3",
+        "--peak_tflops",
+        "0.001",  # MFU against a 1 GFLOP/s chip
     )
     version = tmp_path / "lightning_logs" / "version_0"
     logged = scalars(version)
@@ -54,7 +70,18 @@ def test_short_run_learns_and_logs_to_tensorboard(tmp_path):
 
 def test_print_config_shows_resolved_yaml_with_overrides(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(ROOT / "configs" / "adaponderlm.yaml"), "--model.init_args.lr", "0.0042", "--data.seq_len", "96", "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "adaponderlm.yaml"),
+                "--model.init_args.lr",
+                "0.0042",
+                "--data.seq_len",
+                "96",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: ponder_lightning.models.AdaPonderLM" in out
@@ -64,17 +91,35 @@ def test_print_config_shows_resolved_yaml_with_overrides(capsys):
 
 def test_gate_overlay_swaps_the_gate(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(ROOT / "configs" / "adaponderlm.yaml"), "--config", str(ROOT / "configs" / "gates" / "single_mlp.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs" / "adaponderlm.yaml"),
+                "--config",
+                str(ROOT / "configs" / "gates" / "single_mlp.yaml"),
+                "--print_config",
+            ]
+        )
     out = capsys.readouterr().out
     assert "ponder_lightning.gates.SingleMLPGate" in out and "PerIterationMLPGate" not in out
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ponder_lightning", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ponder_lightning", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_unknown_config_field_is_a_clear_error(tmp_path):
-    result = run_cli("fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--model.init_args.learning_rate", "1e-3", cwd=tmp_path)
+    result = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "vanilla.yaml"),
+        "--model.init_args.learning_rate",
+        "1e-3",
+        cwd=tmp_path,
+    )
     assert result.returncode != 0
     assert "learning_rate" in result.stderr
 
@@ -84,12 +129,25 @@ def test_unknown_config_field_is_a_clear_error(tmp_path):
     [
         (["--data.data_files", "does/not/exist.jsonl"], "does/not/exist.jsonl"),
         (["--model.init_args.size", "pythia-15m"], "pythia-15m"),
-        (["--data.seq_len", "4096", "--model.init_args.size", "pythia-14m", "--data.tokenizer", "bytes"], "max_seq_len"),
+        (
+            ["--data.seq_len", "4096", "--model.init_args.size", "pythia-14m", "--data.tokenizer", "bytes"],
+            "max_seq_len",
+        ),
         (["--data.tokenizer", "neox", "--model.init_args.vocab_size", "1024"], "vocab_size"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, args, culprit):
-    result = run_cli("fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--trainer.fast_dev_run", "1", "--trainer.default_root_dir", str(tmp_path), *args, cwd=tmp_path)
+    result = run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "vanilla.yaml"),
+        "--trainer.fast_dev_run",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        *args,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and culprit in error_lines[0], result.stderr[-2000:]
@@ -99,7 +157,13 @@ def test_bad_input_is_one_line_error(tmp_path, args, culprit):
 def test_pile_jsonl_files_train_with_no_other_change(tmp_path):
     docs = tmp_path / "pile"
     docs.mkdir()
-    records = [{"text": f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * 20, "meta": {"pile_set_name": "Pile-CC"}} for i in range(40)]
+    records = [
+        {
+            "text": f"Document number {i}. " + "The quick brown fox jumps over the lazy dog. " * 20,
+            "meta": {"pile_set_name": "Pile-CC"},
+        }
+        for i in range(40)
+    ]
     (docs / "00.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     fit(tmp_path, "--data.data_files", str(docs / "*.jsonl"), "--trainer.fast_dev_run", "2")
 
@@ -107,31 +171,63 @@ def test_pile_jsonl_files_train_with_no_other_change(tmp_path):
 def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     fit(
         tmp_path,
-        "--trainer.max_steps", "6",
-        "--trainer.val_check_interval", "3",
-        "--trainer.limit_val_batches", "1",
-        "--model.init_args.gate_start_step", "2",
-        "--trainer.log_every_n_steps", "2",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.init_args.gate_start_step",
+        "2",
+        "--trainer.log_every_n_steps",
+        "2",
         config="adaponderlm",
     )
     version = tmp_path / "lightning_logs" / "version_0"
     events = EventAccumulator(str(version))
     events.Reload()
     tags = events.Tags()
-    for tag in ("train/depth_mean", "train/halted_fraction", "train/flops_x_vanilla", "train/active_fraction/iter_3", "val/flops_x_vanilla", "val/depth_mean"):
+    for tag in (
+        "train/depth_mean",
+        "train/halted_fraction",
+        "train/flops_x_vanilla",
+        "train/active_fraction/iter_3",
+        "val/flops_x_vanilla",
+        "val/depth_mean",
+    ):
         assert tag in tags["scalars"], tag
     assert {"gate/scores_iter_0", "gate/scores_iter_2", "depth/tokens"} <= set(tags["histograms"])
     assert "val/depth_vs_nll" in tags["images"]
-    for tag in ("val/ppl_full_depth", "val/ppl_first_pass", "val/depth_spearman/nll_full_depth", "train/gate/weak_continuing_fraction/iter_0",
-                "train/gate/halted_fraction/iter_2"):
+    for tag in (
+        "val/ppl_full_depth",
+        "val/ppl_first_pass",
+        "val/depth_spearman/nll_full_depth",
+        "train/gate/weak_continuing_fraction/iter_0",
+        "train/gate/halted_fraction/iter_2",
+    ):
         assert tag in tags["scalars"], tag
     ckpt = version / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
-    result = run_cli("generate", "--checkpoint", str(ckpt), "--prompt", "def f(x):", "--prompt", "A", "--max_new_tokens", "5", cwd=tmp_path)
+    result = run_cli(
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "def f(x):",
+        "--prompt",
+        "A",
+        "--max_new_tokens",
+        "5",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("--- prompt:") == 2
     assert result.stdout.count("depth per generated token:") == 2
-    assert "tokens/s" in result.stdout and "backbone passes" in result.stdout and "x vanilla FLOPs per token" in result.stdout
+    assert (
+        "tokens/s" in result.stdout
+        and "backbone passes" in result.stdout
+        and "x vanilla FLOPs per token" in result.stdout
+    )
 
     from ponder_lightning.checkpoints import load_checkpoint
 
@@ -139,16 +235,32 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     assert type(model).__name__ == "AdaPonderLM" and type(model.gate).__name__ == "PerIterationMLPGate"
     assert data_args["tokenizer"] == "bytes" and model.gate_active  # trained past gate_start_step
 
-    evaluation = run_cli("evaluate", "--checkpoint", str(ckpt), "--tau", "1e-4,0.5", "--batches", "1", "--out", str(tmp_path / "eval"), cwd=tmp_path)
+    evaluation = run_cli(
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--tau",
+        "1e-4,0.5",
+        "--batches",
+        "1",
+        "--out",
+        str(tmp_path / "eval"),
+        cwd=tmp_path,
+    )
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert "| 0.0001 |" in evaluation.stdout and "| 0.5 |" in evaluation.stdout
     assert (tmp_path / "eval" / "quality_vs_compute.png").is_file()
     # The controls come with every evaluation of a gated model.
-    assert "controls on the same weights and data:" in evaluation.stdout and "| full depth (no halting) |" in evaluation.stdout
+    assert (
+        "controls on the same weights and data:" in evaluation.stdout
+        and "| full depth (no halting) |" in evaluation.stdout
+    )
     assert "random pruning, learned profile (seed 0)" in evaluation.stdout and "| nll_first_pass |" in evaluation.stdout
     assert {"rows", "difficulty", "tokens"} <= set(json.loads((tmp_path / "eval" / "gate_study.json").read_text()))
 
-    table = run_cli("flops", "--config", str(ROOT / "configs" / "ponderlm.yaml"), "--active", "1,0.5,0.5,0.25", cwd=tmp_path)
+    table = run_cli(
+        "flops", "--config", str(ROOT / "configs" / "ponderlm.yaml"), "--active", "1,0.5,0.5,0.25", cwd=tmp_path
+    )
     assert table.returncode == 0, table.stderr[-3000:]
     rows = [line for line in table.stdout.splitlines() if line.startswith("| 1")]
     assert len(rows) == 2 and "| 4.000 |" in rows[0] and "| 2.250 |" in rows[1]
@@ -165,25 +277,50 @@ def test_step_bar_flops_summary_and_kept_checkpoints(tmp_path):
     saving every N steps, and the configs keeping the newest 3 periodic checkpoints by step next to
     last.ckpt and last_good.ckpt, all loadable."""
     from ponder_lightning.callbacks import FlopsModelSummary
-    from ponder_lightning.models import VanillaLM
     from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.models import VanillaLM
 
-    args = ["fit", "--config", str(ROOT / "configs" / "vanilla.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny",
-            "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path)]
+    args = [
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "vanilla.yaml"),
+        "--data.tokenizer",
+        "bytes",
+        "--model.init_args.size",
+        "tiny",
+        "--data.seq_len",
+        "32",
+        "--data.batch_size",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
     first = run_cli(*args, "--trainer.max_steps", "6", "--checkpoint_every", "1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     shown = " ".join((first.stdout + first.stderr).split())  # a narrow terminal may wrap lines
     assert re.search(r"\bStep\b[^A-Za-z]*\b6/6\b", shown) and "Epoch" not in shown, shown[-2000:]
-    flops = 3 * VanillaLM(size="tiny", tokenizer_vocab_size=257).full_depth_flops_per_token(32) * 32 * 2  # fwd+bwd, 2 rows of 32
+    flops = (
+        3 * VanillaLM(size="tiny", tokenizer_vocab_size=257).full_depth_flops_per_token(32) * 32 * 2
+    )  # fwd+bwd, 2 rows of 32
     assert f"{FlopsModelSummary.FLOPS_LABEL}: {flops:.3g}" in shown and "Total FLOPs" not in shown, shown[-2000:]
 
     def kept(version: int) -> dict[str, int]:
         files = sorted((tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints").iterdir())
         return {p.name: load_checkpoint(p).data["global_step"] for p in files}  # every one loads
 
-    assert kept(0) == {"epoch=0-step=4.ckpt": 4, "epoch=0-step=5.ckpt": 5, "epoch=0-step=6.ckpt": 6, "last.ckpt": 6, "last_good.ckpt": 5}
+    assert kept(0) == {
+        "epoch=0-step=4.ckpt": 4,
+        "epoch=0-step=5.ckpt": 5,
+        "epoch=0-step=6.ckpt": 6,
+        "last.ckpt": 6,
+        "last_good.ckpt": 5,
+    }
 
-    resumed = run_cli(*args, "--trainer.max_steps", "10", "--checkpoint_every", "2", "--ckpt_path", "last", cwd=tmp_path)
+    resumed = run_cli(
+        *args, "--trainer.max_steps", "10", "--checkpoint_every", "2", "--ckpt_path", "last", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     shown = " ".join((resumed.stdout + resumed.stderr).split())
     assert re.search(r"\bStep\b[^A-Za-z]*\b10/10\b", shown) and "Epoch" not in shown, shown[-2000:]

@@ -43,7 +43,9 @@ MODELS = {
     "adaponder_single_mlp": lambda: halting_adaponder(SingleMLPGate()),
     "adaponder_bottom_k": trained_bottom_k,
     "ponderlm_fixed_ratio": lambda: PonderLM(size="tiny", vocab_size=VOCAB, gate=FixedRatioGate(target_depth=2.6)),
-    "loop_fixed_ratio": lambda: LoopTransformer(size="tiny", vocab_size=VOCAB, gate=FixedRatioGate(target_depth=2.6, schedule="geometric")),
+    "loop_fixed_ratio": lambda: LoopTransformer(
+        size="tiny", vocab_size=VOCAB, gate=FixedRatioGate(target_depth=2.6, schedule="geometric")
+    ),
 }
 
 
@@ -59,7 +61,9 @@ def test_decoding_equals_teacher_forced(name, prefill):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
     assert torch.equal(depth, trace.depth())
     if name in ("adaponder_halting", "adaponder_bottom_k", "ponderlm_fixed_ratio"):
-        assert len(depth.unique()) >= 3, f"tokens should halt at several iterations, got depths {depth.unique().tolist()}"
+        assert len(depth.unique()) >= 3, (
+            f"tokens should halt at several iterations, got depths {depth.unique().tolist()}"
+        )
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -89,7 +93,9 @@ def test_rowwise_decoding_runs_one_backbone_row_per_pass():
     with torch.no_grad():
         _, trace = model.hidden_states(ids)
     processed: list[int] = []
-    handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
+    handle = model.backbone.layers[0].register_forward_hook(
+        lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1])
+    )
     try:
         _, depth, ticks, evaluations = decode_rowwise(model, ids, prefill=8, with_evaluations=True)
     finally:
@@ -140,13 +146,17 @@ def test_halted_tokens_cost_no_backbone_compute():
     """Count the rows each iteration's backbone actually processes (a hook on the first layer)."""
     model = halting_adaponder()
     processed: list[int] = []
-    handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
+    handle = model.backbone.layers[0].register_forward_hook(
+        lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1])
+    )
     ids = torch.randint(0, VOCAB, (4, 16))
     with torch.no_grad():
         _, trace = model.hidden_states(ids)
     processed.clear()
     cache = model.new_cache(1, 16)
-    _, _, counts = model.extend(ids[:1, :12], torch.ones(1, 12, dtype=torch.bool), cache)  # batch-1 prefill packs exactly
+    _, _, counts = model.extend(
+        ids[:1, :12], torch.ones(1, 12, dtype=torch.bool), cache
+    )  # batch-1 prefill packs exactly
     prefill_rows = list(processed)
     active_first_row = [int(a[0, :12].sum()) for a in trace.active]
     assert counts == active_first_row and [c for c in counts if c] == prefill_rows
@@ -155,7 +165,9 @@ def test_halted_tokens_cost_no_backbone_compute():
 
     cache = model.new_cache(4, 16)
     model.extend(ids[:, :12], torch.ones(4, 12, dtype=torch.bool), cache)
-    handle = model.backbone.layers[0].register_forward_hook(lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1]))
+    handle = model.backbone.layers[0].register_forward_hook(
+        lambda mod, args, out: processed.append(args[0].shape[0] * args[0].shape[1])
+    )
     for t in range(12, 16):
         processed.clear()
         _, _, counts = model.extend(ids[:, t : t + 1], torch.ones(4, 1, dtype=torch.bool), cache)
@@ -196,7 +208,11 @@ def test_cpu_generation_multiplies_on_packed_weights():
     model = PonderLM(size="tiny", vocab_size=VOCAB).eval()
     generate(model, [[1, 2, 3]], max_new_tokens=2)
     backbone = model.backbone
-    for weight in (backbone.embed_out.weight, backbone.layers[0].attention.query_key_value.weight, backbone.layers[-1].mlp.dense_4h_to_h.weight):
+    for weight in (
+        backbone.embed_out.weight,
+        backbone.layers[0].attention.query_key_value.weight,
+        backbone.layers[-1].mlp.dense_4h_to_h.weight,
+    ):
         assert (id(weight), False) in onednn._packed
     assert (id(backbone.embed_in.weight), True) in onednn._packed  # the mixture's table, transposed
 

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from scaleout_helpers import ROOT, global_selection_inputs, global_selection_worker, logged_steps, read_losses, read_records, run_fit
+from scaleout_helpers import (
+    ROOT,
+    global_selection_inputs,
+    global_selection_worker,
+    logged_steps,
+    read_losses,
+    read_records,
+    run_fit,
+)
 
 from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
@@ -21,22 +29,41 @@ KILL_AT = 4
 # then: DDP must not hang) and gated afterwards. The bottom-K loss has not started (k = 0), so the
 # loss is the token mean of the cross-entropy, which decomposes exactly over ranks.
 ARGS = [
-    "--config", str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer", "bytes", "--data.seq_len", "32", "--data.batch_size", "4",
-    "--model.init_args.size", "tiny", "--model.init_args.lr", "3e-3", "--model.init_args.gate_start_step", "2",
+    "--config",
+    str(ROOT / "configs" / "adaponderlm.yaml"),
+    "--data.tokenizer",
+    "bytes",
+    "--data.seq_len",
+    "32",
+    "--data.batch_size",
+    "4",
+    "--model.init_args.size",
+    "tiny",
+    "--model.init_args.lr",
+    "3e-3",
+    "--model.init_args.gate_start_step",
+    "2",
 ]
 
 
 def overlay(tmp_path: Path, name: str, losses: Path, kill_at: int | None = None) -> str:
     callbacks = [
-        {"class_path": "ponder_lightning.training.AtomicModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": 1}},
+        {
+            "class_path": "ponder_lightning.training.AtomicModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": 1},
+        },
         {"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}},
     ]
     if kill_at is not None:
         callbacks.append({"class_path": "scaleout_helpers.KillAtStep", "init_args": {"step": kill_at}})
     trainer = {
-        "max_steps": STEPS, "val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0,
-        "enable_progress_bar": False, "enable_model_summary": False, "callbacks": callbacks,
+        "max_steps": STEPS,
+        "val_check_interval": 3,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": callbacks,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"trainer": trainer}))
@@ -72,7 +99,15 @@ def single_process(tmp_path_factory, cache) -> tuple[dict[int, float], Path]:
 def test_two_processes_match_one_and_resume_after_a_kill(tmp_path, cache, single_process, trainer_config, extra):
     single_process_losses, single_process_checkpoint = single_process
     losses = tmp_path / "losses.jsonl"
-    common = [*ARGS, *cache, *extra, "--config", str(ROOT / "configs" / "trainer" / trainer_config), "--trainer.default_root_dir", str(tmp_path)]
+    common = [
+        *ARGS,
+        *cache,
+        *extra,
+        "--config",
+        str(ROOT / "configs" / "trainer" / trainer_config),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
 
     killed = run_fit(*common, "--config", overlay(tmp_path, "killed", losses, kill_at=KILL_AT), cwd=tmp_path)
     assert killed.returncode != 0  # SIGKILLed after step 4, before that step's checkpoint
@@ -107,7 +142,9 @@ def test_bottom_k_loss_and_gate_are_batch_global_across_ranks(tmp_path):
     then is the one-process gradient); BottomKGate halts the same tokens and learns the same
     thresholds as one process."""
     # fork: the ranks inherit the imports (a spawned rank would spend seconds importing Lightning)
-    torch.multiprocessing.start_processes(global_selection_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")
+    torch.multiprocessing.start_processes(
+        global_selection_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork"
+    )
     single = torch.load(tmp_path / "single.pt")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for operand in ("score", "log_score"):
@@ -137,23 +174,48 @@ def test_bottom_k_loss_and_gate_are_batch_global_across_ranks(tmp_path):
 # threshold that about half the initial scores miss, or BottomKGate halting 30% per decision), and
 # the bottom-K ponder loss at k = 0.3 from step 1 on (k = 0 at step 0).
 HALTING = [
-    "--config", str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer", "bytes", "--data.seq_len", "32", "--data.batch_size", "4",
-    "--model.init_args.size", "tiny", "--model.init_args.lr", "3e-3", "--model.init_args.gate_start_step", "0",
-    "--model.init_args.regularizer.init_args.k_max", "0.3", "--model.init_args.regularizer.init_args.start_step", "0",
-    "--model.init_args.regularizer.init_args.ramp_steps", "1",
+    "--config",
+    str(ROOT / "configs" / "adaponderlm.yaml"),
+    "--data.tokenizer",
+    "bytes",
+    "--data.seq_len",
+    "32",
+    "--data.batch_size",
+    "4",
+    "--model.init_args.size",
+    "tiny",
+    "--model.init_args.lr",
+    "3e-3",
+    "--model.init_args.gate_start_step",
+    "0",
+    "--model.init_args.regularizer.init_args.k_max",
+    "0.3",
+    "--model.init_args.regularizer.init_args.start_step",
+    "0",
+    "--model.init_args.regularizer.init_args.ramp_steps",
+    "1",
 ]
 HALTING_GATES = {
     "threshold": ["--model.init_args.gate.init_args.init_bias", "0.0", "--model.init_args.gate.init_args.tau", "0.5"],
-    "bottom_k": ["--config", str(ROOT / "configs" / "gates" / "bottom_k.yaml"), "--model.init_args.gate.init_args.ratio", "0.3"],
+    "bottom_k": [
+        "--config",
+        str(ROOT / "configs" / "gates" / "bottom_k.yaml"),
+        "--model.init_args.gate.init_args.ratio",
+        "0.3",
+    ],
 }
 HALTING_STEPS = 4
 
 
 def halting_overlay(tmp_path: Path, losses: Path) -> str:
     trainer = {
-        "max_steps": HALTING_STEPS, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_checkpointing": False, "logger": False,
-        "enable_progress_bar": False, "enable_model_summary": False,
+        "max_steps": HALTING_STEPS,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "enable_checkpointing": False,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
         "callbacks": [{"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}}],
     }
     path = tmp_path / "halting.yaml"
@@ -169,7 +231,15 @@ def test_two_processes_match_one_with_halting_active(tmp_path, cache, trainer_co
     for name in ("single", "two"):
         out = tmp_path / name
         out.mkdir()
-        args = [*HALTING, *HALTING_GATES[gate], *cache, "--config", halting_overlay(out, out / "losses.jsonl"), "--trainer.default_root_dir", str(out)]
+        args = [
+            *HALTING,
+            *HALTING_GATES[gate],
+            *cache,
+            "--config",
+            halting_overlay(out, out / "losses.jsonl"),
+            "--trainer.default_root_dir",
+            str(out),
+        ]
         if name == "single":
             main(["fit", *args])
         else:

@@ -29,8 +29,13 @@ def test_numbers_are_consistent(tmp_path):
         assert math.isclose(row["ppl"], math.exp(row["loss"]), rel_tol=1e-6)
         fractions = row["active_fractions"]
         assert math.isclose(row["depth_mean"], sum(fractions), rel_tol=1e-5)
-        expected = flops.recurrent_forward_flops(model.config, 32, fractions, model.recurrence.feedback.extra_flops_per_token(model.backbone),
-                                                 model.gate.extra_flops_per_token(model.config.d_model))["x_vanilla"]
+        expected = flops.recurrent_forward_flops(
+            model.config,
+            32,
+            fractions,
+            model.recurrence.feedback.extra_flops_per_token(model.backbone),
+            model.gate.extra_flops_per_token(model.config.d_model),
+        )["x_vanilla"]
         assert math.isclose(row["flops_x_vanilla"], expected, rel_tol=1e-9)
         counted = sum(n for _, n, _ in row["depth_vs_nll"])
         assert counted == 3 * 2 * 32

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPT
 from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
 from ponder_lightning.data import load_tokenizer
+from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate
 from ponder_lightning.hf_export import MODELING_FILE, export_transformers
-from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, PonderLM2, PonderLM3, VanillaLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,9 @@ def tiny_model(family: str):
 def exported(tmp_path_factory, single_thread):
     """family -> (library model, exported directory)."""
     root = tmp_path_factory.mktemp("hf_export")
-    return {f: (m := tiny_model(f), export_transformers(m, root / f, tokenizer="bytes", global_step=7)) for f in FAMILIES}
+    return {
+        f: (m := tiny_model(f), export_transformers(m, root / f, tokenizer="bytes", global_step=7)) for f in FAMILIES
+    }
 
 
 def padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +75,10 @@ def test_transformers_model_equals_the_library(exported, family):
     model, out = exported[family]
     assert (out / MODELING_FILE).is_file() and (out / "tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "ponder_lightning" and config["class_path"] == f"{type(model).__module__}.{type(model).__name__}"
+    assert (
+        config["model_type"] == "ponder_lightning"
+        and config["class_path"] == f"{type(model).__module__}.{type(model).__name__}"
+    )
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert not hf.training and hf.config.global_step == 7
     torch.manual_seed(1)
@@ -88,7 +93,7 @@ def test_transformers_model_equals_the_library(exported, family):
         assert (got - want)[left_mask.bool()].abs().max() <= 1e-5
         for r, row in enumerate(rows):  # padding changes nothing for the real tokens
             alone = model(torch.tensor([row]))[0]
-            assert (got[r, -len(row):] - alone).abs().max() <= 1e-5
+            assert (got[r, -len(row) :] - alone).abs().max() <= 1e-5
     if family.startswith(("adaponderlm", "loop")):  # the gates halt tokens, as in the library
         assert out_hf.depth.min() < model.n_iterations
     # The way back: the exported directory loads into the same class with the same logits.
@@ -109,29 +114,48 @@ def test_greedy_generate_equals_ponder_lightning_generate(exported, family, caps
     with torch.no_grad():
         theirs = hf.generate(**batch, max_new_tokens=12, do_sample=False)
     for r, tokens in enumerate(ours.tokens):
-        new = theirs[r, batch["input_ids"].shape[1]:].tolist()
+        new = theirs[r, batch["input_ids"].shape[1] :].tolist()
         assert new[: len(tokens)] == tokens
     if family == "adaponderlm":  # and the CLI prints the same continuation
         main(["generate", "--checkpoint", str(out), "--prompt", prompts[0], "--max_new_tokens", "12"])
         printed = capsys.readouterr().out
-        assert prompts[0] + tok.decode(theirs[0, batch["input_ids"].shape[1]:]) in printed
+        assert prompts[0] + tok.decode(theirs[0, batch["input_ids"].shape[1] :]) in printed
 
 
 def test_export_command_from_a_lightning_checkpoint(exported, tmp_path, capsys):
     model, _ = exported["adaponderlm"]
     hparams = {"_class_path": "ponder_lightning.models.AdaPonderLM", **dict(model.hparams)}
     ckpt = tmp_path / "last.ckpt"  # what `fit` writes, minus the optimizer
-    torch.save({"hyper_parameters": hparams, "state_dict": model.state_dict(), "global_step": 3,
-                "datamodule_hyper_parameters": {"tokenizer": "bytes"}}, ckpt)
+    torch.save(
+        {
+            "hyper_parameters": hparams,
+            "state_dict": model.state_dict(),
+            "global_step": 3,
+            "datamodule_hyper_parameters": {"tokenizer": "bytes"},
+        },
+        ckpt,
+    )
     main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--format", "transformers"])
     assert "trust_remote_code=True" in capsys.readouterr().out
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     ids = torch.randint(0, 257, (1, 16))
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)).abs().max() <= 1e-5
-    assert AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)("hé").input_ids == list("hé".encode())
+    assert AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)("hé").input_ids == list(
+        "hé".encode()
+    )
     with pytest.raises(SystemExit) as exit_info:  # the same error handling as every command
-        main(["export", "--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x"), "--format", "transformers"])
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tmp_path / "missing.ckpt"),
+                "--out",
+                str(tmp_path / "x"),
+                "--format",
+                "transformers",
+            ]
+        )
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
@@ -150,9 +174,18 @@ def test_ponderlm_authors_layout_loads_as_ponderlm(tmp_path, single_thread):
     """A GPT-NeoX directory with the config fields the authors' training code sets (and their
     unused `adapter` weight) loads as a PonderLM with their settings."""
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        max_position_embeddings=512, rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5,
-        use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        layer_norm_eps=1e-5,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
     )
     torch.manual_seed(1)
     neox = GPTNeoXForCausalLM(config).eval()
@@ -163,7 +196,11 @@ def test_ponderlm_authors_layout_loads_as_ponderlm(tmp_path, single_thread):
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(tmp_path / "authors" / "model.safetensors"))
-    save_file({**weights, "adapter.weight": torch.zeros(64, 128)}, str(tmp_path / "authors" / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {**weights, "adapter.weight": torch.zeros(64, 128)},
+        str(tmp_path / "authors" / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     model, _ = load_checkpoint(tmp_path / "authors")
     assert type(model) is PonderLM and model.hparams.pondering_steps == 3
     assert model.hparams.scale_embeds and model.hparams.multiply_pondering_steps and model.hparams.mixture_top_k is None
@@ -184,7 +221,9 @@ def test_an_export_is_a_start_for_continued_pretraining(exported, family):
     backbone and keeps its own gate."""
     original, out = exported[family]
     ids = torch.randint(0, 257, (2, 24))
-    same = type(original)(pretrained=str(out), gate=type(original.gate)(**({"ratio": 0.3} if family == "loop_bottom_k" else {})), **TINY).eval()
+    same = type(original)(
+        pretrained=str(out), gate=type(original.gate)(**({"ratio": 0.3} if family == "loop_bottom_k" else {})), **TINY
+    ).eval()
     assert same.hparams.scale_embeds is True  # trained from scratch with it
     with torch.no_grad():
         assert torch.equal(same(ids), original(ids))
@@ -205,8 +244,22 @@ FIXTURES = str(ROOT / "tests" / "fixtures" / "lm_eval")
 
 
 def run_lm_eval_subcommand(out: Path, results: Path) -> dict:
-    main(["lm_eval", "--checkpoint", str(out), "--tasks", "ponder_tiny", "--include_path", FIXTURES, "--only_include_path",
-          "--bootstrap_iters", "0", "--output", str(results)])
+    main(
+        [
+            "lm_eval",
+            "--checkpoint",
+            str(out),
+            "--tasks",
+            "ponder_tiny",
+            "--include_path",
+            FIXTURES,
+            "--only_include_path",
+            "--bootstrap_iters",
+            "0",
+            "--output",
+            str(results),
+        ]
+    )
     return json.loads(results.read_text())
 
 
@@ -233,20 +286,39 @@ def test_exported_dir_in_lm_eval_hf_backend_scores_as_the_adapter(exported, in_r
     _, out = exported["adaponderlm"]
     ours = run_lm_eval_subcommand(out, tmp_path / "ours.json")["results"]
     theirs = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32", tasks=["ponder_tiny"], device="cpu",
-        batch_size=4, task_manager=TaskManager(include_path=FIXTURES, include_defaults=False), bootstrap_iters=0, log_samples=False,
+        model="hf",
+        model_args=f"pretrained={out},trust_remote_code=True,dtype=float32",
+        tasks=["ponder_tiny"],
+        device="cpu",
+        batch_size=4,
+        task_manager=TaskManager(include_path=FIXTURES, include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=False,
     )["results"]
-    checked = [("ponder_tiny_choice", "acc,none"), ("ponder_tiny_choice", "acc_norm,none"), ("ponder_tiny_gen", "exact_match,none"),
-               ("ponder_tiny_ppl", "word_perplexity,none"), ("ponder_tiny_ppl", "byte_perplexity,none"), ("ponder_tiny_ppl", "bits_per_byte,none")]
+    checked = [
+        ("ponder_tiny_choice", "acc,none"),
+        ("ponder_tiny_choice", "acc_norm,none"),
+        ("ponder_tiny_gen", "exact_match,none"),
+        ("ponder_tiny_ppl", "word_perplexity,none"),
+        ("ponder_tiny_ppl", "byte_perplexity,none"),
+        ("ponder_tiny_ppl", "bits_per_byte,none"),
+    ]
     for task, metric in checked:
-        assert math.isclose(theirs[task][metric], ours[task][metric], rel_tol=1e-5, abs_tol=1e-6), (task, metric, theirs[task][metric], ours[task][metric])
+        assert math.isclose(theirs[task][metric], ours[task][metric], rel_tol=1e-5, abs_tol=1e-6), (
+            task,
+            metric,
+            theirs[task][metric],
+            ours[task][metric],
+        )
 
 
 def test_loading_without_the_package_names_pip_install(exported, tmp_path, monkeypatch):
     import shutil
     import sys
 
-    shutil.copytree(exported["adaponderlm"][1], tmp_path / "copy")  # a new directory: transformers imports its code afresh
+    shutil.copytree(
+        exported["adaponderlm"][1], tmp_path / "copy"
+    )  # a new directory: transformers imports its code afresh
     for name in [k for k in sys.modules if k == "ponder_lightning" or k.startswith("ponder_lightning.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "ponder_lightning", None)  # import ponder_lightning -> ImportError

@@ -44,7 +44,19 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["gates", "data", "flops", "parallel", "resume", "training", "pretrained"], 2),
     "models": 3,
     **dict.fromkeys(
-        ["callbacks", "checkpoints", "cli_errors", "evaluate", "generate", "hf_export", "hf_modeling", "lm_eval_adapter", "progress", "study"], 4
+        [
+            "callbacks",
+            "checkpoints",
+            "cli_errors",
+            "evaluate",
+            "generate",
+            "hf_export",
+            "hf_modeling",
+            "lm_eval_adapter",
+            "progress",
+            "study",
+        ],
+        4,
     ),
     **dict.fromkeys(["cli", "__main__"], 5),
 }
@@ -134,7 +146,7 @@ def find_cycle(edges: dict[tuple[str, str], list[Import]]) -> list[str] | None:
         path.append(unit)
         for nxt in graph[unit]:
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -158,19 +170,27 @@ def test_every_unit_has_a_layer():
     missing = sorted(u for u in units if u not in LAYERS)
     stale = sorted(u for u in LAYERS if u not in units)
     if missing:
-        pytest.fail(f"units without a layer: {missing}: add them to LAYERS in tests/test_layering.py (and its docstring)", pytrace=False)
+        pytest.fail(
+            f"units without a layer: {missing}: add them to LAYERS in tests/test_layering.py (and its docstring)",
+            pytrace=False,
+        )
     if stale:
         pytest.fail(f"LAYERS names units that no longer exist: {stale}", pytrace=False)
 
 
 def test_no_unit_imports_a_higher_layer():
     upward = [
-        imp for (source, target), imps in unit_edges(all_imports()).items()
+        imp
+        for (source, target), imps in unit_edges(all_imports()).items()
         if LAYERS.get(target, 0) > LAYERS.get(source, 0)
         for imp in imps
     ]
     if upward:
-        pytest.fail("imports from a higher layer (see tests/test_layering.py's docstring):\n" + "\n".join(map(describe, upward)), pytrace=False)
+        pytest.fail(
+            "imports from a higher layer (see tests/test_layering.py's docstring):\n"
+            + "\n".join(map(describe, upward)),
+            pytrace=False,
+        )
 
 
 def test_units_import_each_other_without_a_cycle():
@@ -190,7 +210,9 @@ def test_nn_is_plain_pytorch():
         if imp.target.split(".")[0] in LIGHTNING:
             bad.append(f"{imp.where}: nn imports {imp.target} (nn is plain PyTorch: no Lightning)")
         elif unit is not None and unit not in NN_ALLOWED:
-            bad.append(f"{imp.where}: nn imports {imp.target} (of this package nn may import only {sorted(NN_ALLOWED - {'nn'})})")
+            bad.append(
+                f"{imp.where}: nn imports {imp.target} (of this package nn may import only {sorted(NN_ALLOWED - {'nn'})})"
+            )
     if bad:
         pytest.fail("\n".join(bad), pytrace=False)
 
@@ -199,7 +221,9 @@ def test_data_imports_lightning_only_in_its_datamodule():
     bad = [
         f"{imp.where}: {imp.module} imports {imp.target} (only {DATA_LIGHTNING_MODULE} may)"
         for imp in all_imports()
-        if unit_of(imp.module) == "data" and imp.module != DATA_LIGHTNING_MODULE and imp.target.split(".")[0] in LIGHTNING
+        if unit_of(imp.module) == "data"
+        and imp.module != DATA_LIGHTNING_MODULE
+        and imp.target.split(".")[0] in LIGHTNING
     ]
     if bad:
         pytest.fail("\n".join(bad), pytrace=False)
@@ -227,9 +251,9 @@ def test_the_walker_sees_every_kind_of_import():
         ("10", "ponder_lightning.checkpoints.load_checkpoint", "checkpoints"),
         ("13", "ponder_lightning.cli", "cli"),
     ]
-    assert imports_of("from . import backbone\n", f"{PACKAGE}.nn", "ponder_lightning/nn/__init__.py", is_package=True)[0].target == (
-        "ponder_lightning.nn.backbone"
-    )
+    assert imports_of("from . import backbone\n", f"{PACKAGE}.nn", "ponder_lightning/nn/__init__.py", is_package=True)[
+        0
+    ].target == ("ponder_lightning.nn.backbone")
 
 
 def test_find_cycle_names_the_cycle():

@@ -53,7 +53,7 @@ def requests(kind, *args):
 def own_score(model, context: list[int], continuation: list[int]) -> tuple[float, bool]:
     """Sum of log-softmax of model(ids) at the continuation positions, and whether argmax = it."""
     ids = torch.tensor([context + continuation])
-    logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, -len(continuation):]
+    logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0, -len(continuation) :]
     target = torch.tensor(continuation)
     return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
 
@@ -95,9 +95,9 @@ def test_loglikelihood_equals_own_scoring(checkpoint, model):
     # Left truncation: the input keeps the last max_length tokens.
     short = PonderLightningLM(checkpoint=str(checkpoint), max_length=16)
     context, continuation = "a rather long context of many bytes,", " then this"
-    (logprob, _), = short.loglikelihood(requests("loglikelihood", (context, continuation)))
+    ((logprob, _),) = short.loglikelihood(requests("loglikelihood", (context, continuation)))
     ids = list(context.encode()) + list(continuation.encode())
-    want, _ = own_score(model, ids[-17:-len(continuation)], list(continuation.encode()))
+    want, _ = own_score(model, ids[-17 : -len(continuation)], list(continuation.encode()))
     assert abs(logprob - want) < 1e-5
 
     report = lm.compute_report()
@@ -124,9 +124,9 @@ def test_loglikelihood_rolling_is_the_sum_over_the_text(checkpoint, model):
     want = 0.0
     for start in range(0, len(tokens), length):
         end = min(start + length, len(tokens))
-        inputs = stream[max(0, end - length):end]
+        inputs = stream[max(0, end - length) : end]
         with torch.no_grad():
-            logprobs = F.log_softmax(model(torch.tensor([inputs])).float(), -1)[0, -(end - start):]
+            logprobs = F.log_softmax(model(torch.tensor([inputs])).float(), -1)[0, -(end - start) :]
         want += float(logprobs.gather(-1, torch.tensor(tokens[start:end])[:, None]).sum())
     windowed = PonderLightningLM(checkpoint=str(checkpoint), max_length=length, batch_size=2)
     (got,) = windowed.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))
@@ -157,8 +157,12 @@ def test_local_task_end_to_end(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     task_manager = TaskManager(include_path=str(FIXTURES), include_defaults=False)
     results = lm_eval.simple_evaluate(
-        model="ponder_lightning", model_args=f"checkpoint={checkpoint},batch_size=4", tasks=["ponder_tiny"],
-        task_manager=task_manager, bootstrap_iters=0, log_samples=False,
+        model="ponder_lightning",
+        model_args=f"checkpoint={checkpoint},batch_size=4",
+        tasks=["ponder_tiny"],
+        task_manager=task_manager,
+        bootstrap_iters=0,
+        log_samples=False,
     )
     scores = results["results"]
     assert 0.0 <= scores["ponder_tiny_choice"]["acc,none"] <= 1.0
@@ -176,8 +180,23 @@ def test_cli_prints_scores_and_compute(checkpoint, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     out = tmp_path / "results.json"
-    main(["--checkpoint", str(checkpoint), "--tasks", "ponder_tiny_choice", "--include_path", str(FIXTURES), "--only_include_path",
-          "--limit", "2", "--bootstrap_iters", "0", "--output", str(out)])
+    main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--tasks",
+            "ponder_tiny_choice",
+            "--include_path",
+            str(FIXTURES),
+            "--only_include_path",
+            "--limit",
+            "2",
+            "--bootstrap_iters",
+            "0",
+            "--output",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "ponder_tiny_choice" in printed and "acc" in printed and "FLOPs x vanilla" in printed
     saved = json.loads(out.read_text())

@@ -73,7 +73,10 @@ def sharpened(model, scale: float):
     return model
 
 
-@pytest.mark.parametrize("cls, latent_steps, length, scale", [(PonderLM2, 1, 10, 1.0), (PonderLM2, 1, 10, 4.0), (PonderLM2, 2, 8, 4.0), (PonderLM3, 3, 6, 4.0)])
+@pytest.mark.parametrize(
+    "cls, latent_steps, length, scale",
+    [(PonderLM2, 1, 10, 1.0), (PonderLM2, 1, 10, 4.0), (PonderLM2, 2, 8, 4.0), (PonderLM3, 3, 6, 4.0)],
+)
 def test_jacobi_training_form_converges_to_sequential_decoding(cls, latent_steps, length, scale):
     model = sharpened(cls(size="tiny", vocab_size=VOCAB, latent_steps=latent_steps).eval(), scale)
     ids = torch.randint(0, VOCAB, (2, length))
@@ -81,8 +84,10 @@ def test_jacobi_training_form_converges_to_sequential_decoding(cls, latent_steps
     assert torch.equal(depth, torch.full_like(depth, latent_steps + 1))  # PonderLM-3's soft router prunes nothing here
     bound = length * latent_steps  # J >= number of latents: exact
     gaps = {j: (teacher_forced(model, ids, j)[0] - expected).abs().max().item() for j in (0, 1, 2, 3, bound)}
-    print(f"\n{cls.__name__} K={latent_steps} T={length} weights x{scale:g}: max |logit gap| to sequential decoding: "
-          + ", ".join(f"J={j}: {g:.1e}" for j, g in gaps.items()))
+    print(
+        f"\n{cls.__name__} K={latent_steps} T={length} weights x{scale:g}: max |logit gap| to sequential decoding: "
+        + ", ".join(f"J={j}: {g:.1e}" for j, g in gaps.items())
+    )
     assert gaps[bound] <= 1e-5
     assert all(math.isfinite(g) for g in gaps.values())
     assert gaps[0] > gaps[3] > gaps[bound], "more Jacobi passes must lower the gap"
@@ -107,7 +112,9 @@ def test_ponder3_saturated_router_equals_pruned_inference():
     got, trace = teacher_forced(model, ids, jacobi=ids.shape[1] * 3)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
     assert torch.equal(depth, trace.depth())
-    assert len(depth.unique()) >= 3, f"tokens should use different numbers of latent steps, got {depth.unique().tolist()}"
+    assert len(depth.unique()) >= 3, (
+        f"tokens should use different numbers of latent steps, got {depth.unique().tolist()}"
+    )
     assert torch.equal(cache.fill, depth.sum(1)), "pruned slots must not enter the KV cache"
     for w in trace.scores:
         assert torch.all((w == 0) | (w == 1))
@@ -192,5 +199,22 @@ def test_generate_batch_of_ragged_prompts_equals_each_alone(cls):
 # -- CLI -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", ["ponderlm2", "ponderlm3"])
 def test_config_fits_with_fast_dev_run(tmp_path, config):
-    main(["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--trainer.fast_dev_run", "2", "--data.tokenizer", "bytes",
-          "--model.init_args.size", "tiny", "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.default_root_dir", str(tmp_path)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / f"{config}.yaml"),
+            "--trainer.fast_dev_run",
+            "2",
+            "--data.tokenizer",
+            "bytes",
+            "--model.init_args.size",
+            "tiny",
+            "--data.seq_len",
+            "32",
+            "--data.batch_size",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )

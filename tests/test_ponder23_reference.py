@@ -82,7 +82,10 @@ def reference_backbone(model, x: Tensor, positions: Tensor, additive_mask: Tenso
         return y.view(b, length, heads, dh).transpose(1, 2)
 
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        q, k = rope(q, positions, cfg.rotary_dims, cfg.rotary_base), rope(k, positions, cfg.rotary_dims, cfg.rotary_base)
+        q, k = (
+            rope(q, positions, cfg.rotary_dims, cfg.rotary_base),
+            rope(k, positions, cfg.rotary_dims, cfg.rotary_base),
+        )
         return attention(q, k, v, additive_mask).transpose(1, 2).reshape(b, length, d)
 
     for layer in model.backbone.layers:
@@ -93,7 +96,11 @@ def reference_backbone(model, x: Tensor, positions: Tensor, additive_mask: Tenso
             q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))
             a = F.linear(attend(q, k, v), att.dense.weight, att.dense.bias)
             mlp = layer.mlp
-            hidden = F.gelu(F.linear(norm(x, layer.post_attention_layernorm, "neox"), mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias))
+            hidden = F.gelu(
+                F.linear(
+                    norm(x, layer.post_attention_layernorm, "neox"), mlp.dense_h_to_4h.weight, mlp.dense_h_to_4h.bias
+                )
+            )
             x = x + a + F.linear(hidden, mlp.dense_4h_to_h.weight, mlp.dense_4h_to_h.bias)
         else:  # LLaMA: sequential residual, RMSNorm, separate q/k/v/o without biases, SwiGLU
             att = layer.self_attn
@@ -125,9 +132,13 @@ def interleaved_pass(model, stages: list[Tensor], valid: Tensor, s: Tensor | Non
     token = torch.arange(t).repeat_interleave(width)  # slot i = token i // width, latent i % width
     slot = torch.arange(width).repeat(t)
     x = torch.stack(stages, dim=2).reshape(b, t * width, d)
-    assert all(torch.equal(x[:, i], stages[slot[i]][:, token[i]]) for i in range(t * width))  # x_1 z_1^1 .. z_1^K x_2 ..
+    assert all(
+        torch.equal(x[:, i], stages[slot[i]][:, token[i]]) for i in range(t * width)
+    )  # x_1 z_1^1 .. z_1^K x_2 ..
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)[:, token]  # all slots of token t: position t
-    earlier = (token[None, :] < token[:, None]) | ((token[None, :] == token[:, None]) & (slot[None, :] <= slot[:, None]))  # [query, key]
+    earlier = (token[None, :] < token[:, None]) | (
+        (token[None, :] == token[:, None]) & (slot[None, :] <= slot[:, None])
+    )  # [query, key]
     allowed = earlier[None] & valid[:, token][:, None, :]
     allowed |= torch.eye(t * width, dtype=torch.bool)[None]  # a padding query sees itself (never read)
     mask = torch.zeros(b, t * width, t * width, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
@@ -176,7 +187,10 @@ def reference_sequential(model, ids: Tensor) -> Tensor:
             tok = torch.tensor(tokens)
             allowed = torch.ones(n, n, dtype=torch.bool).tril()  # slot order = (token, latent) order
             assert torch.equal(allowed, (tok[None, :] <= tok[:, None]) & allowed)
-            mask = torch.zeros(n, n, dtype=torch.float64).masked_fill(~allowed, float("-inf"))[None] + torch.stack(bias, 1)[:, None, :]
+            mask = (
+                torch.zeros(n, n, dtype=torch.float64).masked_fill(~allowed, float("-inf"))[None]
+                + torch.stack(bias, 1)[:, None, :]
+            )
             h = reference_backbone(model, torch.stack(inputs, 1), tok.expand(b, n), mask)[:, -1]
             if ponder3 and k == 0:
                 s = router_probs(model, h)
@@ -294,12 +308,19 @@ def test_jacobi_draw_defaults_to_the_authors_per_block(size, choices, monkeypatc
     assert model.eval().jacobi_passes() == 3
 
 
-@pytest.mark.parametrize("cls, size, passes", [(PonderLM2, "tiny", 2), (PonderLM2, "llama-tiny", 1), (PonderLM3, "llama-tiny", 1)])
+@pytest.mark.parametrize(
+    "cls, size, passes", [(PonderLM2, "tiny", 2), (PonderLM2, "llama-tiny", 1), (PonderLM3, "llama-tiny", 1)]
+)
 def test_output_projection_init_follows_the_authors_per_block(cls, size, passes):
     """sigma / sqrt(2 L (K+1)) on GPT-NeoX (modeling_gpt_neox.py), sigma / sqrt(2 L) on LLaMA
     (modeling_llama.py); `output_init_passes` sets R explicitly."""
+
     def out_std(model) -> float:
-        return torch.cat([p.weight.flatten() for layer in model.backbone.layers for p in layer.output_projections()]).std().item()
+        return (
+            torch.cat([p.weight.flatten() for layer in model.backbone.layers for p in layer.output_projections()])
+            .std()
+            .item()
+        )
 
     model = cls(size=size, vocab_size=VOCAB, **({} if cls is PonderLM3 else {"latent_steps": 1}))
     cfg = model.config

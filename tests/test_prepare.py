@@ -21,13 +21,17 @@ from ponder_lightning.data.shards import load_token_shards
 from ponder_lightning.data.tokenized import cached_token_stream
 from ponder_lightning.errors import UserError
 
-DOCS = [f"Document {i}: naïve café, {'ünïcödé ' * (i % 4)}the quick brown fox {i * 7}. " * (1 + i % 3) for i in range(60)]
+DOCS = [
+    f"Document {i}: naïve café, {'ünïcödé ' * (i % 4)}the quick brown fox {i * 7}. " * (1 + i % 3) for i in range(60)
+]
 
 
 def write_files(tmp_path: Path) -> list[Path]:
     """Three Pile-format files (two compressed) holding DOCS in order."""
     files = []
-    for k, (name, docs) in enumerate((("a.jsonl.zst", DOCS[:25]), ("b.jsonl", DOCS[25:40]), ("c.jsonl.zst", DOCS[40:]))):
+    for k, (name, docs) in enumerate(
+        (("a.jsonl.zst", DOCS[:25]), ("b.jsonl", DOCS[25:40]), ("c.jsonl.zst", DOCS[40:]))
+    ):
         data = "".join(json.dumps({"text": d, "meta": {"pile_set_name": "test"}}) + "\n" for d in docs).encode()
         path = tmp_path / "pile" / name
         path.parent.mkdir(exist_ok=True)
@@ -37,7 +41,9 @@ def write_files(tmp_path: Path) -> list[Path]:
 
 
 def on_the_fly(tmp_path: Path, files: list[Path], tokenizer: str) -> tuple[np.ndarray, int]:
-    stream, docs = cached_token_stream(resolve_sources([str(f) for f in files]), load_tokenizer(tokenizer), "text", tmp_path / "cache")
+    stream, docs = cached_token_stream(
+        resolve_sources([str(f) for f in files]), load_tokenizer(tokenizer), "text", tmp_path / "cache"
+    )
     return stream.read(0, len(stream)), docs
 
 

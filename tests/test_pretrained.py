@@ -26,9 +26,19 @@ TINY = ["--data.tokenizer", "bytes", "--model.init_args.size", "tiny", "--data.s
 def save_tiny_neox(path: Path, **overrides) -> GPTNeoXForCausalLM:
     """A random GPT-NeoX shaped like our `tiny` preset, saved by transformers itself."""
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        max_position_embeddings=512, rotary_pct=0.25, rotary_emb_base=10000, layer_norm_eps=1e-5,
-        use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False, **overrides,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        layer_norm_eps=1e-5,
+        use_parallel_residual=True,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+        **overrides,
     )
     torch.manual_seed(1)
     model = GPTNeoXForCausalLM(config).eval()
@@ -75,29 +85,66 @@ def test_pretrained_must_match_the_model(tmp_path):
 
 def write_overlay(path: Path, callbacks: list[dict], max_steps: int) -> str:
     trainer = {
-        "max_steps": max_steps, "limit_val_batches": 0, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-        "enable_model_summary": False, "callbacks": callbacks,
+        "max_steps": max_steps,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": callbacks,
     }
     path.write_text(yaml.safe_dump({"trainer": trainer}))
     return str(path)
 
 
 def every_step_checkpoints() -> dict:
-    return {"class_path": "ponder_lightning.training.AtomicModelCheckpoint", "init_args": {"save_top_k": -1, "every_n_train_steps": 1}}
+    return {
+        "class_path": "ponder_lightning.training.AtomicModelCheckpoint",
+        "init_args": {"save_top_k": -1, "every_n_train_steps": 1},
+    }
 
 
 def test_continue_pythia_config_trains_gates_then_everything_and_exports(tmp_path):
     save_tiny_neox(tmp_path / "pythia")
-    pythia = {f"backbone.{k}": v for k, v in VanillaLM(size="tiny", vocab_size=VOCAB, pretrained=str(tmp_path / "pythia")).backbone.state_dict().items()}
-    overlay = write_overlay(tmp_path / "o.yaml", [every_step_checkpoints(), {"class_path": "ponder_lightning.training.GateOnlyStage", "init_args": {"steps": 2}}], 4)
-    main(["fit", "--config", str(ROOT / "configs" / "continue_pythia_adaponderlm.yaml"), *TINY, "--config", overlay,
-          "--model.init_args.pretrained", str(tmp_path / "pythia"), "--model.init_args.lr", "3e-3", "--trainer.default_root_dir", str(tmp_path)])
+    pythia = {
+        f"backbone.{k}": v
+        for k, v in VanillaLM(size="tiny", vocab_size=VOCAB, pretrained=str(tmp_path / "pythia"))
+        .backbone.state_dict()
+        .items()
+    }
+    overlay = write_overlay(
+        tmp_path / "o.yaml",
+        [
+            every_step_checkpoints(),
+            {"class_path": "ponder_lightning.training.GateOnlyStage", "init_args": {"steps": 2}},
+        ],
+        4,
+    )
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "continue_pythia_adaponderlm.yaml"),
+            *TINY,
+            "--config",
+            overlay,
+            "--model.init_args.pretrained",
+            str(tmp_path / "pythia"),
+            "--model.init_args.lr",
+            "3e-3",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
-    states = {s: torch.load(checkpoints / f"epoch=0-step={s}.ckpt", weights_only=False)["state_dict"] for s in (1, 2, 3)}
+    states = {
+        s: torch.load(checkpoints / f"epoch=0-step={s}.ckpt", weights_only=False)["state_dict"] for s in (1, 2, 3)
+    }
     for step in (1, 2):  # gate-only stage: the backbone is Pythia's, the gates moved
         assert all(torch.equal(states[step][k], v) for k, v in pythia.items())
     assert not torch.equal(states[1]["gate.mlps.0.0.weight"], states[2]["gate.mlps.0.0.weight"])
-    assert not torch.equal(states[3]["backbone.layers.0.mlp.dense_h_to_4h.weight"], pythia["backbone.layers.0.mlp.dense_h_to_4h.weight"])
+    assert not torch.equal(
+        states[3]["backbone.layers.0.mlp.dense_h_to_4h.weight"], pythia["backbone.layers.0.mlp.dense_h_to_4h.weight"]
+    )
 
     main(["export", "--checkpoint", str(checkpoints / "epoch=0-step=3.ckpt"), "--out", str(tmp_path / "exported")])
     model, data = load_checkpoint(checkpoints / "epoch=0-step=3.ckpt")
@@ -110,7 +157,9 @@ def test_continue_pythia_config_trains_gates_then_everything_and_exports(tmp_pat
     # transformers loads the backbone part of a pondering export as a plain GPT-NeoX.
     neox = GPTNeoXForCausalLM.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
-        assert torch.allclose(hf_logits(neox, ids), model.backbone.logits(model.backbone(model.backbone.embed_in(ids))), atol=1e-5)
+        assert torch.allclose(
+            hf_logits(neox, ids), model.backbone.logits(model.backbone(model.backbone.embed_in(ids))), atol=1e-5
+        )
 
 
 def test_gate_only_stage_needs_a_learned_gate():
@@ -121,7 +170,9 @@ def test_gate_only_stage_needs_a_learned_gate():
     with pytest.raises(UserError, match="no trainable parameters outside the backbone"):
         GateOnlyStage(5).setup(SimpleNamespace(), PonderLM(size="tiny", vocab_size=VOCAB), "fit")
     with pytest.raises(UserError, match="train_only_gates"):
-        GateOnlyStage(5).setup(SimpleNamespace(), AdaPonderLM(size="tiny", vocab_size=VOCAB, train_only_gates=True), "fit")
+        GateOnlyStage(5).setup(
+            SimpleNamespace(), AdaPonderLM(size="tiny", vocab_size=VOCAB, train_only_gates=True), "fit"
+        )
 
 
 @pytest.mark.parametrize(
@@ -138,7 +189,19 @@ def test_gate_only_stage_needs_a_learned_gate():
 def test_load_checkpoint_and_export_every_model_and_gate(tmp_path, config, overlays):
     extra = [a for o in overlays for a in ("--config", str(ROOT / "configs" / o))]
     overlay = write_overlay(tmp_path / "o.yaml", [every_step_checkpoints()], 2)
-    main(["fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), *extra, *TINY, "--config", overlay, "--trainer.default_root_dir", str(tmp_path)])
+    main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / f"{config}.yaml"),
+            *extra,
+            *TINY,
+            "--config",
+            overlay,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0-step=2.ckpt"
     model, data = load_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=False)

@@ -163,7 +163,9 @@ def test_ponderlm_matches_reference(kwargs):
     x = ids(2, 16)
     with torch.no_grad():
         got = m(x)
-        expected = ref_ponderlm(m, x, s=3, top_k=kwargs.get("mixture_top_k"), multiply=kwargs.get("multiply_pondering_steps", False))
+        expected = ref_ponderlm(
+            m, x, s=3, top_k=kwargs.get("mixture_top_k"), multiply=kwargs.get("multiply_pondering_steps", False)
+        )
         # the test has power: the pondering passes change the output vs one plain pass
         one_pass = m.backbone.embed_out(m.backbone(m.backbone.embed_in(x) * math.sqrt(64)))
     assert_close(got, expected)
@@ -443,7 +445,9 @@ def test_ce_gradient_reaches_gates_of_halting_model_only_through_active_tokens()
 
 
 def test_ponder_loss_gives_gradient_to_gates():
-    m = AdaPonderLM(size="tiny", vocab_size=VOCAB, regularizer=BottomKPonderLoss(lam=0.1, k_max=0.5, start_step=0, ramp_steps=1))
+    m = AdaPonderLM(
+        size="tiny", vocab_size=VOCAB, regularizer=BottomKPonderLoss(lam=0.1, k_max=0.5, start_step=0, ramp_steps=1)
+    )
     _, _, trace = m.training_loss(ids(2, 17))
     aux = m.regularizer(trace.scores, trace.active[:-1], step=1)  # past the one-step ramp: k = k_max
     assert aux is not None and aux.item() > 0
@@ -453,7 +457,9 @@ def test_ponder_loss_gives_gradient_to_gates():
 
 
 def test_train_only_gates_freezes_backbone():
-    m = AdaPonderLM(size="tiny", vocab_size=VOCAB, train_only_gates=True, regularizer=BottomKPonderLoss(k_max=0.5, ramp_steps=1))
+    m = AdaPonderLM(
+        size="tiny", vocab_size=VOCAB, train_only_gates=True, regularizer=BottomKPonderLoss(k_max=0.5, ramp_steps=1)
+    )
     assert all(not p.requires_grad for p in m.backbone.parameters())
     assert all(p.requires_grad for p in m.gate.parameters())
     ce, _, trace = m.training_loss(ids(2, 17))

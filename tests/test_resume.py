@@ -17,21 +17,43 @@ pytestmark = pytest.mark.timeout(300)
 # AdaPonderLM with every moving part in play within 8 steps: the gate switches on at step 2, the
 # bottom-K ponder loss ramps from step 3, warmup + cosine LR, a validation every 3 steps.
 ARGS = [
-    "--config", str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer", "bytes", "--data.seq_len", "48", "--data.batch_size", "4",
-    "--model.init_args.size", "tiny", "--model.init_args.lr", "3e-3", "--model.init_args.warmup_fraction", "0.25",
-    "--model.init_args.gate_start_step", "2",
-    "--model.init_args.regularizer.init_args.start_step", "3", "--model.init_args.regularizer.init_args.ramp_steps", "2",
+    "--config",
+    str(ROOT / "configs" / "adaponderlm.yaml"),
+    "--data.tokenizer",
+    "bytes",
+    "--data.seq_len",
+    "48",
+    "--data.batch_size",
+    "4",
+    "--model.init_args.size",
+    "tiny",
+    "--model.init_args.lr",
+    "3e-3",
+    "--model.init_args.warmup_fraction",
+    "0.25",
+    "--model.init_args.gate_start_step",
+    "2",
+    "--model.init_args.regularizer.init_args.start_step",
+    "3",
+    "--model.init_args.regularizer.init_args.ramp_steps",
+    "2",
 ]
 STEPS = 8
 
 
 def overlay(tmp_path: Path, name: str, losses: Path, every: int, extra: list[dict] | None = None) -> str:
     trainer = {
-        "max_steps": STEPS, "val_check_interval": 3, "limit_val_batches": 1, "num_sanity_val_steps": 0,
-        "enable_progress_bar": False, "enable_model_summary": False,
+        "max_steps": STEPS,
+        "val_check_interval": 3,
+        "limit_val_batches": 1,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
         "callbacks": [
-            {"class_path": "ponder_lightning.training.AtomicModelCheckpoint", "init_args": {"save_last": True, "every_n_train_steps": every}},
+            {
+                "class_path": "ponder_lightning.training.AtomicModelCheckpoint",
+                "init_args": {"save_last": True, "every_n_train_steps": every},
+            },
             {"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}},
             *(extra or []),
         ],
@@ -48,15 +70,33 @@ def last_checkpoint(root: Path, version: int) -> dict:
 def test_killed_run_resumes_bit_identically(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     straight.mkdir(), broken.mkdir()
-    result = run_fit(*ARGS, "--data.cache_dir", str(tmp_path / "cache"), "--config", overlay(straight, "o", straight / "losses.jsonl", every=2), "--trainer.default_root_dir", str(straight), cwd=straight)
+    result = run_fit(
+        *ARGS,
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--config",
+        overlay(straight, "o", straight / "losses.jsonl", every=2),
+        "--trainer.default_root_dir",
+        str(straight),
+        cwd=straight,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     kill = [{"class_path": "scaleout_helpers.KillAtStep", "init_args": {"step": 5}}]
     common = [*ARGS, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(broken)]
-    killed = run_fit(*common, "--config", overlay(broken, "killed", broken / "losses.jsonl", every=2, extra=kill), cwd=broken)
+    killed = run_fit(
+        *common, "--config", overlay(broken, "killed", broken / "losses.jsonl", every=2, extra=kill), cwd=broken
+    )
     assert killed.returncode != 0
     assert last_checkpoint(broken, 0)["global_step"] == 4  # the step-5 checkpoint never happened
-    resumed = run_fit(*common, "--config", overlay(broken, "resumed", broken / "losses.jsonl", every=2), "--ckpt_path", "last", cwd=broken)
+    resumed = run_fit(
+        *common,
+        "--config",
+        overlay(broken, "resumed", broken / "losses.jsonl", every=2),
+        "--ckpt_path",
+        "last",
+        cwd=broken,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     assert logged_steps(broken / "losses.jsonl") == [0, 1, 2, 3, 4, 4, 5, 6, 7]  # continued from step 4
@@ -69,7 +109,14 @@ def test_killed_run_resumes_bit_identically(tmp_path):
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
     poison = [{"class_path": "scaleout_helpers.PoisonAtStep", "init_args": {"step": 3}}]
-    result = run_fit(*ARGS, "--config", overlay(tmp_path, "o", tmp_path / "losses.jsonl", every=1, extra=poison), "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    result = run_fit(
+        *ARGS,
+        "--config",
+        overlay(tmp_path, "o", tmp_path / "losses.jsonl", every=1, extra=poison),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training loss became nan at step 3" in errors[0], result.stderr[-3000:]
@@ -89,7 +136,9 @@ class _Trainer(SimpleNamespace):
     """The parts of a Trainer that AtomicModelCheckpoint._save_checkpoint touches."""
 
     def __init__(self, write) -> None:
-        super().__init__(is_global_zero=True, global_step=7, loggers=[], strategy=SimpleNamespace(barrier=lambda name=None: None))
+        super().__init__(
+            is_global_zero=True, global_step=7, loggers=[], strategy=SimpleNamespace(barrier=lambda name=None: None)
+        )
         self.write = write
 
     def save_checkpoint(self, path: str, weights_only: bool = False) -> None:
@@ -109,6 +158,7 @@ def test_checkpoints_replace_the_old_one_atomically(tmp_path, sharded):
                 path.write_text(content)
             if fail:
                 raise OSError("No space left on device")
+
         return writer
 
     def content() -> str:

@@ -13,19 +13,49 @@ from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
 from ponder_lightning.study import load_study, mean_spread, run_order
 
-TINY = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1", "--model.init_args.size", "tiny",
-        "--model.init_args.n_layer", "1", "--data.tokenizer", "bytes", "--data.batch_size", "2", "--data.seq_len", "32"]
+TINY = [
+    "--trainer.max_steps",
+    "3",
+    "--trainer.val_check_interval",
+    "3",
+    "--trainer.limit_val_batches",
+    "1",
+    "--model.init_args.size",
+    "tiny",
+    "--model.init_args.n_layer",
+    "1",
+    "--data.tokenizer",
+    "bytes",
+    "--data.batch_size",
+    "2",
+    "--data.seq_len",
+    "32",
+]
 
 
 def write_study(tmp_path: Path, **fields) -> Path:
     study = {
-        "out": str(tmp_path / "out"), "seeds": [1, 2], "base": ["studies/small_base.yaml"], "args": TINY, "reference": "vanilla", "eval_batches": 2,
+        "out": str(tmp_path / "out"),
+        "seeds": [1, 2],
+        "base": ["studies/small_base.yaml"],
+        "args": TINY,
+        "reference": "vanilla",
+        "eval_batches": 2,
         "runs": {
             "vanilla": {"configs": ["configs/vanilla.yaml"]},
-            "ada": {"configs": ["configs/adaponderlm.yaml"], "args": ["--model.init_args.gate.init_args.init_bias", "-3.0",
-                                                                      "--model.init_args.gate.init_args.tau", "0.05"]},
-            "fixed": {"configs": ["configs/adaponderlm.yaml", "configs/gates/fixed_geometric.yaml"],
-                      "args": ["--model.init_args.gate.init_args.target_depth", "{ada:depth_mean}"]},
+            "ada": {
+                "configs": ["configs/adaponderlm.yaml"],
+                "args": [
+                    "--model.init_args.gate.init_args.init_bias",
+                    "-3.0",
+                    "--model.init_args.gate.init_args.tau",
+                    "0.05",
+                ],
+            },
+            "fixed": {
+                "configs": ["configs/adaponderlm.yaml", "configs/gates/fixed_geometric.yaml"],
+                "args": ["--model.init_args.gate.init_args.target_depth", "{ada:depth_mean}"],
+            },
         },
     } | fields
     path = tmp_path / "study.yaml"
@@ -43,14 +73,26 @@ def test_study_trains_evaluates_matches_and_resumes(tmp_path, capsys):
         ada, fixed = results[seed]["ada"], results[seed]["fixed"]
         assert ada["depth_mean"] < 4, "the test needs a gate that halts"
         # The trained control runs at the learned gate's mean depth of the same seed.
-        assert f"target_depth {ada['depth_mean']:.4f}" in (out / "runs" / "fixed" / f"seed_{seed}" / "command.txt").read_text()
+        assert (
+            f"target_depth {ada['depth_mean']:.4f}"
+            in (out / "runs" / "fixed" / f"seed_{seed}" / "command.txt").read_text()
+        )
         assert abs(fixed["depth_mean"] - ada["depth_mean"]) < 0.5
         assert {"ppl_full_depth", "ppl_random_pruning", "spearman_nll_reference"} <= set(ada)
     assert results["1"]["ada"]["ppl"] != results["2"]["ada"]["ppl"]  # the seeds differ
     summary = (out / "summary.md").read_text()
-    assert "over seeds [1, 2]" in summary and "| ada | AdaPonderLM / PerIterationMLPGate |" in summary and " ± " in summary
+    assert (
+        "over seeds [1, 2]" in summary and "| ada | AdaPonderLM / PerIterationMLPGate |" in summary and " ± " in summary
+    )
     assert (out / "ppl_vs_flops.png").stat().st_size > 1000
-    assert sorted(p.parent.name for p in (out / "runs").glob("*/seed_*/events.out.tfevents.*")) == ["seed_1", "seed_1", "seed_1", "seed_2", "seed_2", "seed_2"]
+    assert sorted(p.parent.name for p in (out / "runs").glob("*/seed_*/events.out.tfevents.*")) == [
+        "seed_1",
+        "seed_1",
+        "seed_1",
+        "seed_2",
+        "seed_2",
+        "seed_2",
+    ]
 
     # A stop in the middle: one run lost its result, another never finished; the same command resumes.
     (out / "runs" / "fixed" / "seed_2" / "result.json").unlink()
@@ -59,18 +101,30 @@ def test_study_trains_evaluates_matches_and_resumes(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("done earlier, skipped") == 5 and "fixed seed 2: training" in log
     assert "--ckpt_path" in (out / "runs" / "fixed" / "seed_2" / "command.txt").read_text()
-    assert json.loads((out / "results.json").read_text())["2"]["fixed"]["ppl"] == pytest.approx(results["2"]["fixed"]["ppl"], rel=1e-6)
+    assert json.loads((out / "results.json").read_text())["2"]["fixed"]["ppl"] == pytest.approx(
+        results["2"]["fixed"]["ppl"], rel=1e-6
+    )
 
 
 def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path):
     """A uniform schedule cannot reach a mean depth below (N+1)/2: the run fails with the reason,
     the runs matched to it fail with theirs, the others finish."""
-    path = write_study(tmp_path, seeds=[1], reference=None, runs={
-        "uniform": {"configs": ["configs/adaponderlm.yaml", "configs/gates/fixed_uniform.yaml"],
-                    "args": ["--model.init_args.gate.init_args.target_depth", "1.5"]},
-        "matched": {"configs": ["configs/ponderlm.yaml"], "args": ["--model.init_args.pondering_steps", "{uniform:pondering_steps}"]},
-        "vanilla": {"configs": ["configs/vanilla.yaml"]},
-    })
+    path = write_study(
+        tmp_path,
+        seeds=[1],
+        reference=None,
+        runs={
+            "uniform": {
+                "configs": ["configs/adaponderlm.yaml", "configs/gates/fixed_uniform.yaml"],
+                "args": ["--model.init_args.gate.init_args.target_depth", "1.5"],
+            },
+            "matched": {
+                "configs": ["configs/ponderlm.yaml"],
+                "args": ["--model.init_args.pondering_steps", "{uniform:pondering_steps}"],
+            },
+            "vanilla": {"configs": ["configs/vanilla.yaml"]},
+        },
+    )
     main(["study", "--config", str(path)])
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| uniform | failed: " in summary and "geometric" in summary
@@ -79,10 +133,18 @@ def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path):
 
 
 def test_a_run_continues_from_another_runs_export(tmp_path):
-    path = write_study(tmp_path, seeds=[1], reference=None, runs={
-        "start": {"configs": ["configs/vanilla.yaml"]},
-        "continued": {"configs": ["configs/adaponderlm.yaml"], "args": ["--model.init_args.pretrained", "{start:export}"]},
-    })
+    path = write_study(
+        tmp_path,
+        seeds=[1],
+        reference=None,
+        runs={
+            "start": {"configs": ["configs/vanilla.yaml"]},
+            "continued": {
+                "configs": ["configs/adaponderlm.yaml"],
+                "args": ["--model.init_args.pretrained", "{start:export}"],
+            },
+        },
+    )
     main(["study", "--config", str(path)])
     export = tmp_path / "out" / "runs" / "start" / "seed_1" / "export"
     assert (export / "config.json").is_file()

@@ -171,7 +171,10 @@ def test_bpe4k_chars_per_token_on_validation_text(bpe4k, corpus_split):
     neox 4.05, bytes 1.00."""
     _, val = corpus_split
     chars = sum(map(len, val))
-    per_token = {name: chars / sum(map(len, tok.encode_batch(val))) for name, tok in (("bpe4k", bpe4k), ("bytes", load_tokenizer("bytes")))}
+    per_token = {
+        name: chars / sum(map(len, tok.encode_batch(val)))
+        for name, tok in (("bpe4k", bpe4k), ("bytes", load_tokenizer("bytes")))
+    }
     assert 3.5 < per_token["bpe4k"] < 4.5
     assert 0.99 < per_token["bytes"] <= 1.0
 

@@ -77,11 +77,15 @@ def own_numeric_args() -> list[tuple[type, str, typing.Any]]:
     return out
 
 
-@pytest.mark.parametrize("cls, name, hint", own_numeric_args(), ids=lambda x: x.__name__ if inspect.isclass(x) else str(x))
+@pytest.mark.parametrize(
+    "cls, name, hint", own_numeric_args(), ids=lambda x: x.__name__ if inspect.isclass(x) else str(x)
+)
 def test_every_numeric_init_argument_is_constrained_and_rejected(cls, name, hint):
     restricted, wrap = _restricted(hint)
     if restricted is None:
-        assert f"{cls.__name__}.{name}" in UNBOUNDED, f"{cls.__name__}.{name}: {hint} carries no constraint; annotate it (ponder_lightning/validation.py)"
+        assert f"{cls.__name__}.{name}" in UNBOUNDED, (
+            f"{cls.__name__}.{name}: {hint} carries no constraint; annotate it (ponder_lightning/validation.py)"
+        )
         return
     bad = wrap(_invalid(restricted))
     kwargs = {k: v for k, v in REQUIRED.items() if k in inspect.signature(cls.__init__).parameters and k != name}
@@ -96,8 +100,14 @@ def test_every_numeric_init_argument_is_constrained_and_rejected(cls, name, hint
 
 def test_the_walk_covers_the_issues_examples():
     covered = {(cls.__name__, name) for cls, name, _ in own_numeric_args()}
-    for example in [("PerIterationMLPGate", "tau"), ("BottomKPonderLoss", "k_max"), ("PonderLM", "pondering_steps"),
-                    ("PonderLM", "mixture_top_k"), ("CausalLMModule", "lr"), ("PileDataModule", "seq_len")]:
+    for example in [
+        ("PerIterationMLPGate", "tau"),
+        ("BottomKPonderLoss", "k_max"),
+        ("PonderLM", "pondering_steps"),
+        ("PonderLM", "mixture_top_k"),
+        ("CausalLMModule", "lr"),
+        ("PileDataModule", "seq_len"),
+    ]:
         assert example in covered
 
 
@@ -112,7 +122,15 @@ def cli_error(capsys, *argv: str) -> str:
     return last
 
 
-FIT = ["fit", "--config", str(ROOT / "configs" / "adaponderlm.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny"]
+FIT = [
+    "fit",
+    "--config",
+    str(ROOT / "configs" / "adaponderlm.yaml"),
+    "--data.tokenizer",
+    "bytes",
+    "--model.init_args.size",
+    "tiny",
+]
 
 
 def test_bad_values_are_rejected_at_parse_time_in_one_line(capsys, tmp_path):
@@ -135,7 +153,15 @@ def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):
 
 def test_missing_ckpt_path_is_an_error_before_anything_runs(capsys, tmp_path):
     for sub in ("fit", "validate"):
-        line = cli_error(capsys, sub, *FIT[1:], "--ckpt_path", str(tmp_path / "nope.ckpt"), "--trainer.default_root_dir", str(tmp_path))
+        line = cli_error(
+            capsys,
+            sub,
+            *FIT[1:],
+            "--ckpt_path",
+            str(tmp_path / "nope.ckpt"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        )
         assert "nope.ckpt does not exist" in line
     assert not (tmp_path / "lightning_logs").exists()
 
@@ -152,7 +178,14 @@ def test_tokenizer_path_that_does_not_exist(capsys, tmp_path):
 
 
 def fake_checkpoint(path: Path, class_path: str, **hparams) -> Path:
-    torch.save({"hyper_parameters": {"_class_path": class_path, "size": "tiny", **hparams}, "state_dict": {}, "global_step": 0}, path)
+    torch.save(
+        {
+            "hyper_parameters": {"_class_path": class_path, "size": "tiny", **hparams},
+            "state_dict": {},
+            "global_step": 0,
+        },
+        path,
+    )
     return path
 
 
@@ -178,11 +211,18 @@ GATE = "ponder_lightning.gates.PerIterationMLPGate"
     "model, config, saved, culprit",
     [
         ("VanillaLM", "vanilla", {"learning_rate": 1e-3}, "learning_rate=0.001"),  # renamed since
-        ("AdaPonderLM", "adaponderlm", {"gate": {"class_path": GATE, "init_args": {"tau": 3.0}}}, "gate.init_args.tau"),  # constrained since
+        (
+            "AdaPonderLM",
+            "adaponderlm",
+            {"gate": {"class_path": GATE, "init_args": {"tau": 3.0}}},
+            "gate.init_args.tau",
+        ),  # constrained since
     ],
     ids=["renamed", "out_of_range"],
 )
-def test_saved_argument_that_no_longer_validates_is_named_by_every_command(capsys, tmp_path, command, model, config, saved, culprit):
+def test_saved_argument_that_no_longer_validates_is_named_by_every_command(
+    capsys, tmp_path, command, model, config, saved, culprit
+):
     ckpt = fake_checkpoint(tmp_path / "old.ckpt", f"ponder_lightning.models.{model}", **saved)
     before = ckpt.read_bytes()
     argv = {
@@ -214,9 +254,26 @@ def test_entry_point_arguments_are_checked_before_loading(capsys, argv, culprit)
 
 # -- divergence and resume, end to end ---------------------------------------------------------
 TINY_FIT = [
-    "--config", str(ROOT / "configs" / "vanilla.yaml"), "--data.tokenizer", "bytes", "--model.init_args.size", "tiny",
-    "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false", "--checkpoint_every", "1", "--model.init_args.lr", "3e-3",
+    "--config",
+    str(ROOT / "configs" / "vanilla.yaml"),
+    "--data.tokenizer",
+    "bytes",
+    "--model.init_args.size",
+    "tiny",
+    "--data.seq_len",
+    "32",
+    "--data.batch_size",
+    "2",
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--checkpoint_every",
+    "1",
+    "--model.init_args.lr",
+    "3e-3",
 ]
 
 
@@ -227,15 +284,24 @@ def logged(version: Path, tag: str) -> list[float]:
 
 
 def test_diverged_run_rewinds_to_last_good_with_a_lower_lr(tmp_path):
-    common = [*TINY_FIT, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.log_every_n_steps", "1"]
+    common = [
+        *TINY_FIT,
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
     healthy = run_fit(*common, "--trainer.max_steps", "4", cwd=tmp_path)
     assert healthy.returncode == 0, healthy.stderr[-3000:]
     first = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     assert (first / "last_good.ckpt").is_file()
 
     # A huge LR on resume is applied (with a notice) and diverges: the error names last_good.ckpt.
-    diverged = run_fit(*common, "--trainer.max_steps", "12", "--ckpt_path", "last", "--model.init_args.lr", "1e30", cwd=tmp_path)
+    diverged = run_fit(
+        *common, "--trainer.max_steps", "12", "--ckpt_path", "last", "--model.init_args.lr", "1e30", cwd=tmp_path
+    )
     assert diverged.returncode == 2, diverged.stderr[-3000:]
     assert "lr 0.003 -> 1e+30" in diverged.stderr
     assert "not resumable" not in diverged.stderr  # the loader's position is in the checkpoint
@@ -250,12 +316,22 @@ def test_diverged_run_rewinds_to_last_good_with_a_lower_lr(tmp_path):
     stale = first / ".last.ckpt.tmp"
     stale.write_bytes(b"half a checkpoint")
     # Rewind: resume from the named checkpoint with a lower LR.
-    rewound = run_fit(*common, "--trainer.max_steps", str(good["global_step"] + 4), "--ckpt_path", str(named),
-                      "--model.init_args.lr", "1e-4", cwd=tmp_path)
+    rewound = run_fit(
+        *common,
+        "--trainer.max_steps",
+        str(good["global_step"] + 4),
+        "--ckpt_path",
+        str(named),
+        "--model.init_args.lr",
+        "1e-4",
+        cwd=tmp_path,
+    )
     assert rewound.returncode == 0, rewound.stderr[-3000:]
     assert not stale.exists() and "removed 1 temporary checkpoint" in rewound.stderr
     assert "not resumable" not in rewound.stderr
     version = sorted((tmp_path / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))[-1]
     lrs, losses = logged(version, "train/lr"), logged(version, "train/loss")
-    assert lrs and all(1e-5 * (1 - 1e-6) <= lr <= 1e-4 * (1 + 1e-6) for lr in lrs), lrs  # the new peak (min_lr_ratio 0.1), scheduled
+    assert lrs and all(1e-5 * (1 - 1e-6) <= lr <= 1e-4 * (1 + 1e-6) for lr in lrs), (
+        lrs
+    )  # the new peak (min_lr_ratio 0.1), scheduled
     assert losses and all(torch.isfinite(torch.tensor(losses))), losses

@@ -187,7 +187,9 @@ class PileDataModule(L.LightningDataModule):
             sources = resolve_sources(self.data_files) if self.data_files is not None else embedded_corpus()
             stream, num_docs = cached_token_stream(sources, tok, self.text_field, self.cache_dir, log=rank_zero_info)
         if self.val_files is not None:
-            val, _ = cached_token_stream(resolve_sources(self.val_files), tok, self.text_field, self.cache_dir, log=rank_zero_info)
+            val, _ = cached_token_stream(
+                resolve_sources(self.val_files), tok, self.text_field, self.cache_dir, log=rank_zero_info
+            )
             return stream, val
         return split_documents(stream, num_docs, self.val_fraction, tok.eos_id)
 

@@ -99,7 +99,9 @@ def load_megatron(path: str | Path, tokenizer: Tokenizer) -> tuple[TokenStream, 
     for idx_path in _index_files(Path(path).expanduser()):
         index = read_index(idx_path)
         if dtype is not None and index.dtype != dtype:
-            raise UserError(f"{idx_path} stores {index.dtype} tokens but an earlier index stores {dtype}: use one dtype")
+            raise UserError(
+                f"{idx_path} stores {index.dtype} tokens but an earlier index stores {dtype}: use one dtype"
+            )
         dtype = index.dtype
         bins = _bin_files(idx_path)
         _check_sizes(index, bins)
@@ -129,12 +131,18 @@ def _bin_files(idx_path: Path) -> list[Path]:
         return [single]
     stem = re.escape(idx_path.stem)
     pattern = re.compile(rf"^{stem}-(\d+)-of-(\d+)\.bin$")
-    parts = sorted((int(m.group(1)), int(m.group(2)), p) for p in idx_path.parent.iterdir() if (m := pattern.match(p.name)))
+    parts = sorted(
+        (int(m.group(1)), int(m.group(2)), p) for p in idx_path.parent.iterdir() if (m := pattern.match(p.name))
+    )
     if not parts:
-        raise UserError(f"{single} is missing (nor are there parts {idx_path.stem}-NNNNN-of-NNNNN.bin): download the .bin next to the .idx")
+        raise UserError(
+            f"{single} is missing (nor are there parts {idx_path.stem}-NNNNN-of-NNNNN.bin): download the .bin next to the .idx"
+        )
     total = parts[0][1]
     if [n for n, _, _ in parts] != list(range(total)) or any(t != total for _, t, _ in parts):
-        raise UserError(f"{idx_path.parent}: the parts of {idx_path.stem}.bin are incomplete ({len(parts)} of {total}): download them all")
+        raise UserError(
+            f"{idx_path.parent}: the parts of {idx_path.stem}.bin are incomplete ({len(parts)} of {total}): download them all"
+        )
     return [p for _, _, p in parts]
 
 
@@ -145,7 +153,9 @@ def _check_sizes(index: MegatronIndex, bins: list[Path]) -> None:
         if p.stat().st_size % itemsize:
             raise UserError(f"{p} is corrupt: {p.stat().st_size} bytes is not a multiple of {itemsize} ({index.dtype})")
     if len(index.pointers) and int(index.pointers[0]) != 0:
-        raise UserError(f"{index.path}: the first sequence starts at byte {int(index.pointers[0])}, not 0: not a packed Megatron dataset")
+        raise UserError(
+            f"{index.path}: the first sequence starts at byte {int(index.pointers[0])}, not 0: not a packed Megatron dataset"
+        )
     if total != index.num_tokens * itemsize:
         raise UserError(
             f"{index.path} describes {index.num_tokens} tokens ({index.num_tokens * itemsize} bytes) but "

@@ -103,16 +103,24 @@ def prepare_command(argv: list[str]) -> None:
     """`prepare --data_files GLOB [...] --out DIR`: tokenise Pile-format files into uint16 token
     shards (in parallel, resumable) for `fit --data.tokens DIR`."""
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning prepare", description=prepare_command.__doc__)
-    parser.add_argument("--data_files", nargs="+", required=True, help="*.jsonl / *.jsonl.zst / *.txt files, directories or globs")
+    parser.add_argument(
+        "--data_files", nargs="+", required=True, help="*.jsonl / *.jsonl.zst / *.txt files, directories or globs"
+    )
     parser.add_argument("--out", required=True, help="output directory (re-run the same command to resume)")
-    parser.add_argument("--tokenizer", default="neox", help="neox (default), bytes, or a local tokenizer file/directory")
+    parser.add_argument(
+        "--tokenizer", default="neox", help="neox (default), bytes, or a local tokenizer file/directory"
+    )
     parser.add_argument("--text_field", default="text", help="JSON field holding the document text")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count, at most one per file)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: CPU count, at most one per file)"
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers={args.workers} is invalid: use at least 1")
-    meta = prepare_tokens(args.data_files, args.out, args.tokenizer, args.text_field, args.workers, not args.no_progress)
+    meta = prepare_tokens(
+        args.data_files, args.out, args.tokenizer, args.text_field, args.workers, not args.no_progress
+    )
     print(
         f"wrote {meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents in {len(meta['shards'])} shards to "
         f"{args.out}; train with --data.tokens {args.out} --data.tokenizer {args.tokenizer}"

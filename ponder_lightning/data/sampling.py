@@ -80,7 +80,12 @@ class TrainBatchSampler(Sampler[list[int]]):
         when a DataLoader has already fetched batches ahead; else the batch after the last handed out."""
         next_batch = self.start_batch() if callable(self.start_batch) else self._next
         # Plain ints: a checkpoint must load with torch.load(weights_only=True).
-        return {"next_batch": int(next_batch), "global_batch": int(self.global_batch), "num_blocks": int(self.num_blocks), "seed": int(self.seed)}
+        return {
+            "next_batch": int(next_batch),
+            "global_batch": int(self.global_batch),
+            "num_blocks": int(self.num_blocks),
+            "seed": int(self.seed),
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at the saved position. With a different global batch size the position is

@@ -60,7 +60,10 @@ def cache_key(sources: list[Source], tokenizer: Tokenizer, text_field: str) -> s
 
 
 def cached_token_stream(
-    sources: list[Source], tokenizer: Tokenizer, text_field: str, cache_dir: str | Path | None = None,
+    sources: list[Source],
+    tokenizer: Tokenizer,
+    text_field: str,
+    cache_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[TokenStream, int]:
     """The EOS-separated token stream of ``sources`` and its document count, tokenising on a miss
@@ -72,7 +75,9 @@ def cached_token_stream(
     return load_token_shards(entry, tokenizer)
 
 
-def _build(entry: Path, sources: list[Source], tokenizer: Tokenizer, text_field: str, log: Callable[[str], None]) -> None:
+def _build(
+    entry: Path, sources: list[Source], tokenizer: Tokenizer, text_field: str, log: Callable[[str], None]
+) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     log(f"Tokenising {describe(sources)} with {tokenizer.name} into {entry} ...")
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))

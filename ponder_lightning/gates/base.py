@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from ponder_lightning.nn.onednn import Linear
 
 
-
 def halt_below(scores: Tensor, active: Tensor, threshold: float | Tensor) -> Tensor:
     """Monotone halting: a token stays active only while it was active and its score >= threshold."""
     return active & (scores >= threshold)

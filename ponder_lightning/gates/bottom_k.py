@@ -6,10 +6,16 @@ import torch
 from torch import Tensor
 
 from ponder_lightning.gates.base import halt_below
-from ponder_lightning.nn.gate import GateDecision
-from ponder_lightning.gates.mlp import FeedbackScale, PerIterationMLPGate
 from ponder_lightning.gates.collectives import distributed_world_size, gather_rows
-from ponder_lightning.validation import ClosedUnitInterval, FiniteFloat, HalfOpenUnitInterval, PositiveInt, check_init_args
+from ponder_lightning.gates.mlp import FeedbackScale, PerIterationMLPGate
+from ponder_lightning.nn.gate import GateDecision
+from ponder_lightning.validation import (
+    ClosedUnitInterval,
+    FiniteFloat,
+    HalfOpenUnitInterval,
+    PositiveInt,
+    check_init_args,
+)
 
 
 class BottomKGate(PerIterationMLPGate):

@@ -19,8 +19,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from ponder_lightning.gates.base import halt_below
-from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.gates.fixed import token_uniform
+from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.validation import ClosedUnitInterval, NonNegativeInt, check_init_args
 
 

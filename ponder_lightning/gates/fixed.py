@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from ponder_lightning.errors import UserError
@@ -59,7 +58,10 @@ class FixedRatioGate(Gate):
     """
 
     def __init__(
-        self, target_depth: AtLeastOneFloat = 3.7, schedule: Literal["uniform", "geometric"] = "uniform", seed: NonNegativeInt = 0
+        self,
+        target_depth: AtLeastOneFloat = 3.7,
+        schedule: Literal["uniform", "geometric"] = "uniform",
+        seed: NonNegativeInt = 0,
     ) -> None:
         check_init_args(FixedRatioGate, locals())
         super().__init__()
@@ -72,7 +74,9 @@ class FixedRatioGate(Gate):
         except ValueError as exc:  # the range depends on the model's iterations, known only here
             raise UserError(f"FixedRatioGate target_depth={self.target_depth}: {exc}") from None
         # Probability that a token active at iteration i halts before i+1.
-        self.halt_probs = [1.0 - fractions[i + 1] / fractions[i] if fractions[i] > 0 else 1.0 for i in range(n_decisions)]
+        self.halt_probs = [
+            1.0 - fractions[i + 1] / fractions[i] if fractions[i] > 0 else 1.0 for i in range(n_decisions)
+        ]
 
     def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
         draws = token_uniform(tokens, positions, iteration, self.seed)

@@ -29,7 +29,11 @@ class PerIterationMLPGate(Gate):
     """
 
     def __init__(
-        self, hidden_mult: PositiveInt = 4, init_bias: FiniteFloat = 2.0, tau: ClosedUnitInterval = 1e-4, feedback: FeedbackScale = "score"
+        self,
+        hidden_mult: PositiveInt = 4,
+        init_bias: FiniteFloat = 2.0,
+        tau: ClosedUnitInterval = 1e-4,
+        feedback: FeedbackScale = "score",
     ) -> None:
         check_init_args(PerIterationMLPGate, locals())
         super().__init__()

@@ -22,10 +22,14 @@ class PonderRegularizer:
     `continuing[i]` (optional) is the mask of the tokens that went on to iteration i+1.
     """
 
-    def __call__(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> Tensor | None:
+    def __call__(
+        self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None
+    ) -> Tensor | None:
         raise NotImplementedError
 
-    def describe(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> dict[str, float]:
+    def describe(
+        self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None
+    ) -> dict[str, float]:
         """Statistics of what the loss acts on, for TensorBoard (empty when it acts on nothing)."""
         return {}
 
@@ -33,7 +37,9 @@ class PonderRegularizer:
 class NoPonderLoss(PonderRegularizer):
     """CE only (PonderLM, LoopTransformer, or an AdaPonderLM ablation)."""
 
-    def __call__(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> Tensor | None:
+    def __call__(
+        self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None
+    ) -> Tensor | None:
         return None
 
 
@@ -78,7 +84,13 @@ class BottomKPonderLoss(PonderRegularizer):
         check_init_args(BottomKPonderLoss, locals())
         if operand not in ("score", "log_score"):
             raise ValueError(f"BottomKPonderLoss operand must be 'score' or 'log_score', got {operand!r}")
-        self.lam, self.k_max, self.start_step, self.ramp_steps, self.operand = lam, k_max, start_step, ramp_steps, operand
+        self.lam, self.k_max, self.start_step, self.ramp_steps, self.operand = (
+            lam,
+            k_max,
+            start_step,
+            ramp_steps,
+            operand,
+        )
 
     def k_at(self, step: int) -> float:
         if step < self.start_step:
@@ -98,7 +110,9 @@ class BottomKPonderLoss(PonderRegularizer):
         return values, went_on, chosen
 
     @staticmethod
-    def _entries(scores: list[Tensor | None], active: list[Tensor], continuing: list[Tensor] | None) -> tuple[Tensor, Tensor] | None:
+    def _entries(
+        scores: list[Tensor | None], active: list[Tensor], continuing: list[Tensor] | None
+    ) -> tuple[Tensor, Tensor] | None:
         """Scores of the active entries, decision by decision in row-major order, and whether each went on."""
         pairs = [(i, s, a) for i, (s, a) in enumerate(zip(scores, active)) if s is not None]
         if not pairs:
@@ -137,7 +151,9 @@ class BottomKPonderLoss(PonderRegularizer):
             g_continuing[i] = packed[:, 3 * j + 2].bool()
         return g_scores, g_active, None if continuing is None else g_continuing, first
 
-    def __call__(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> Tensor | None:
+    def __call__(
+        self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None
+    ) -> Tensor | None:
         world = distributed_world_size()
         if world > 1:
             return self._global_loss(scores, active, step, continuing, world)
@@ -179,7 +195,9 @@ class BottomKPonderLoss(PonderRegularizer):
         return share + (total - share).detach()
 
     @torch.no_grad()
-    def describe(self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None) -> dict[str, float]:
+    def describe(
+        self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None = None
+    ) -> dict[str, float]:
         """The loss's active set: its size (k), the highest score in it, and the fraction of it
         that still went on (0 = the loss only sees tokens that halted already). Across ranks,
         those of the global batch (a collective, like the loss)."""

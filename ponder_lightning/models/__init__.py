@@ -9,4 +9,14 @@ from ponder_lightning.models.ponder3 import PonderLM3
 from ponder_lightning.models.recurrent import RecurrentLM, TokenRecurrentLM
 from ponder_lightning.models.vanilla import VanillaLM
 
-__all__ = ["AdaPonderLM", "CausalLMModule", "LoopTransformer", "PonderLM", "PonderLM2", "PonderLM3", "RecurrentLM", "TokenRecurrentLM", "VanillaLM"]
+__all__ = [
+    "AdaPonderLM",
+    "CausalLMModule",
+    "LoopTransformer",
+    "PonderLM",
+    "PonderLM2",
+    "PonderLM3",
+    "RecurrentLM",
+    "TokenRecurrentLM",
+    "VanillaLM",
+]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -144,7 +145,9 @@ class CausalLMModule(L.LightningModule):
         self.flops_per_batch: float | None = None
 
     # -- what each family provides -----------------------------------------------------------
-    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+    def hidden_states(
+        self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None
+    ) -> tuple[Tensor, Trace]:
         """Final hidden states [B, T, d] (after the final norm) and the trace of what ran; `gate`
         replaces the gate in force for this call (evaluation's counterfactuals)."""
         raise NotImplementedError
@@ -177,7 +180,9 @@ class CausalLMModule(L.LightningModule):
 
     def check_context(self, max_len: int) -> None:
         if max_len > self.config.max_seq_len:
-            raise UserError(f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={self.config.max_seq_len}")
+            raise UserError(
+                f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={self.config.max_seq_len}"
+            )
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for input tokens [B, T]."""

@@ -38,11 +38,7 @@ class DepthNLL(Metric):
 
     def table(self) -> list[tuple[int, int, float]]:
         """(depth, tokens, mean NLL) for every depth reached."""
-        return [
-            (d, int(c), s / c)
-            for d, (s, c) in enumerate(zip(self.nll_sum.tolist(), self.count.tolist()))
-            if c > 0
-        ]
+        return [(d, int(c), s / c) for d, (s, c) in enumerate(zip(self.nll_sum.tolist(), self.count.tolist())) if c > 0]
 
 
 def average_ranks(x: Tensor) -> Tensor:
@@ -51,7 +47,9 @@ def average_ranks(x: Tensor) -> Tensor:
     ranks = torch.empty(len(x), dtype=torch.float64, device=x.device)
     ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64, device=x.device)
     _, groups = torch.unique(x, return_inverse=True)
-    sums = torch.zeros(int(groups.max()) + 1 if len(x) else 0, dtype=torch.float64, device=x.device).index_add_(0, groups, ranks)
+    sums = torch.zeros(int(groups.max()) + 1 if len(x) else 0, dtype=torch.float64, device=x.device).index_add_(
+        0, groups, ranks
+    )
     counts = torch.bincount(groups).double()
     return (sums / counts)[groups]
 
@@ -71,11 +69,13 @@ def depth_by_decile(difficulty: Tensor, depth: Tensor, bins: int = 10) -> list[d
     rows = []
     for i, chunk in enumerate(torch.tensor_split(order, bins)):
         if chunk.numel():
-            rows.append({
-                "decile": i + 1,
-                "difficulty": float(difficulty.flatten()[chunk].double().mean()),
-                "depth": float(depth.flatten()[chunk].double().mean()),
-            })
+            rows.append(
+                {
+                    "decile": i + 1,
+                    "difficulty": float(difficulty.flatten()[chunk].double().mean()),
+                    "depth": float(depth.flatten()[chunk].double().mean()),
+                }
+            )
     return rows
 
 
@@ -97,5 +97,11 @@ class DepthDifficulty(Metric):
         self.nll_first_pass.append(nll_first_pass.float())
 
     def compute(self) -> dict[str, Tensor]:
-        return {name: torch.cat(v) if isinstance(v, list) else v for name, v in
-                (("depth", self.depth), ("nll_full_depth", self.nll_full_depth), ("nll_first_pass", self.nll_first_pass))}
+        return {
+            name: torch.cat(v) if isinstance(v, list) else v
+            for name, v in (
+                ("depth", self.depth),
+                ("nll_full_depth", self.nll_full_depth),
+                ("nll_first_pass", self.nll_first_pass),
+            )
+        }

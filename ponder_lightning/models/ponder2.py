@@ -17,7 +17,6 @@ from ponder_lightning.nn.latent import LatentRecurrence, LatentRowDecoder
 from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.validation import NonNegativeInt, PositiveInt, check_init_args
 
-
 #: The authors' J draw in training (LUMIA-Group/PonderLM-2, random_jacobi_iterations): GPT-NeoX
 #: `torch.randint(2, 5)` (modeling_gpt_neox.py), LLaMA `torch.randint(2, 4)` (modeling_llama.py).
 AUTHORS_JACOBI_CHOICES = {"neox": (2, 3, 4), "llama": (2, 3)}
@@ -46,7 +45,9 @@ class PonderLM2(CausalLMModule):
     ) -> None:
         check_init_args(PonderLM2, locals())
         if jacobi_choices is not None and not jacobi_choices:
-            raise UserError("PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3], or null for the authors' draw")
+            raise UserError(
+                "PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3], or null for the authors' draw"
+            )
         super().__init__(n_iterations=latent_steps + 1, **kwargs)
         if scale_embeds:
             self.backbone.embed_scale = math.sqrt(2.5 * self.config.d_model)
@@ -106,7 +107,9 @@ class PonderLM2(CausalLMModule):
     def full_depth_flops_per_token(self, context: int) -> float:
         """A training step's forward: build-up, Jacobi (at the mean J drawn) and final passes."""
         choices = self.jacobi_choice_set
-        return flops.latent_training_forward_flops(self.config, context, self.hparams.latent_steps, sum(choices) / len(choices), self._router_flops())
+        return flops.latent_training_forward_flops(
+            self.config, context, self.hparams.latent_steps, sum(choices) / len(choices), self._router_flops()
+        )
 
     def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         output = super().training_step(batch, batch_idx)

@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from ponder_lightning.models.ponder2 import PonderLM2
 from ponder_lightning.nn.latent import LatentRecurrence, SlotRouter
-from ponder_lightning.validation import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_init_args
 from ponder_lightning.nn.recurrence import Trace
+from ponder_lightning.validation import ClosedUnitInterval, NonNegativeFloat, PositiveInt, check_init_args
 
 
 class PonderLM3(PonderLM2):

@@ -63,13 +63,17 @@ class TokenRecurrentLM(CausalLMModule):
         """The gate in force now (a model may bypass its gate early in training)."""
         return self.gate
 
-    def hidden_states(self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None) -> tuple[Tensor, Trace]:
+    def hidden_states(
+        self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None
+    ) -> tuple[Tensor, Trace]:
         return self.recurrence(inputs, valid, self.effective_gate() if gate is None else gate)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         self.check_context(max_len)
         cfg, weight = self.config, self.backbone.embed_in.weight
-        return KVCache(self.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, weight.dtype, weight.device)
+        return KVCache(
+            self.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, weight.dtype, weight.device
+        )
 
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
         """Prefill at adaptive depth (see `Recurrence.extend`)."""
@@ -89,7 +93,9 @@ class TokenRecurrentLM(CausalLMModule):
 
     def full_depth_flops_per_token(self, context: int) -> float:
         """Forward FLOPs per token with every token running every iteration (what training does)."""
-        return self.realised_flops([1.0] * self.n_iterations, context)["x_vanilla"] * flops.vanilla_forward_flops(self.config, context)
+        return self.realised_flops([1.0] * self.n_iterations, context)["x_vanilla"] * flops.vanilla_forward_flops(
+            self.config, context
+        )
 
 
 class RecurrentLM(TokenRecurrentLM):
@@ -146,7 +152,9 @@ class RecurrentLM(TokenRecurrentLM):
         if not extra:
             return
         if set(extra) != set(own) or any(extra[k].shape != own[k].shape for k in own):
-            rank_zero_info(f"pretrained {pretrained}: backbone loaded; its gate weights do not fit this model's gate, which keeps its initialisation")
+            rank_zero_info(
+                f"pretrained {pretrained}: backbone loaded; its gate weights do not fit this model's gate, which keeps its initialisation"
+            )
             return
         self.load_state_dict(extra, strict=False)
 
@@ -179,7 +187,9 @@ class RecurrentLM(TokenRecurrentLM):
         if not self.gate_active or not self.gate.can_halt:
             return
         stats = gate_health(self.gate, trace)
-        loss_set = self.regularizer.describe(trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:])
+        loss_set = self.regularizer.describe(
+            trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:]
+        )
         for name, value in {**stats, **{f"ponder_loss/{k}": v for k, v in loss_set.items()}}.items():
             self.log(f"train/gate/{name}", value)
         weak = max((v for k, v in stats.items() if k.startswith("weak_continuing")), default=0.0)

@@ -99,7 +99,16 @@ def causal_attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dh]
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor | CausalKeyBias | None,
+    kv_hook: KVHook | None,
+    layer: int,
+) -> Tensor:
     """What every block type's attention shares: rotary on q and k, the K/V hook, SDPA.
     q, k, v are [B, H, T, Dh]; returns the heads concatenated, [B, T, H * Dh]."""
     b, _, t, _ = q.shape
@@ -123,7 +132,15 @@ class NeoXAttention(nn.Module):
         self.query_key_value = Linear(cfg.d_model, 3 * cfg.d_model)
         self.dense = Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | CausalKeyBias | None,
+        kv_hook: KVHook | None,
+        layer: int,
+    ) -> Tensor:
         b, t, _ = x.shape
         # Pythia's fused layout is per head [q|k|v]; keep it so released checkpoints load unchanged.
         qkv = self.query_key_value(x).view(b, t, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)
@@ -151,7 +168,15 @@ class NeoXBlock(nn.Module):
         self.attention = NeoXAttention(cfg)
         self.mlp = NeoXMLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | CausalKeyBias | None,
+        kv_hook: KVHook | None,
+        layer: int,
+    ) -> Tensor:
         attn = self.attention(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
         return x + attn + self.mlp(self.post_attention_layernorm(x))
 
@@ -166,11 +191,24 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4)
+        )
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | CausalKeyBias | None,
+        kv_hook: KVHook | None,
+        layer: int,
+    ) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         return self.o_proj(attend(q, k, v, cos, sin, mask, kv_hook, layer))
 
 
@@ -197,7 +235,15 @@ class LlamaBlock(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | CausalKeyBias | None, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | CausalKeyBias | None,
+        kv_hook: KVHook | None,
+        layer: int,
+    ) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 

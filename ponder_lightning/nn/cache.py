@@ -52,7 +52,9 @@ class KVCache:
     def check_room(self, rows: Tensor, slots: int) -> None:
         """Raise unless each of `rows` has `slots` more free slots."""
         if rows.numel() and int(self.fill[rows].max()) + slots > self.max_len:
-            raise ValueError(f"KV cache full: {int(self.fill[rows].max())} + {slots} slots exceed its {self.max_len} slots")
+            raise ValueError(
+                f"KV cache full: {int(self.fill[rows].max())} + {slots} slots exceed its {self.max_len} slots"
+            )
 
     def reserve(self, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Claim the same new slots in every row for new tokens [B, T_new] (prefill); returns their
@@ -60,7 +62,9 @@ class KVCache:
         padding changes nothing)."""
         start = int(self.fill[0])
         if not bool((self.fill == start).all()):
-            raise ValueError("KV cache: a prefill needs every row at the same slot; its rows have moved on one by one (row-wise decoding)")
+            raise ValueError(
+                "KV cache: a prefill needs every row at the same slot; its rows have moved on one by one (row-wise decoding)"
+            )
         t_new = valid.shape[1]
         self.check_room(torch.arange(self.batch, device=valid.device), t_new)
         slots = torch.arange(start, start + t_new, device=valid.device)
@@ -115,10 +119,16 @@ class CacheWriter:
         cache_k[index] = k.transpose(1, 2)
         cache_v[index] = v.transpose(1, 2)
         if isinstance(self.iteration, int):
-            cache_k, cache_v = cache_k[self.iteration, :, :, : self.total_len], cache_v[self.iteration, :, :, : self.total_len]
+            cache_k, cache_v = (
+                cache_k[self.iteration, :, :, : self.total_len],
+                cache_v[self.iteration, :, :, : self.total_len],
+            )
             if self.all_rows:  # a view, no copy
                 return cache_k, cache_v
             return cache_k.index_select(0, self.rows), cache_v.index_select(0, self.rows)
         n_iterations, batch = cache_k.shape[:2]
         flat = self.iteration.squeeze(1) * batch + self.rows  # (iteration, row) -> one index
-        return tuple(c.view(n_iterations * batch, *c.shape[2:])[:, :, : self.total_len].index_select(0, flat) for c in (cache_k, cache_v))
+        return tuple(
+            c.view(n_iterations * batch, *c.shape[2:])[:, :, : self.total_len].index_select(0, flat)
+            for c in (cache_k, cache_v)
+        )

@@ -24,7 +24,12 @@ _PREFIX = "gpt_neox."
 # Buffers that older transformers versions stored in Pythia checkpoints; we recompute them.
 _IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 # (transformers' LlamaForCausalLM prefix, ours); inside a layer the names are the same.
-_LLAMA_NAMES = (("model.embed_tokens.", "embed_in."), ("model.norm.", "final_layer_norm."), ("lm_head.", "embed_out."), ("model.layers.", "layers."))
+_LLAMA_NAMES = (
+    ("model.embed_tokens.", "embed_in."),
+    ("model.norm.", "final_layer_norm."),
+    ("lm_head.", "embed_out."),
+    ("model.layers.", "layers."),
+)
 
 
 def _our_name(hf_name: str) -> str:
@@ -58,9 +63,13 @@ def read_hf_config(path: str | Path) -> BackboneConfig:
     if raw.get("model_type") == "llama":
         return _read_llama_config(raw, path)
     if raw.get("model_type") != "gpt_neox":
-        raise UserError(f"{path}/config.json has model_type={raw.get('model_type')!r}; only 'gpt_neox' and 'llama' checkpoints load here")
+        raise UserError(
+            f"{path}/config.json has model_type={raw.get('model_type')!r}; only 'gpt_neox' and 'llama' checkpoints load here"
+        )
     if not raw.get("use_parallel_residual", True) or raw.get("hidden_act", "gelu") != "gelu":
-        raise UserError(f"{path}/config.json uses a GPT-NeoX variant (sequential residual or non-GELU) that this backbone does not implement")
+        raise UserError(
+            f"{path}/config.json uses a GPT-NeoX variant (sequential residual or non-GELU) that this backbone does not implement"
+        )
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     d_model, n_head = raw["hidden_size"], raw["num_attention_heads"]
     mlp_ratio, rest = divmod(raw.get("intermediate_size", 4 * d_model), d_model)
@@ -108,7 +117,9 @@ def _read_llama_config(raw: dict, path: str | Path) -> BackboneConfig:
         mlp_ratio=raw["intermediate_size"] / d_model,
     )
     if cfg.d_ff != raw["intermediate_size"]:
-        raise UserError(f"{path}/config.json: intermediate_size={raw['intermediate_size']} is not representable as a width ratio of hidden_size")
+        raise UserError(
+            f"{path}/config.json: intermediate_size={raw['intermediate_size']} is not representable as a width ratio of hidden_size"
+        )
     return cfg
 
 
@@ -127,11 +138,7 @@ def _read_weights(p: Path) -> dict[str, Tensor]:
 def load_hf_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Backbone state dict (our names) from a local GPT-NeoX or LLaMA checkpoint directory."""
     weights = _read_weights(_require_dir(path))
-    return {
-        _our_name(k): v
-        for k, v in weights.items()
-        if not k.endswith(_IGNORED_SUFFIXES)
-    }
+    return {_our_name(k): v for k, v in weights.items() if not k.endswith(_IGNORED_SUFFIXES)}
 
 
 def load_hf_backbone(path: str | Path) -> Backbone:
@@ -165,10 +172,17 @@ def load_pretrained(backbone: Backbone, path: str | Path, state: dict[str, Tenso
             f"vocabulary padded to a multiple of 128): use the checkpoint's tokenizer (--data.tokenizer neox for Pythia) "
             f"or set model.init_args.vocab_size={theirs.vocab_size}"
         )
-    diff = [f"{f}={getattr(theirs, f)} (model: {getattr(ours, f)})" for f in _SHAPE_FIELDS if getattr(theirs, f) != getattr(ours, f)]
+    diff = [
+        f"{f}={getattr(theirs, f)} (model: {getattr(ours, f)})"
+        for f in _SHAPE_FIELDS
+        if getattr(theirs, f) != getattr(ours, f)
+    ]
     if diff:
         shape = ("block", "n_layer", "d_model", "n_head")  # pythia-410m and llama-410m share their shape
-        preset = next((name for name in PRESETS if all(getattr(backbone_config(name), k) == getattr(theirs, k) for k in shape)), None)
+        preset = next(
+            (name for name in PRESETS if all(getattr(backbone_config(name), k) == getattr(theirs, k) for k in shape)),
+            None,
+        )
         hint = f"set model.init_args.size={preset}" if preset else "set model.init_args.n_layer/d_model/n_head to match"
         raise UserError(f"pretrained {path} does not match the configured backbone: {', '.join(diff)}: {hint}")
     load_into(backbone, load_hf_state_dict(path), source=str(path))
@@ -180,7 +194,9 @@ def load_into(backbone: Backbone, state: dict[str, Tensor], source: str) -> None
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise UserError(f"checkpoint {source} does not match the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(
+            f"checkpoint {source} does not match the backbone: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise UserError(
@@ -206,7 +222,11 @@ def hf_config_dict(cfg: BackboneConfig, **extra: object) -> dict[str, object]:
         "max_position_embeddings": cfg.max_seq_len,
         "rotary_pct": cfg.rotary_pct,
         "rotary_emb_base": cfg.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base, "partial_rotary_factor": cfg.rotary_pct},
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": cfg.rotary_base,
+            "partial_rotary_factor": cfg.rotary_pct,
+        },
         "layer_norm_eps": cfg.norm_eps,
         "hidden_act": "gelu",
         "use_parallel_residual": True,

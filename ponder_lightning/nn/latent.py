@@ -52,7 +52,9 @@ def slot_positions(positions: Tensor, width: int) -> Tensor:
     return positions.repeat_interleave(width, dim=-1)
 
 
-def slot_mask(valid: Tensor | None, width: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor | CausalKeyBias | None:
+def slot_mask(
+    valid: Tensor | None, width: int, bias: Tensor | None, dtype: torch.dtype
+) -> Tensor | CausalKeyBias | None:
     """Attention mask over the flattened [T*width] slots: causal in slot order, padding keys
     hidden, `bias` [B, T, width] (log w) added to every query's logit for that key slot.
     None when plain causal attention suffices; without padding the bias goes as `CausalKeyBias`
@@ -73,7 +75,11 @@ class SlotRouter(nn.Module):
     def __init__(self, d_model: int, latent_steps: int, hidden: int | None = None) -> None:
         super().__init__()
         out = latent_steps + 1
-        self.net = nn.Linear(d_model, out) if hidden is None else nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, out))
+        self.net = (
+            nn.Linear(d_model, out)
+            if hidden is None
+            else nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, out))
+        )
 
     def forward(self, h0: Tensor) -> Tensor:
         return self.net(h0).float().softmax(-1)
@@ -93,7 +99,9 @@ class LatentRecurrence:
         tau: a slot whose w is below tau is pruned at inference (and counted so in the trace).
     """
 
-    def __init__(self, backbone: Backbone, latent_steps: int, router: SlotRouter | None = None, tau: float = 1e-4) -> None:
+    def __init__(
+        self, backbone: Backbone, latent_steps: int, router: SlotRouter | None = None, tau: float = 1e-4
+    ) -> None:
         if latent_steps < 1:
             raise ValueError(f"latent_steps must be >= 1, got {latent_steps}")
         self.backbone, self.latent_steps = backbone, latent_steps
@@ -123,7 +131,10 @@ class LatentRecurrence:
             return h[:, :, k_max], Trace(active=[real] * (k_max + 1), scores=[None] * k_max)
         w = tail_weights(probs)
         out = (probs.unsqueeze(-1).to(h.dtype) * h).sum(2)
-        trace = Trace(active=[real] + [real & (w[..., k] >= self.tau) for k in range(1, k_max + 1)], scores=list(w[..., 1:].unbind(-1)))
+        trace = Trace(
+            active=[real] + [real & (w[..., k] >= self.tau) for k in range(1, k_max + 1)],
+            scores=list(w[..., 1:].unbind(-1)),
+        )
         return out, trace
 
     @staticmethod
@@ -137,7 +148,17 @@ class LatentRecurrence:
         """One cache iteration, K+1 slots per token, and PonderLM-3's log w as the key bias."""
         cfg, weight = self.backbone.config, self.backbone.embed_in.weight
         slots = max_tokens * (self.latent_steps + 1)
-        return KVCache(1, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, slots, weight.dtype, weight.device, key_bias=self.router is not None)
+        return KVCache(
+            1,
+            cfg.n_layer,
+            batch,
+            cfg.n_head,
+            cfg.head_dim,
+            slots,
+            weight.dtype,
+            weight.device,
+            key_bias=self.router is not None,
+        )
 
     @torch.no_grad()
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
@@ -215,4 +236,9 @@ class LatentRowDecoder(RowDecoder):
         done = rows[finished]
         cache.n_real[done] += 1
         hidden = self.out[done]
-        return RowStep(finished=finished, hidden=hidden, depth=next_k[finished], logits=latent.backbone.logits(hidden) if with_logits else None)
+        return RowStep(
+            finished=finished,
+            hidden=hidden,
+            depth=next_k[finished],
+            logits=latent.backbone.logits(hidden) if with_logits else None,
+        )

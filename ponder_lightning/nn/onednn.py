@@ -24,9 +24,10 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from contextlib import ContextDecorator
 from functools import cache
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,9 @@ def _packed_weight(weight: Tensor, transposed: bool) -> Tensor:
     return packed
 
 
-def _packed_linear(x: Tensor, weight: Tensor, transposed: bool, bias: Tensor | None, plain: Callable[[], Tensor]) -> Tensor:
+def _packed_linear(
+    x: Tensor, weight: Tensor, transposed: bool, bias: Tensor | None, plain: Callable[[], Tensor]
+) -> Tensor:
     """x @ W.T (W = weight, or weight.T if `transposed`) + bias on the packed copy of W; `plain()`,
     and plain ops from then on, if oneDNN fails here."""
     try:
@@ -96,7 +99,11 @@ def _packed_linear(x: Tensor, weight: Tensor, transposed: bool, bias: Tensor | N
         out = torch.ops.mkldnn._linear_pointwise(flat, packed, None if bias is None else bias.detach(), "none", [], "")
     except RuntimeError as error:
         _failures.append(str(error))
-        warnings.warn(f"oneDNN's packed linear failed ({error}); decoding goes on with plain matmuls", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"oneDNN's packed linear failed ({error}); decoding goes on with plain matmuls",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return plain()
     return out.reshape(*x.shape[:-1], out.shape[-1])
 

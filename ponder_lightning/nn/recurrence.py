@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.nn.backbone import Backbone, KVHook, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
+from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.nn.onednn import prepacked_weights, vocab_mixture
 
 
@@ -46,7 +46,15 @@ class Feedback:
         """Backbone input; `iteration` is one int, or one per row (row-wise decoding)."""
         return state
 
-    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
+    def update(
+        self,
+        backbone: Backbone,
+        state: Tensor,
+        h_raw: Tensor,
+        h: Tensor,
+        weight: Tensor | None,
+        logits: Tensor | None = None,
+    ) -> Tensor:
         """Next state from the pass's output before (`h_raw`) and after (`h`) the final norm.
         `weight` [B, T] = m^{i+1} * s^i, or None when every token continues ungated; `logits`
         = backbone.logits(h) when the caller has them already."""
@@ -86,7 +94,15 @@ class PonderFeedback(Feedback):
             mixed = torch.einsum("...k,...kd->...d", probs, table[top_ids])
         return mixed * backbone.embed_scale
 
-    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
+    def update(
+        self,
+        backbone: Backbone,
+        state: Tensor,
+        h_raw: Tensor,
+        h: Tensor,
+        weight: Tensor | None,
+        logits: Tensor | None = None,
+    ) -> Tensor:
         mixed = self.mixture(backbone, h, logits)
         return state + mixed if weight is None else state + weight.unsqueeze(-1).to(mixed.dtype) * mixed
 
@@ -117,7 +133,15 @@ class LoopFeedback(Feedback):
         later = (iteration > 0).view(-1, *(1,) * (state.dim() - 1))  # one iteration per row
         return torch.where(later, state + embeds, state)
 
-    def update(self, backbone: Backbone, state: Tensor, h_raw: Tensor, h: Tensor, weight: Tensor | None, logits: Tensor | None = None) -> Tensor:
+    def update(
+        self,
+        backbone: Backbone,
+        state: Tensor,
+        h_raw: Tensor,
+        h: Tensor,
+        weight: Tensor | None,
+        logits: Tensor | None = None,
+    ) -> Tensor:
         return h_raw if weight is None else state + weight.unsqueeze(-1).to(h_raw.dtype) * (h_raw - state)
 
 
@@ -224,7 +248,9 @@ class Recurrence:
         shapes static. `keep_logits`: return the logits of every token when the feedback
         computed them (decoding samples the finished tokens from the same product).
         """
-        h_raw = self.backbone(self.feedback.inputs(state, embeds, iteration), positions, mask, kv_hook=kv_hook, final_norm=False)
+        h_raw = self.backbone(
+            self.feedback.inputs(state, embeds, iteration), positions, mask, kv_hook=kv_hook, final_norm=False
+        )
         h = self.backbone.final_layer_norm(h_raw)
         if isinstance(iteration, int) and iteration == self.n_iterations - 1:
             return Iteration(h)
@@ -238,7 +264,9 @@ class Recurrence:
         if going[0].numel() == 0:
             return Iteration(h, go, scores)
         picked = [None if x is None else x[going] for x in (weight, logits)]
-        return Iteration(h, go, scores, self.feedback.update(self.backbone, state[going], h_raw[going], h[going], *picked), logits)
+        return Iteration(
+            h, go, scores, self.feedback.update(self.backbone, state[going], h_raw[going], h[going], *picked), logits
+        )
 
     def decide(
         self, gate: Gate, h: Tensor, iteration: int | Tensor, active: Tensor, tokens: Tensor, positions: Tensor
@@ -322,7 +350,9 @@ class Recurrence:
             pick = (rows.unsqueeze(1), cols)
             writer = CacheWriter(cache, i, rows, slots[cols], total_len)
             mask = cache.attention_mask(rows, slots[cols], total_len)
-            step = self.step(gate, state[pick], embeds[pick], i, tokens[pick], positions[pick], real, mask, writer, gathered=True)
+            step = self.step(
+                gate, state[pick], embeds[pick], i, tokens[pick], positions[pick], real, mask, writer, gathered=True
+            )
             out[pick] = step.h
             if step.go is None:
                 break

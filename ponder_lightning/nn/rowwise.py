@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.gate import Gate
 from ponder_lightning.nn.cache import CacheWriter, KVCache
+from ponder_lightning.nn.gate import Gate
 from ponder_lightning.nn.onednn import prepacked_weights
 from ponder_lightning.nn.recurrence import Recurrence
 
@@ -102,10 +102,27 @@ class RecurrenceRowDecoder(RowDecoder):
         total_len = int(slot.max()) + 1
         writer = CacheWriter(self.cache, current, rows, slot.unsqueeze(1), total_len)
         mask = self.cache.attention_mask(rows, slot.unsqueeze(1), total_len)
-        column = (self.state[rows], self.embeds[rows], self.token[rows], self.position[rows])  # one token per row: [n, 1, ...]
+        column = (
+            self.state[rows],
+            self.embeds[rows],
+            self.token[rows],
+            self.position[rows],
+        )  # one token per row: [n, 1, ...]
         state, embeds, tokens, positions = (x.unsqueeze(1) for x in column)
         ones = torch.ones_like(tokens, dtype=torch.bool)
-        step = self.recurrence.step(self.gate, state, embeds, current, tokens, positions, ones, mask, writer, gathered=True, keep_logits=with_logits)
+        step = self.recurrence.step(
+            self.gate,
+            state,
+            embeds,
+            current,
+            tokens,
+            positions,
+            ones,
+            mask,
+            writer,
+            gathered=True,
+            keep_logits=with_logits,
+        )
         self.tally(iteration)
         finished = ones[:, 0] if step.go is None else ~step.go[:, 0]
         continuing = rows[~finished]
