@@ -94,7 +94,9 @@ def verify(tok: Tokenizer, vocab_size: int = VOCAB_SIZE) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT, help=f"output file (default: {OUT})")
-    parser.add_argument("--check", action="store_true", help="only check that --out equals a fresh build (exit 1 if not)")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that --out equals a fresh build (exit 1 if not)"
+    )
     args = parser.parse_args()
     docs = training_documents()
     tok = build(docs)
