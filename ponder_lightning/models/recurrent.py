@@ -70,10 +70,7 @@ class TokenRecurrentLM(CausalLMModule):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         self.check_context(max_len)
-        cfg, weight = self.config, self.backbone.embed_in.weight
-        return KVCache(
-            self.n_iterations, cfg.n_layer, batch, cfg.n_head, cfg.head_dim, max_len, weight.dtype, weight.device
-        )
+        return KVCache(self.backbone, self.n_iterations, batch, max_len)
 
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
         """Prefill at adaptive depth (see `Recurrence.extend`)."""

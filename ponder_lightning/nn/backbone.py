@@ -73,6 +73,10 @@ class CausalKeyBias:
     bias: Tensor
 
 
+#: an attention mask: None = plain causal, a per-key bias on causal, or a bool / additive tensor
+Mask = Tensor | CausalKeyBias | None
+
+
 #: Head dims appended to carry a key bias; flash attention wants head dims in multiples of 8.
 KEY_BIAS_DIMS = 8
 #: Stands in for log 0 = -inf in the key-bias column: exp(-1000) is exactly 0 in fp32, and
@@ -100,14 +104,7 @@ def causal_attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor
 
 
 def attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor | CausalKeyBias | None,
-    kv_hook: KVHook | None,
-    layer: int,
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int
 ) -> Tensor:
     """What every block type's attention shares: rotary on q and k, the K/V hook, SDPA.
     q, k, v are [B, H, T, Dh]; returns the heads concatenated, [B, T, H * Dh]."""
@@ -132,15 +129,7 @@ class NeoXAttention(nn.Module):
         self.query_key_value = Linear(cfg.d_model, 3 * cfg.d_model)
         self.dense = Linear(cfg.d_model, cfg.d_model)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | CausalKeyBias | None,
-        kv_hook: KVHook | None,
-        layer: int,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
         b, t, _ = x.shape
         # Pythia's fused layout is per head [q|k|v]; keep it so released checkpoints load unchanged.
         qkv = self.query_key_value(x).view(b, t, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)
@@ -168,15 +157,7 @@ class NeoXBlock(nn.Module):
         self.attention = NeoXAttention(cfg)
         self.mlp = NeoXMLP(cfg)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | CausalKeyBias | None,
-        kv_hook: KVHook | None,
-        layer: int,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
         attn = self.attention(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
         return x + attn + self.mlp(self.post_attention_layernorm(x))
 
@@ -195,15 +176,7 @@ class LlamaAttention(nn.Module):
             Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4)
         )
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | CausalKeyBias | None,
-        kv_hook: KVHook | None,
-        layer: int,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
         b, t, _ = x.shape
         q, k, v = (
             proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
@@ -235,15 +208,7 @@ class LlamaBlock(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | CausalKeyBias | None,
-        kv_hook: KVHook | None,
-        layer: int,
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -300,7 +265,7 @@ class Backbone(nn.Module):
         self,
         x: Tensor,
         positions: Tensor | None = None,
-        mask: Tensor | CausalKeyBias | None = None,
+        mask: Mask = None,
         kv_hook: KVHook | None = None,
         final_norm: bool = True,
     ) -> Tensor:

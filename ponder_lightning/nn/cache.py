@@ -17,26 +17,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ponder_lightning.nn.backbone import Backbone
+
 
 class KVCache:
     """K/V [layer, iteration, row, head, slot, head_dim] (layer first, so that one layer's
     (iteration, row) caches form one axis to gather from), the valid keys and the bias of each
-    slot, and per row the slots used and the real tokens seen (the next token's rotary position).
-    `key_bias`: keep an additive attention bias per key (0 until set)."""
+    slot, and per row the slots used and the real tokens seen (the next token's rotary position),
+    in the backbone's dtype and device. `key_bias`: keep an additive attention bias per key."""
 
-    def __init__(
-        self,
-        n_iterations: int,
-        n_layers: int,
-        batch: int,
-        n_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        key_bias: bool = False,
-    ) -> None:
-        shape = (n_layers, n_iterations, batch, n_heads, max_len, head_dim)
+    def __init__(self, backbone: Backbone, n_iterations: int, batch: int, max_len: int, key_bias: bool = False) -> None:
+        cfg, weight = backbone.config, backbone.embed_in.weight
+        dtype, device = weight.dtype, weight.device
+        shape = (cfg.n_layer, n_iterations, batch, cfg.n_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)

@@ -146,19 +146,8 @@ class LatentRecurrence:
     # -- decoding form ---------------------------------------------------------------------
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:
         """One cache iteration, K+1 slots per token, and PonderLM-3's log w as the key bias."""
-        cfg, weight = self.backbone.config, self.backbone.embed_in.weight
         slots = max_tokens * (self.latent_steps + 1)
-        return KVCache(
-            1,
-            cfg.n_layer,
-            batch,
-            cfg.n_head,
-            cfg.head_dim,
-            slots,
-            weight.dtype,
-            weight.device,
-            key_bias=self.router is not None,
-        )
+        return KVCache(self.backbone, 1, batch, slots, key_bias=self.router is not None)
 
     @torch.no_grad()
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
