@@ -181,7 +181,8 @@ class CausalLMModule(L.LightningModule):
     def check_context(self, max_len: int) -> None:
         if max_len > self.config.max_seq_len:
             raise UserError(
-                f"prompt + new tokens = {max_len} tokens exceed the model's context max_seq_len={self.config.max_seq_len}"
+                f"prompt + new tokens = {max_len} tokens exceed the model's context "
+                f"max_seq_len={self.config.max_seq_len}"
             )
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:

@@ -38,7 +38,11 @@ class DepthNLL(Metric):
 
     def table(self) -> list[tuple[int, int, float]]:
         """(depth, tokens, mean NLL) for every depth reached."""
-        return [(d, int(c), s / c) for d, (s, c) in enumerate(zip(self.nll_sum.tolist(), self.count.tolist())) if c > 0]
+        return [
+            (d, int(c), s / c)
+            for d, (s, c) in enumerate(zip(self.nll_sum.tolist(), self.count.tolist(), strict=True))
+            if c > 0
+        ]
 
 
 def average_ranks(x: Tensor) -> Tensor:

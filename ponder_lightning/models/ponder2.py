@@ -46,7 +46,8 @@ class PonderLM2(CausalLMModule):
         check_init_args(PonderLM2, locals())
         if jacobi_choices is not None and not jacobi_choices:
             raise UserError(
-                "PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3], or null for the authors' draw"
+                "PonderLM2: jacobi_choices=[] is invalid: give at least one Jacobi pass count, e.g. [2, 3], "
+                "or null for the authors' draw"
             )
         super().__init__(n_iterations=latent_steps + 1, **kwargs)
         if scale_embeds:

@@ -150,7 +150,8 @@ class RecurrentLM(TokenRecurrentLM):
             return
         if set(extra) != set(own) or any(extra[k].shape != own[k].shape for k in own):
             rank_zero_info(
-                f"pretrained {pretrained}: backbone loaded; its gate weights do not fit this model's gate, which keeps its initialisation"
+                f"pretrained {pretrained}: backbone loaded; its gate weights do not fit this model's gate, "
+                "which keeps its initialisation"
             )
             return
         self.load_state_dict(extra, strict=False)
@@ -193,10 +194,11 @@ class RecurrentLM(TokenRecurrentLM):
         self._weak_steps = self._weak_steps + 1 if weak > COLLAPSE_SHARE else 0
         if self._weak_steps == COLLAPSE_STEPS:
             rank_zero_warn(
-                f"gate collapse at step {self.global_step}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of the tokens that go on "
-                f"past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so the passes they still run barely "
-                "change the output (compute spent, nothing gained). See train/gate/* in TensorBoard, and `evaluate` for perplexity "
-                "at full depth; try regularizer operand 'log_score' or gate feedback 'straight_through' (docs/ablations.md)"
+                f"gate collapse at step {self.global_step}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of "
+                f"the tokens that go on past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so "
+                "the passes they still run barely change the output (compute spent, nothing gained). See train/gate/* "
+                "in TensorBoard, and `evaluate` for perplexity at full depth; try regularizer operand 'log_score' or "
+                "gate feedback 'straight_through' (docs/ablations.md)"
             )
 
     # -- validation: depth against difficulty measured independently of it ---------------------

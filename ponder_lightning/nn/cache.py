@@ -56,7 +56,8 @@ class KVCache:
         start = int(self.fill[0])
         if not bool((self.fill == start).all()):
             raise ValueError(
-                "KV cache: a prefill needs every row at the same slot; its rows have moved on one by one (row-wise decoding)"
+                "KV cache: a prefill needs every row at the same slot; its rows have moved on one by one "
+                "(row-wise decoding)"
             )
         t_new = valid.shape[1]
         self.check_room(torch.arange(self.batch, device=valid.device), t_new)

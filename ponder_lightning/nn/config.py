@@ -46,13 +46,15 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise UserError(
-                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: pick sizes with d_model % n_head == 0"
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: pick sizes with d_model % n_head == "
+                "0"
             )
         if self.block not in ("neox", "llama"):
             raise UserError(f"unknown block type {self.block!r}: use 'neox' or 'llama'")
         if self.rotary_dims % 2:
             raise UserError(
-                f"rotary_pct={self.rotary_pct} gives an odd number of rotary dims ({self.rotary_dims}) per head: choose rotary_pct so that head_dim*rotary_pct is even"
+                f"rotary_pct={self.rotary_pct} gives an odd number of rotary dims ({self.rotary_dims}) per head: "
+                "choose rotary_pct so that head_dim*rotary_pct is even"
             )
 
     @property

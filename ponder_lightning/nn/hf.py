@@ -64,11 +64,13 @@ def read_hf_config(path: str | Path) -> BackboneConfig:
         return _read_llama_config(raw, path)
     if raw.get("model_type") != "gpt_neox":
         raise UserError(
-            f"{path}/config.json has model_type={raw.get('model_type')!r}; only 'gpt_neox' and 'llama' checkpoints load here"
+            f"{path}/config.json has model_type={raw.get('model_type')!r}; only 'gpt_neox' and 'llama' checkpoints "
+            "load here"
         )
     if not raw.get("use_parallel_residual", True) or raw.get("hidden_act", "gelu") != "gelu":
         raise UserError(
-            f"{path}/config.json uses a GPT-NeoX variant (sequential residual or non-GELU) that this backbone does not implement"
+            f"{path}/config.json uses a GPT-NeoX variant (sequential residual or non-GELU) that this backbone does not "
+            "implement"
         )
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     d_model, n_head = raw["hidden_size"], raw["num_attention_heads"]
@@ -118,7 +120,8 @@ def _read_llama_config(raw: dict, path: str | Path) -> BackboneConfig:
     )
     if cfg.d_ff != raw["intermediate_size"]:
         raise UserError(
-            f"{path}/config.json: intermediate_size={raw['intermediate_size']} is not representable as a width ratio of hidden_size"
+            f"{path}/config.json: intermediate_size={raw['intermediate_size']} is not representable as a width ratio "
+            "of hidden_size"
         )
     return cfg
 
@@ -168,9 +171,9 @@ def load_pretrained(backbone: Backbone, path: str | Path, state: dict[str, Tenso
     theirs, ours = read_hf_config(path), backbone.config
     if theirs.vocab_size != ours.vocab_size:
         raise UserError(
-            f"pretrained {path} has vocab_size={theirs.vocab_size} but the model has {ours.vocab_size} (the tokenizer's "
-            f"vocabulary padded to a multiple of 128): use the checkpoint's tokenizer (--data.tokenizer neox for Pythia) "
-            f"or set model.init_args.vocab_size={theirs.vocab_size}"
+            f"pretrained {path} has vocab_size={theirs.vocab_size} but the model has {ours.vocab_size} (the "
+            "tokenizer's vocabulary padded to a multiple of 128): use the checkpoint's tokenizer (--data.tokenizer "
+            f"neox for Pythia) or set model.init_args.vocab_size={theirs.vocab_size}"
         )
     diff = [
         f"{f}={getattr(theirs, f)} (model: {getattr(ours, f)})"
@@ -200,8 +203,8 @@ def load_into(backbone: Backbone, state: dict[str, Tensor], source: str) -> None
     for name, tensor in state.items():
         if tensor.shape != own[name].shape:
             raise UserError(
-                f"checkpoint {source}: {name} has shape {tuple(tensor.shape)} but the model expects {tuple(own[name].shape)} "
-                f"(check size/vocab_size against the checkpoint's config.json)"
+                f"checkpoint {source}: {name} has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(own[name].shape)} (check size/vocab_size against the checkpoint's config.json)"
             )
     backbone.load_state_dict(state)
 

@@ -32,6 +32,16 @@ from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.nn.onednn import prepacked_weights, vocab_mixture
 
 
+@dataclass
+class PassOutput:
+    """A backbone pass's output for some tokens: before (`raw`) and after (`h`) the final norm,
+    and the LM head's `logits` of `h` when the caller has them already."""
+
+    raw: Tensor
+    h: Tensor
+    logits: Tensor | None = None
+
+
 class Feedback:
     """How one iteration's output becomes the next iteration's input (no parameters of its own)."""
 
@@ -46,19 +56,10 @@ class Feedback:
         """Backbone input; `iteration` is one int, or one per row (row-wise decoding)."""
         return state
 
-    def update(
-        self,
-        backbone: Backbone,
-        state: Tensor,
-        h_raw: Tensor,
-        h: Tensor,
-        weight: Tensor | None,
-        logits: Tensor | None = None,
-    ) -> Tensor:
-        """Next state from the pass's output before (`h_raw`) and after (`h`) the final norm.
-        `weight` [B, T] = m^{i+1} * s^i, or None when every token continues ungated; `logits`
-        = backbone.logits(h) when the caller has them already."""
-        return h_raw
+    def update(self, backbone: Backbone, state: Tensor, out: PassOutput, weight: Tensor | None) -> Tensor:
+        """Next state from the pass's output; `weight` [B, T] = m^{i+1} * s^i, or None when
+        every token continues ungated."""
+        return out.raw
 
     def extra_flops_per_token(self, backbone: Backbone) -> float:
         """FLOPs per token of one feedback computation (e.g. the pondering mixture)."""
@@ -83,8 +84,8 @@ class PonderFeedback(Feedback):
 
     reads_logits = True
 
-    def mixture(self, backbone: Backbone, h: Tensor, logits: Tensor | None = None) -> Tensor:
-        logits = (backbone.logits(h) if logits is None else logits).float()
+    def mixture(self, backbone: Backbone, out: PassOutput) -> Tensor:
+        logits = (backbone.logits(out.h) if out.logits is None else out.logits).float()
         table = backbone.embed_in.weight
         if self.top_k is None:
             mixed = vocab_mixture(logits.softmax(dim=-1).to(table.dtype), table)
@@ -94,16 +95,8 @@ class PonderFeedback(Feedback):
             mixed = torch.einsum("...k,...kd->...d", probs, table[top_ids])
         return mixed * backbone.embed_scale
 
-    def update(
-        self,
-        backbone: Backbone,
-        state: Tensor,
-        h_raw: Tensor,
-        h: Tensor,
-        weight: Tensor | None,
-        logits: Tensor | None = None,
-    ) -> Tensor:
-        mixed = self.mixture(backbone, h, logits)
+    def update(self, backbone: Backbone, state: Tensor, out: PassOutput, weight: Tensor | None) -> Tensor:
+        mixed = self.mixture(backbone, out)
         return state + mixed if weight is None else state + weight.unsqueeze(-1).to(mixed.dtype) * mixed
 
     def extra_flops_per_token(self, backbone: Backbone) -> float:
@@ -133,16 +126,8 @@ class LoopFeedback(Feedback):
         later = (iteration > 0).view(-1, *(1,) * (state.dim() - 1))  # one iteration per row
         return torch.where(later, state + embeds, state)
 
-    def update(
-        self,
-        backbone: Backbone,
-        state: Tensor,
-        h_raw: Tensor,
-        h: Tensor,
-        weight: Tensor | None,
-        logits: Tensor | None = None,
-    ) -> Tensor:
-        return h_raw if weight is None else state + weight.unsqueeze(-1).to(h_raw.dtype) * (h_raw - state)
+    def update(self, backbone: Backbone, state: Tensor, out: PassOutput, weight: Tensor | None) -> Tensor:
+        return out.raw if weight is None else state + weight.unsqueeze(-1).to(out.raw.dtype) * (out.raw - state)
 
 
 def feedback_weight(gate: Gate, decision: GateDecision, dtype: torch.dtype) -> Tensor | None:
@@ -258,15 +243,14 @@ class Recurrence:
             positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[:2])
         go, scores, weight = self.decide(gate, h, iteration, active, tokens, positions)
         if not gathered:
-            return Iteration(h, go, scores, self.feedback.update(self.backbone, state, h_raw, h, weight))
+            return Iteration(h, go, scores, self.feedback.update(self.backbone, state, PassOutput(h_raw, h), weight))
         going = go.nonzero(as_tuple=True)
-        logits = self.backbone.logits(h) if keep_logits and self.feedback.reads_logits and going[0].numel() else None
         if going[0].numel() == 0:
             return Iteration(h, go, scores)
-        picked = [None if x is None else x[going] for x in (weight, logits)]
-        return Iteration(
-            h, go, scores, self.feedback.update(self.backbone, state[going], h_raw[going], h[going], *picked), logits
-        )
+        logits = self.backbone.logits(h) if keep_logits and self.feedback.reads_logits else None
+        out = PassOutput(h_raw[going], h[going], None if logits is None else logits[going])
+        state = self.feedback.update(self.backbone, state[going], out, None if weight is None else weight[going])
+        return Iteration(h, go, scores, state, logits)
 
     def decide(
         self, gate: Gate, h: Tensor, iteration: int | Tensor, active: Tensor, tokens: Tensor, positions: Tensor
