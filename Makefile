@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test bench
+.PHONY: install run lint test bench
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/python -m ponder_lightning fit --config configs/adaponderlm.yaml --config configs/demo.yaml
+
+# ruff: settings in pyproject.toml ([tool.ruff])
+lint: $(STAMP)
+	$(BIN)/ruff format --check . && $(BIN)/ruff check .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

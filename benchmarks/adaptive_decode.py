@@ -1,6 +1,7 @@
 """Adaptive-depth decoding: is the compute saved by halted tokens real wall-clock time?
 
-Side by side in one process, fp32 (CPU by default, `--device cuda` for a GPU), batch 1 and 8, prefill and decode timed separately:
+Side by side in one process, fp32 (CPU by default, `--device cuda` for a GPU), batch 1 and 8,
+prefill and decode timed separately:
 - AdaPonderLM with its gate thresholds set for ~10%, ~30% and ~60% of token-iterations halted,
   vs the same model at full depth (tau = 0): measured speedup, ideal speedup from FLOPs at the
   realised depth, and measured / ideal (target >= 0.8). Decoding is timed as `generate` runs it

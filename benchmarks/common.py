@@ -87,7 +87,7 @@ class Decoder:
         for _ in range(self.new_tokens - 1):
             token = self.model.backbone.logits(self.last).argmax(-1, keepdim=True)
             hidden, _, counts = self.model.extend(token, ones, self.cache)
-            totals = [t + c for t, c in zip(totals, counts)]
+            totals = [t + c for t, c in zip(totals, counts, strict=True)]
             passes += sum(1 for c in counts if c)
             self.last = hidden[:, -1]
         wait_for_gpu()

@@ -43,12 +43,12 @@ def main() -> None:
             x, probs = torch.randn(n, d), torch.randn(n, vocab).softmax(-1)
             inputs = {inp: torch.randn(n, inp) for inp in (d, cfg.d_ff)}
             contenders = {
-                "head plain": lambda: F.linear(x, head),
-                "head packed": lambda: onednn.linear(x, head),
-                "mixture plain": lambda: probs @ table,
-                "mixture packed": lambda: onednn.vocab_mixture(probs, table),
-                "layers plain": lambda: [F.linear(inputs[w.shape[1]], w, b) for w, b in layers],
-                "layers packed": lambda: [onednn.linear(inputs[w.shape[1]], w, b) for w, b in layers],
+                "head plain": lambda x=x: F.linear(x, head),
+                "head packed": lambda x=x: onednn.linear(x, head),
+                "mixture plain": lambda probs=probs: probs @ table,
+                "mixture packed": lambda probs=probs: onednn.vocab_mixture(probs, table),
+                "layers plain": lambda inputs=inputs: [F.linear(inputs[w.shape[1]], w, b) for w, b in layers],
+                "layers packed": lambda inputs=inputs: [onednn.linear(inputs[w.shape[1]], w, b) for w, b in layers],
             }
             ms = {k: 1000 * v for k, v in alternate(contenders, args.repeats).items()}
             row = {"rows": n}

@@ -95,7 +95,7 @@ def training_flops_per_step(trainer: L.Trainer, pl_module: L.LightningModule) ->
 
 def print_model_summary(columns: list[tuple[str, list[str]]], totals: list[tuple[str, str]]) -> None:
     """A table of `columns` (name, one value per layer) and the `totals` lines under it."""
-    rows = list(zip(*(values for _, values in columns)))
+    rows = list(zip(*(values for _, values in columns), strict=True))
     if _RICH_AVAILABLE:
         from rich import get_console
         from rich.table import Table
@@ -118,8 +118,8 @@ def print_model_summary(columns: list[tuple[str, list[str]]], totals: list[tuple
         return
     widths = [max([len(name), *(len(str(v)) for v in values)]) for name, values in columns]
     rule = "-" * (sum(widths) + 3 * len(widths))
-    lines = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths)), rule]
-    lines += [" | ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) for row in rows]
+    lines = [" | ".join(f"{name:<{w}}" for (name, _), w in zip(columns, widths, strict=True)), rule]
+    lines += [" | ".join(f"{str(v):<{w}}" for v, w in zip(row, widths, strict=True)) for row in rows]
     lines += [rule, *(f"{value:<10} {label}" for label, value in totals)]
     rank_zero_info("\n" + "\n".join(lines))
 
@@ -150,7 +150,8 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
     lines = [
         "",
         f"== {model_name(model)} summary ==",
-        f"val ppl: {first['val/ppl']:.2f} at the first check -> {last['val/ppl']:.2f} at the last ({len(history)} checks)",
+        f"val ppl: {first['val/ppl']:.2f} at the first check -> "
+        f"{last['val/ppl']:.2f} at the last ({len(history)} checks)",
     ]
     if getattr(model, "n_iterations", 1) > 1:
         fractions = [last[f"val/active_fraction/iter_{i}"] for i in range(model.n_iterations)]
@@ -166,8 +167,8 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
         if "val/ppl_full_depth" in last:
             rho = last["val/depth_spearman/nll_full_depth"]
             lines.append(
-                f"the same weights with no token halted: val ppl {last['val/ppl_full_depth']:.2f} (learned depth: {last['val/ppl']:.2f}); "
-                f"first pass only: {last['val/ppl_first_pass']:.2f}; depth vs full-depth NLL: "
+                f"the same weights with no token halted: val ppl {last['val/ppl_full_depth']:.2f} (learned depth: "
+                f"{last['val/ppl']:.2f}); first pass only: {last['val/ppl_first_pass']:.2f}; depth vs full-depth NLL: "
                 + (
                     "n/a (every token ran the same depth)"
                     if math.isnan(rho)
@@ -192,7 +193,8 @@ class DepthMonitor(Callback):
         writer = _tensorboard(trainer)
         if trace is None or writer is None or (trainer.global_step % max(trainer.log_every_n_steps, 1)):
             return
-        for i, (scores, active) in enumerate(zip(trace.scores, trace.active)):
+        # one score per decision, one mask per iteration: the last iteration has no decision
+        for i, (scores, active) in enumerate(zip(trace.scores, trace.active, strict=False)):
             if scores is not None and active.any():
                 writer.add_histogram(f"gate/scores_iter_{i}", scores[active].float().cpu(), trainer.global_step)
         writer.add_histogram("depth/tokens", trace.depth()[trace.active[0]].float().cpu(), trainer.global_step)
@@ -226,7 +228,7 @@ def depth_figure(table: list[tuple[int, int, float]], deciles: list[dict[str, fl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    depths, counts, nlls = zip(*table)
+    depths, counts, nlls = zip(*table, strict=True)
     fig, axes = plt.subplots(1, 2 if deciles else 1, figsize=(10 if deciles else 5, 3.2), squeeze=False)
     ax = axes[0][0]
     ax.bar(depths, counts, color="#9ab")

@@ -61,7 +61,8 @@ def load_checkpoint(path: str | Path, model_class: type[CausalLMModule] | None =
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(
-            f"checkpoint {path} does not exist: pass a .ckpt file (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or an exported directory"
+            f"checkpoint {path} does not exist: pass a .ckpt file (e.g. "
+            "lightning_logs/version_0/checkpoints/last.ckpt) or an exported directory"
         )
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_dir(path)
@@ -119,9 +120,9 @@ def check_saved_args(saved: dict[str, Any], model_class: type, source: str) -> N
     unknown = unknown_saved_args(saved, model_class)
     if unknown:
         raise UserError(
-            f"{source} was saved with model arguments {model_class.__name__} no longer takes (renamed or removed since): "
-            f"{', '.join(f'{k}={saved[k]!r}' for k in unknown)}: rename them in the checkpoint's hyper_parameters, "
-            "or use the code version it was trained with"
+            f"{source} was saved with model arguments {model_class.__name__} no longer takes "
+            f"(renamed or removed since): {', '.join(f'{k}={saved[k]!r}' for k in unknown)}: rename "
+            "them in the checkpoint's hyper_parameters, or use the code version it was trained with"
         )
 
 
@@ -155,7 +156,8 @@ def _read_lightning_checkpoint(path: Path) -> dict[str, Any]:
 
         if not (path / _METADATA_FILENAME).is_file():
             raise UserError(
-                f"{path} is a directory but neither an FSDP checkpoint ({_METADATA_FILENAME}) nor an exported model (config.json)"
+                f"{path} is a directory but neither an FSDP checkpoint "
+                f"({_METADATA_FILENAME}) nor an exported model (config.json)"
             )
         return _load_distributed_checkpoint(path)
     try:
@@ -204,7 +206,8 @@ def load_transformers_dir(path: Path) -> LoadedCheckpoint:
     meta = json.loads((path / "config.json").read_text())
     if not meta.get("class_path"):
         raise UserError(
-            f"{path}/config.json has model_type {MODEL_TYPE} but no class_path: it was not written by this library's export"
+            f"{path}/config.json has model_type {MODEL_TYPE} but no "
+            "class_path: it was not written by this library's export"
         )
     model = build_model(
         {"_class_path": meta["class_path"], **meta.get("init_args", {})}, source=str(path / "config.json")
@@ -277,7 +280,8 @@ def _preset_for(cfg, path: Path) -> str:
     )
     if size is None:
         raise UserError(
-            f"{path}: no size preset has its {', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here"
+            f"{path}: no size preset has its "
+            f"{', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here"
         )
     return size
 

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import lightning as L
 from jsonargparse.typing import PositiveInt, import_object
@@ -49,15 +48,17 @@ class PonderCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.init_args.tokenizer_vocab_size", apply_on="instantiate")
         parser.add_argument(
             "--checkpoint_every",
-            type=Optional[PositiveInt],
+            type=PositiveInt | None,
             default=None,
-            help="save a checkpoint every N optimizer steps (sets every_n_train_steps of the configured checkpoint callback)",
+            help="save a checkpoint every N optimizer steps "
+            "(sets every_n_train_steps of the configured checkpoint callback)",
         )
         parser.add_argument(
             "--peak_tflops",
-            type=Optional[float],
+            type=float | None,
             default=None,
-            help="peak TFLOP/s per device for the MFU in TensorBoard (e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
+            help="peak TFLOP/s per device for the MFU in TensorBoard "
+            "(e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
         )
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -118,15 +119,17 @@ class PonderCLI(LightningCLI):
         if sub == "fit":
             if unknown:
                 rank_zero_warn(
-                    f"--ckpt_path {ckpt_path} has model arguments {short_class(model.class_path)} no longer takes (renamed or removed): "
-                    f"{', '.join(f'{k}={saved[k]!r}' for k in unknown)}; they are ignored, the config's arguments are used"
+                    f"--ckpt_path {ckpt_path} has model arguments {short_class(model.class_path)} no longer "
+                    f"takes (renamed or removed): {', '.join(f'{k}={saved[k]!r}' for k in unknown)}; they "
+                    "are ignored, the config's arguments are used"
                 )
             changes = {
                 k: v for k, v in changes.items() if k not in OPTIMIZER_ARGS
             }  # the optimizer says so itself on load
             if changes:
                 rank_zero_info(
-                    f"resuming from {ckpt_path} with model arguments changed from the checkpoint's: {describe_changes(changes)}"
+                    f"resuming from {ckpt_path} with model arguments changed "
+                    f"from the checkpoint's: {describe_changes(changes)}"
                 )
             return
         check_saved_args(saved, model_class, f"--ckpt_path {ckpt_path}")
@@ -136,7 +139,8 @@ class PonderCLI(LightningCLI):
             raise invalid_saved_args(f"--ckpt_path {ckpt_path}", short_class(model.class_path), err) from None
         if changes:
             rank_zero_info(
-                f"{sub} uses the model arguments saved in {ckpt_path}, where they differ from the config's: {describe_changes(changes, used='checkpoint')}"
+                f"{sub} uses the model arguments saved in {ckpt_path}, where they differ "
+                f"from the config's: {describe_changes(changes, used='checkpoint')}"
             )
 
     def instantiate_classes(self) -> None:
@@ -206,7 +210,8 @@ def flops_command(argv: list[str]) -> None:
     for fractions in depths:
         if len(fractions) != model.n_iterations:
             raise UserError(
-                f"--active {','.join(map(str, fractions))} has {len(fractions)} fractions; {type(model).__name__} runs {model.n_iterations} iterations"
+                f"--active {','.join(map(str, fractions))} has {len(fractions)} "
+                f"fractions; {type(model).__name__} runs {model.n_iterations} iterations"
             )
     print(format_flops_table(type(model).__name__, context, [(f, model.realised_flops(f, context)) for f in depths]))
 
@@ -283,16 +288,17 @@ def generate_command(argv: list[str]) -> None:
         top_p=args.top_p,
         seed=args.seed,
     )
-    for prompt, text, tokens, depths in zip(args.prompt, result.texts, result.tokens, result.depths):
+    for prompt, text, tokens, depths in zip(args.prompt, result.texts, result.tokens, result.depths, strict=True):
         print(f"--- prompt: {prompt!r}\n{prompt}{text}")
         print(
-            "depth per generated token: " + " ".join(f"{tokenizer.decode([t])!r}:{d}" for t, d in zip(tokens, depths))
+            "depth per generated token: "
+            + " ".join(f"{tokenizer.decode([t])!r}:{d}" for t, d in zip(tokens, depths, strict=True))
         )
     s = result.stats
     print(
-        f"--- {s['generated_tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s (prefill {s['prefill_seconds']:.2f}s, "
-        f"decode {s['decode_seconds']:.2f}s in {s['decode_passes']} backbone passes), mean depth {s['mean_depth']:.2f} of {model.n_iterations}, "
-        f"{s['flops_x_vanilla']:.2f}x vanilla FLOPs per token"
+        f"--- {s['generated_tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s (prefill "
+        f"{s['prefill_seconds']:.2f}s, decode {s['decode_seconds']:.2f}s in {s['decode_passes']} backbone passes), "
+        f"mean depth {s['mean_depth']:.2f} of {model.n_iterations}, {s['flops_x_vanilla']:.2f}x vanilla FLOPs per token"
     )
 
 
@@ -362,7 +368,8 @@ def evaluate_command(argv: list[str]) -> None:
     print(format_gate_study(study))
     (Path(args.out) / "gate_study.json").write_text(json.dumps(study, indent=2))
     print(
-        f"wrote {Path(args.out) / 'gate_study.json'} and {write_depth_figure(study['rows'][0], args.out, study['difficulty']['nll_full_depth']['deciles'])}"
+        f"wrote {Path(args.out) / 'gate_study.json'} and "
+        f"{write_depth_figure(study['rows'][0], args.out, study['difficulty']['nll_full_depth']['deciles'])}"
     )
 
 

@@ -144,7 +144,10 @@ def parser_error_message(message: str, argv: list[str]) -> str:
         if stack and stack[-1][1].startswith("init_args="):  # the class itself failed (import, ...)
             owner = ".".join(name.split("=")[0] for _, name in stack[:-1])
             class_path = stack[-1][1].split("=", 1)[1]
-            return f"{owner}.class_path={class_path}: {text}{where_set(owner, argv)}: give an importable subclass with that class_path"
+            return (
+                f"{owner}.class_path={class_path}: {text}{where_set(owner, argv)}: "
+                "give an importable subclass with that class_path"
+            )
         if dotted == "config":
             return f"--config: {text}"
         reason = _reason(text, _given_value(lines[number + 1 :]))

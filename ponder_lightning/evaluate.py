@@ -116,8 +116,8 @@ def gate_study(
     if reference is not None:
         if reference.config.vocab_size != model.config.vocab_size:
             raise UserError(
-                f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the model's ({model.config.vocab_size}): "
-                "train the reference with the same tokenizer"
+                f"the reference model's vocabulary ({reference.config.vocab_size}) differs from the "
+                f"model's ({model.config.vocab_size}): train the reference with the same tokenizer"
             )
         difficulties["nll_reference"] = token_nll(reference, batches)[0]
     # Not a difficulty but what the passes do for a token, also measured at full depth on the
@@ -135,7 +135,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
         tau = "-" if r["tau"] is None else f"{r['tau']:g}"
         fractions = ", ".join(f"{f:.3f}" for f in r["active_fractions"])
         lines.append(
-            f"| {tau} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |"
+            f"| {tau} | {r['loss']:.4f} | {r['ppl']:.3f} | "
+            f"{r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |"
         )
     return "\n".join(lines)
 

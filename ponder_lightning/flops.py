@@ -34,11 +34,7 @@ def training_flops(forward_flops: float) -> float:
 
 
 def recurrent_forward_flops(
-    cfg: BackboneConfig,
-    context: int,
-    active_fractions: list[float],
-    feedback_flops: float,
-    gate_flops: float,
+    cfg: BackboneConfig, context: int, active_fractions: list[float], feedback_flops: float, gate_flops: float
 ) -> dict[str, float]:
     """Inference FLOPs per token of a recurrent model at the depth it actually ran.
 

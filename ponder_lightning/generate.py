@@ -128,7 +128,7 @@ def generate(
         if tokenizer is not None:  # ids of the padded vocabulary beyond the tokenizer are not text
             logits[:, tokenizer.vocab_size :] = float("-inf")
         token = sample(logits, temperature, top_k, top_p, generator)
-        for row, t, d in zip(rows.tolist(), token.tolist(), depth.tolist()):
+        for row, t, d in zip(rows.tolist(), token.tolist(), depth.tolist(), strict=True):
             new_tokens[row].append(t)
             depths[row].append(d)
         produced = torch.tensor([len(new_tokens[row]) for row in rows.tolist()], dtype=torch.long, device=device)

@@ -29,7 +29,7 @@ import inspect
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 
@@ -42,6 +42,9 @@ from ponder_lightning.pretrained import (
     PREFIX,
     WEIGHTS_FILE,
 )
+
+if TYPE_CHECKING:
+    from ponder_lightning.models import CausalLMModule
 
 MODELING_FILE = "modeling_ponder_lightning.py"
 EOS_TEXT = "<|endoftext|>"
@@ -203,8 +206,8 @@ def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = No
             "init_args": _jsonable(init_args),
             "tokenizer": tokenizer,
             "global_step": global_step,
-            "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); transformers loads it as a "
-            "plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
+            "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); "
+            "transformers loads it as a plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
             "ponder_lightning.checkpoints.load_checkpoint(<this directory>)",
         }
         config.write_text(json.dumps(meta, indent=2) + "\n")
@@ -250,7 +253,8 @@ def export_command(argv: list[str]) -> None:
         "--format",
         choices=("backbone", "transformers"),
         default="backbone",
-        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; transformers: the whole model with remote code",
+        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; "
+        "transformers: the whole model with remote code",
     )
     args = parser.parse_args(argv)
     model, data = load_checkpoint(args.checkpoint)

@@ -95,7 +95,8 @@ class PonderLightningForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         if not config.class_path:
             raise ValueError(
-                "config.json has no class_path: it was not written by `python -m ponder_lightning export --format transformers`"
+                "config.json has no class_path: it was not written by "
+                "`python -m ponder_lightning export --format transformers`"
             )
         self.model = build_model({"_class_path": config.class_path, **config.init_args}, source="config.json")
         # What the model may do depends on the step it was trained to (gate_start_step).

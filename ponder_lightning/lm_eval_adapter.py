@@ -83,7 +83,7 @@ class _Tally:
     def add(self, active_counts: Sequence[int], rows: int, row_tokens: int) -> None:
         if not self.active:
             self.active = [0] * len(active_counts)
-        self.active = [a + int(c) for a, c in zip(self.active, active_counts)]
+        self.active = [a + int(c) for a, c in zip(self.active, active_counts, strict=True)]
         self.tokens += int(active_counts[0]) if active_counts else 0
         self.rows += rows
         self.row_tokens += row_tokens
@@ -124,7 +124,8 @@ class PonderLightningLM(LM):
             logger.warning("ponder_lightning: ignoring unknown model_args %s", sorted(unused))
         if (checkpoint is None) == (model is None):
             raise UserError(
-                "pass exactly one of checkpoint=<path> (e.g. lightning_logs/version_0/checkpoints/last.ckpt) or model=<CausalLMModule>"
+                "pass exactly one of checkpoint=<path> (e.g. "
+                "lightning_logs/version_0/checkpoints/last.ckpt) or model=<CausalLMModule>"
             )
         data_args: dict[str, Any] = {}
         if checkpoint is not None:
@@ -152,8 +153,8 @@ class PonderLightningLM(LM):
 
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise UserError(
-                f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} tokens but the model's vocabulary has "
-                f"{self.model.config.vocab_size}: pass the tokenizer the model was trained with"
+                f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} tokens but the model's "
+                f"vocabulary has {self.model.config.vocab_size}: pass the tokenizer the model was trained with"
             )
         context = self.model.config.max_seq_len
         self.max_length = int(max_length) if max_length is not None else context
@@ -186,7 +187,7 @@ class PonderLightningLM(LM):
         """(log P(continuation | context), whether greedy decoding would produce it) per request."""
         pairs = [self._encode_pair(*req.args) for req in requests]
         results = self._score(pairs, "loglikelihood")
-        for req, result in zip(requests, results):
+        for req, result in zip(requests, results, strict=True):
             self.cache_hook.add_partial("loglikelihood", req.args, result)
         return results
 
@@ -201,9 +202,9 @@ class PonderLightningLM(LM):
                 windows.append(lm_eval_utils.make_disjoint_window(window))
                 owner.append(index)
         totals = [0.0] * len(requests)
-        for index, (logprob, _) in zip(owner, self._score(windows, "loglikelihood_rolling")):
+        for index, (logprob, _) in zip(owner, self._score(windows, "loglikelihood_rolling"), strict=True):
             totals[index] += logprob
-        for req, total in zip(requests, totals):
+        for req, total in zip(requests, totals, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
@@ -218,7 +219,7 @@ class PonderLightningLM(LM):
         for members in groups.values():
             kwargs = dict(requests[members[0]].args[1] or {})
             texts = self._generate_group([requests[i].args[0] for i in members], kwargs)
-            for index, text in zip(members, texts):
+            for index, text in zip(members, texts, strict=True):
                 results[index] = text
                 self.cache_hook.add_partial("generate_until", requests[index].args, text)
         return results  # type: ignore[return-value]
@@ -353,7 +354,7 @@ class PonderLightningLM(LM):
                 seed=None if seed is None else int(seed),
             )
             self._add_generation(out.depths, [len(prompts[i]) for i in chunk])
-            for i, text in zip(chunk, out.texts):
+            for i, text in zip(chunk, out.texts, strict=True):
                 texts[i] = _cut(text, until)
         return texts
 
@@ -362,7 +363,7 @@ class PonderLightningLM(LM):
         if not flat:
             return
         counts = [sum(d > i for d in flat) for i in range(self.model.n_iterations)]
-        row_tokens = sum(p + len(row) for p, row in zip(prompt_lengths, depths))
+        row_tokens = sum(p + len(row) for p, row in zip(prompt_lengths, depths, strict=True))
         self._tallies["generate_until"].add(counts, len(depths), row_tokens)
 
 
@@ -389,7 +390,8 @@ def format_compute_report(report: dict[str, Any]) -> str:
             continue
         fractions = ", ".join(f"{f:.3f}" for f in row["active_fractions"])
         lines.append(
-            f"| {kind} | {row['tokens']} | {row['mean_depth']:.3f} | {fractions} | {row['flops_x_vanilla']:.3f} | {row['context']} |"
+            f"| {kind} | {row['tokens']} | {row['mean_depth']:.3f} | "
+            f"{fractions} | {row['flops_x_vanilla']:.3f} | {row['context']} |"
         )
     return "\n".join(lines)
 

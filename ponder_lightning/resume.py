@@ -70,9 +70,9 @@ def check_same_class(config_class: str | None, saved_class: str | None, ckpt_pat
     """The config and the checkpoint must describe the same model class."""
     if config_class and saved_class and short_class(config_class) != short_class(saved_class):
         raise UserError(
-            f"--ckpt_path {ckpt_path} holds a model of class {short_class(saved_class)} but the config builds a {short_class(config_class)}: "
-            f"pass the config it was trained with (model.class_path: {saved_class}, e.g. the config.yaml in its "
-            "lightning_logs/version_N directory)"
+            f"--ckpt_path {ckpt_path} holds a model of class {short_class(saved_class)} but the config "
+            f"builds a {short_class(config_class)}: pass the config it was trained with (model.class_path: "
+            f"{saved_class}, e.g. the config.yaml in its lightning_logs/version_N directory)"
         )
 
 

@@ -6,7 +6,8 @@ A study file (YAML)::
 
     out: studies/out/small            # everything goes here; TensorBoard: tensorboard --logdir <out>/runs
     seeds: [1, 2]                     # every run is trained once per seed
-    base: [studies/small_base.yaml]   # overlays every run gets after its own configs (paths: the working directory's, else the repository's)
+    base: [studies/small_base.yaml]   # overlays every run gets after its own configs
+                                      # (paths: the working directory's, else the repository's)
     args: [--trainer.max_steps, "400"]  # flags every run gets
     reference: vanilla                # the run whose per-token NLL is a difficulty measure (same seed)
     eval_batches: 16                  # validation batches every run is evaluated on
@@ -273,7 +274,8 @@ def run_study(path: str | Path, fit: Fit) -> Path:
     write_figure(study, results, out / "ppl_vs_flops.png")
     print(table)
     print(
-        f"[study] wrote {out / 'summary.md'}, {out / 'results.json'}, {out / 'ppl_vs_flops.png'}; TensorBoard, every run side by side: tensorboard --logdir {out / 'runs'}"
+        f"[study] wrote {out / 'summary.md'}, {out / 'results.json'}, {out / 'ppl_vs_flops.png'}; "
+        f"TensorBoard, every run side by side: tensorboard --logdir {out / 'runs'}"
     )
     return out
 

@@ -90,8 +90,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         for path in stale:
             _remove(path)
         rank_zero_info(
-            f"removed {len(stale)} temporary checkpoint file(s) left by a run killed while saving ({size / 2**20:.1f} MiB): "
-            + ", ".join(str(p) for p in stale)
+            f"removed {len(stale)} temporary checkpoint file(s) left "
+            f"by a run killed while saving ({size / 2**20:.1f} MiB): " + ", ".join(str(p) for p in stale)
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -128,8 +128,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if not healthy:
             if not self._in_spike and math.isfinite(value):  # once per spike, not once per step
                 rank_zero_warn(
-                    f"training loss {value:.4g} at step {self._weights_step} is a spike (over {self.spike_factor:g}x the recent median "
-                    f"{median:.4g}): {LAST_GOOD} stays at {self.last_good_path or 'none yet'} until the loss recovers"
+                    f"training loss {value:.4g} at step {self._weights_step} is a spike (over "
+                    f"{self.spike_factor:g}x the recent median {median:.4g}): {LAST_GOOD} "
+                    f"stays at {self.last_good_path or 'none yet'} until the loss recovers"
                 )
             self._in_spike = True
             self._candidate = None

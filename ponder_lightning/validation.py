@@ -106,7 +106,8 @@ def _violation(value: Any, hint: Any) -> str | None:
     if origin in (tuple, list) and isinstance(value, (tuple, list)):
         variadic = origin is list or (len(args) == 2 and args[1] is Ellipsis)
         element_hints = [args[0]] * len(value) if variadic else list(args)
-        for i, (element, element_hint) in enumerate(zip(value, element_hints)):
+        # a tuple of the wrong length is left to jsonargparse: only the elements present are checked
+        for i, (element, element_hint) in enumerate(zip(value, element_hints, strict=False)):
             reason = _violation(element, element_hint)
             if reason is not None:
                 return f"has element {i} = {element!r}, which {reason.removeprefix('must')}".replace(

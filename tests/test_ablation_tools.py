@@ -61,11 +61,13 @@ def test_a_control_whose_mask_coincides_reproduces_the_learned_gate():
     assert 0.05 < 1 - trace.active_fractions()[-1] < 0.95, "the test needs partial halting"
     # The control machinery with the gate's own rule: identical outputs, halting included.
     same, same_trace = run(model, ids, AtThreshold(model.gate, model.gate.tau))
-    assert torch.equal(same, logits) and all(torch.equal(a, b) for a, b in zip(same_trace.active, trace.active))
+    assert torch.equal(same, logits) and all(
+        torch.equal(a, b) for a, b in zip(same_trace.active, trace.active, strict=True)
+    )
     # Random pruning keeps the learned scores: the first decision sees the same states.
     _, random_trace = run(model, ids, MatchedRandomPruning(model.gate, trace.active_fractions().tolist(), seed=3))
     assert torch.equal(random_trace.scores[0], trace.scores[0])
-    assert not all(torch.equal(a, b) for a, b in zip(random_trace.active, trace.active))
+    assert not all(torch.equal(a, b) for a, b in zip(random_trace.active, trace.active, strict=True))
 
 
 def test_random_pruning_with_nothing_to_halt_is_the_learned_gate_at_full_depth():

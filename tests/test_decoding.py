@@ -183,7 +183,10 @@ def test_sampling_controls():
     assert torch.equal(sample(logits, 0.0, None, None, None), logits.argmax(-1))
     assert torch.equal(sample(logits, 1.0, 1, None, None), logits.argmax(-1))
     assert torch.equal(sample(logits, 1.0, None, 1e-6, None), logits.argmax(-1))
-    draws = lambda: sample(logits, 1.0, 5, None, torch.Generator().manual_seed(3))
+
+    def draws():
+        return sample(logits, 1.0, 5, None, torch.Generator().manual_seed(3))
+
     assert torch.equal(draws(), draws())
     top5 = logits.topk(5, dim=-1).indices
     for _ in range(20):

@@ -153,19 +153,19 @@ def test_bottom_k_loss_and_gate_are_batch_global_across_ranks(tmp_path):
         for r, got in enumerate(ranks):
             assert got[operand]["loss"] == pytest.approx(expected["loss"], abs=1e-6)
             assert got[operand]["describe"] == pytest.approx(expected["describe"])
-            for grad, full in zip(got[operand]["grads"], expected["grads"]):
+            for grad, full in zip(got[operand]["grads"], expected["grads"], strict=True):
                 torch.testing.assert_close(grad / 2, full[2 * r : 2 * r + 2])
     # the bottom k ends inside a run of equal scores: the tie rule decides which of them count
     case = global_selection_inputs()
-    values = torch.cat([s[a] for s, a in zip(case["scores"], case["active"])])
-    grads = torch.cat([g[a] for g, a in zip(single["score"]["grads"], case["active"])])
+    values = torch.cat([s[a] for s, a in zip(case["scores"], case["active"][:-1], strict=True)])
+    grads = torch.cat([g[a] for g, a in zip(single["score"]["grads"], case["active"][:-1], strict=True)])
     at_cut = values == single["score"]["describe"]["cutoff_score"]
     assert (grads[at_cut] != 0).any() and (grads[at_cut] == 0).any()
     masks, valid = single["gate"]["active"], case["active"][0]
-    for before, after in zip([valid, *masks[:2], valid, *masks[3:5]], masks):
+    for before, after in zip([valid, *masks[:2], valid, *masks[3:5]], masks, strict=True):
         assert (before & ~after).any() and after.any()  # every decision halts some tokens, not all
     for r, got in enumerate(ranks):
-        for mine, full in zip(got["gate"]["active"], single["gate"]["active"]):
+        for mine, full in zip(got["gate"]["active"], single["gate"]["active"], strict=True):
             assert torch.equal(mine, full[2 * r : 2 * r + 2])
         assert torch.equal(got["gate"]["thresholds"], single["gate"]["thresholds"])
 

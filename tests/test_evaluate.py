@@ -67,7 +67,7 @@ def test_gate_study_controls_share_the_weights_and_match_the_profile():
     assert full["depth_mean"] == 4.0 and full["flops_x_vanilla"] > learned["flops_x_vanilla"]
     assert len(random_rows) == 2
     for row in random_rows:  # random pruning at the learned per-iteration profile: iso-FLOPs
-        for got, want in zip(row["active_fractions"], learned["active_fractions"]):
+        for got, want in zip(row["active_fractions"], learned["active_fractions"], strict=True):
             assert abs(got - want) < 0.06, (row["active_fractions"], learned["active_fractions"])
     assert random_rows[0]["loss"] != random_rows[1]["loss"]  # two seeds, two draws
     assert set(study["difficulty"]) == {"nll_full_depth", "nll_first_pass", "nll_reference", "pondering_gain"}

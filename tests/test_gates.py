@@ -312,7 +312,7 @@ def test_fixed_ratio_gate_realises_schedule(schedule, target):
         masks.append(active)
     realised = [m.float().mean().item() for m in masks]
     expected = active_fractions(schedule, n, target)
-    for r, e in zip(realised, expected):
+    for r, e in zip(realised, expected, strict=True):
         assert r == pytest.approx(e, abs=0.02), (realised, expected)
     mean_depth = torch.stack(masks).sum(0).float().mean().item()
     assert mean_depth == pytest.approx(target, abs=0.03)
@@ -327,7 +327,7 @@ def test_fixed_ratio_gate_deterministic_and_local():
     act = all_active(b, t)
     first = [g(None, i, act, tokens, pos).active for i in range(3)]
     again = [g(None, i, act, tokens.clone(), pos.clone()).active for i in range(3)]
-    for a, c in zip(first, again):
+    for a, c in zip(first, again, strict=True):
         assert torch.equal(a, c)
     # change every other token and row: row 0's unchanged (token, position) pairs keep their draws
     tokens2 = tokens.clone()
@@ -397,10 +397,10 @@ def test_ponder_loss_value_by_hand():
     active[2] &= active[1]
     # inactive entries get the smallest scores: they must be ignored
     with torch.no_grad():
-        for s, a in zip(scores, active):
+        for s, a in zip(scores, active, strict=True):
             s[~a] = -1.0
     loss = reg(scores, active, step=5)
-    vals = sorted(v for s, a in zip(scores, active) for v in s[a].tolist())
+    vals = sorted(v for s, a in zip(scores, active, strict=True) for v in s[a].tolist())
     k = int(0.25 * len(vals))
     assert k > 0
     expected = 0.3 * sum(vals[:k]) / k
@@ -408,10 +408,10 @@ def test_ponder_loss_value_by_hand():
     assert all(v >= 0 for v in vals[:k])
     loss.backward()
     # gradient only on the k selected entries, lam / k each
-    grads = torch.cat([s.grad[a] for s, a in zip(scores, active)])
+    grads = torch.cat([s.grad[a] for s, a in zip(scores, active, strict=True)])
     assert int((grads != 0).sum()) == k
     assert grads[grads != 0].tolist() == pytest.approx([0.3 / k] * k)
-    for s, a in zip(scores, active):
+    for s, a in zip(scores, active, strict=True):
         assert bool((s.grad[~a] == 0).all())
 
 

@@ -29,6 +29,7 @@ line in ``LAYERS``.
 from __future__ import annotations
 
 import ast
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,10 @@ def find_cycle(edges: dict[tuple[str, str], list[Import]]) -> list[str] | None:
 
 def describe(imp: Import) -> str:
     source, target = unit_of(imp.module), unit_of(imp.target)
-    return f"{imp.where}: {source} (L{LAYERS.get(source, '?')}) imports {imp.target} ({target}, L{LAYERS.get(target, '?')})"
+    return (
+        f"{imp.where}: {source} (L{LAYERS.get(source, '?')}) "
+        f"imports {imp.target} ({target}, L{LAYERS.get(target, '?')})"
+    )
 
 
 # -- the rules ------------------------------------------------------------------------------------
@@ -197,7 +201,9 @@ def test_units_import_each_other_without_a_cycle():
     edges = unit_edges(all_imports())
     cycle = find_cycle(edges)
     if cycle is not None:
-        lines = [f"  {a} -> {b}: " + ", ".join(imp.where for imp in edges[(a, b)]) for a, b in zip(cycle, cycle[1:])]
+        lines = [
+            f"  {a} -> {b}: " + ", ".join(imp.where for imp in edges[(a, b)]) for a, b in itertools.pairwise(cycle)
+        ]
         pytest.fail(f"the units import each other in a cycle {' -> '.join(cycle)}:\n" + "\n".join(lines), pytrace=False)
 
 
@@ -211,7 +217,8 @@ def test_nn_is_plain_pytorch():
             bad.append(f"{imp.where}: nn imports {imp.target} (nn is plain PyTorch: no Lightning)")
         elif unit is not None and unit not in NN_ALLOWED:
             bad.append(
-                f"{imp.where}: nn imports {imp.target} (of this package nn may import only {sorted(NN_ALLOWED - {'nn'})})"
+                f"{imp.where}: nn imports {imp.target} (of this package "
+                f"nn may import only {sorted(NN_ALLOWED - {'nn'})})"
             )
     if bad:
         pytest.fail("\n".join(bad), pytrace=False)

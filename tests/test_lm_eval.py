@@ -87,7 +87,7 @@ def test_loglikelihood_equals_own_scoring(checkpoint, model):
         own_score(model, [EOS], list(b"hello")),
         own_score(model, list(greedy_context.encode()), list(greedy_byte.encode())),
     ]
-    for (logprob, greedy), (want, want_greedy) in zip(got, expected):
+    for (logprob, greedy), (want, want_greedy) in zip(got, expected, strict=True):
         assert abs(logprob - want) < 1e-5, (logprob, want)
         assert greedy == want_greedy
     assert got[-1][1] is True and got[0][1] is False
@@ -141,7 +141,7 @@ def test_generate_until_cuts_at_stop_strings(checkpoint, model):
     stop = free[0][len(free[0]) // 2]  # a character the greedy continuation does produce
     lm = PonderLightningLM(checkpoint=str(checkpoint), batch_size=2)
     got = lm.generate_until(requests("generate_until", *[(p, {"until": [stop], "max_gen_toks": 12}) for p in prompts]))
-    for text, full in zip(got, free):
+    for text, full in zip(got, free, strict=True):
         assert text == full.split("<|endoftext|>")[0].split(stop)[0]
         assert stop not in text
     generated = lm.compute_report()["by_request_type"]["generate_until"]

@@ -29,9 +29,7 @@ DOCS = [
 def write_files(tmp_path: Path) -> list[Path]:
     """Three Pile-format files (two compressed) holding DOCS in order."""
     files = []
-    for k, (name, docs) in enumerate(
-        (("a.jsonl.zst", DOCS[:25]), ("b.jsonl", DOCS[25:40]), ("c.jsonl.zst", DOCS[40:]))
-    ):
+    for name, docs in (("a.jsonl.zst", DOCS[:25]), ("b.jsonl", DOCS[25:40]), ("c.jsonl.zst", DOCS[40:])):
         data = "".join(json.dumps({"text": d, "meta": {"pile_set_name": "test"}}) + "\n" for d in docs).encode()
         path = tmp_path / "pile" / name
         path.parent.mkdir(exist_ok=True)

@@ -14,13 +14,7 @@ import pytest
 import torch
 
 from ponder_lightning import flops
-from ponder_lightning.gates import (
-    BottomKGate,
-    BottomKPonderLoss,
-    FixedRatioGate,
-    Gate,
-    GateDecision,
-)
+from ponder_lightning.gates import BottomKGate, BottomKPonderLoss, FixedRatioGate, Gate, GateDecision
 from ponder_lightning.gates.base import mlp_flops
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
 
@@ -481,7 +475,7 @@ def test_activation_checkpointing_same_loss_and_gradients():
         ce.backward()
         losses.append(ce.item())
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         if p.grad is None:
             assert q.grad is None, name
         else:

@@ -160,7 +160,7 @@ def test_bpe4k_round_trips_corpus_and_unicode_text(bpe4k, corpus_split):
     texts = train[:5] + val + UNICODE_TEXTS + list(PYTHIA_IDS)
     encoded = bpe4k.encode_batch(texts)
     assert encoded == [bpe4k.encode(t) for t in texts]
-    for text, ids in zip(texts, encoded):
+    for text, ids in zip(texts, encoded, strict=True):
         assert bpe4k.decode(ids) == text
         assert min(ids) > 1 and max(ids) < bpe4k.vocab_size  # no EOS or padding ids from text
     assert len(bpe4k.encode("Return the number of items in the container.")) <= 10  # whole words

@@ -71,7 +71,7 @@ def own_numeric_args() -> list[tuple[type, str, typing.Any]]:
     out = []
     for cls in PUBLIC:
         hints = typing.get_type_hints(cls.__init__)
-        for name, param in inspect.signature(cls.__init__).parameters.items():
+        for name in inspect.signature(cls.__init__).parameters:
             if name in hints and _numeric(hints[name]) and name in cls.__init__.__code__.co_varnames:
                 out.append((cls, name, hints[name]))
     return out

@@ -163,9 +163,9 @@ class PileDataModule(L.LightningDataModule):
         num_batches = min(self.val_batches, len(self.val_dataset) // self.batch_size)
         if num_batches == 0 and (self.val_fraction > 0 or self.val_files is not None):
             rank_zero_warn(
-                f"validation data gives {len(self.val_dataset)} blocks of {self.seq_len + 1} tokens, fewer than one global "
-                f"batch (data.batch_size={self.batch_size}), so nothing is validated: raise data.val_fraction, pass "
-                "larger data.val_files, or lower data.seq_len or data.batch_size"
+                f"validation data gives {len(self.val_dataset)} blocks of {self.seq_len + 1} tokens, fewer "
+                f"than one global batch (data.batch_size={self.batch_size}), so nothing is validated: raise "
+                "data.val_fraction, pass larger data.val_files, or lower data.seq_len or data.batch_size"
             )
         return self._loader(self.val_dataset, EvalBatchSampler(num_batches, self.batch_size, rank, world))
 

@@ -136,12 +136,14 @@ def _bin_files(idx_path: Path) -> list[Path]:
     )
     if not parts:
         raise UserError(
-            f"{single} is missing (nor are there parts {idx_path.stem}-NNNNN-of-NNNNN.bin): download the .bin next to the .idx"
+            f"{single} is missing (nor are there parts "
+            f"{idx_path.stem}-NNNNN-of-NNNNN.bin): download the .bin next to the .idx"
         )
     total = parts[0][1]
     if [n for n, _, _ in parts] != list(range(total)) or any(t != total for _, t, _ in parts):
         raise UserError(
-            f"{idx_path.parent}: the parts of {idx_path.stem}.bin are incomplete ({len(parts)} of {total}): download them all"
+            f"{idx_path.parent}: the parts of {idx_path.stem}.bin are "
+            f"incomplete ({len(parts)} of {total}): download them all"
         )
     return [p for _, _, p in parts]
 
@@ -154,7 +156,8 @@ def _check_sizes(index: MegatronIndex, bins: list[Path]) -> None:
             raise UserError(f"{p} is corrupt: {p.stat().st_size} bytes is not a multiple of {itemsize} ({index.dtype})")
     if len(index.pointers) and int(index.pointers[0]) != 0:
         raise UserError(
-            f"{index.path}: the first sequence starts at byte {int(index.pointers[0])}, not 0: not a packed Megatron dataset"
+            f"{index.path}: the first sequence starts at byte "
+            f"{int(index.pointers[0])}, not 0: not a packed Megatron dataset"
         )
     if total != index.num_tokens * itemsize:
         raise UserError(
@@ -176,13 +179,13 @@ def _check_sample(index: MegatronIndex, stream: TokenStream, tokenizer: Tokenize
     if len(last_tokens) and not np.all(last_tokens == tokenizer.eos_id):
         bad = int(np.count_nonzero(last_tokens != tokenizer.eos_id))
         raise UserError(
-            f"{index.path}: {bad} of {len(last_tokens)} sampled documents do not end with EOS id {tokenizer.eos_id} of "
-            f"tokenizer {tokenizer.name}: the data must be made with --append-eod and read with the tokenizer that made "
-            "it (--data.tokenizer neox for Pythia)"
+            f"{index.path}: {bad} of {len(last_tokens)} sampled documents do not end with EOS id "
+            f"{tokenizer.eos_id} of tokenizer {tokenizer.name}: the data must be made with "
+            "--append-eod and read with the tokenizer that made it (--data.tokenizer neox for Pythia)"
         )
     head = stream.read(int(starts[0]), int(ends[min(len(ends), _SAMPLE) - 1]))
     if head.size and int(head.max()) >= tokenizer.vocab_size:
         raise UserError(
-            f"{index.path} holds token id {int(head.max())} but tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids: "
-            "use the tokenizer the data was made with (--data.tokenizer neox for Pythia)"
+            f"{index.path} holds token id {int(head.max())} but tokenizer {tokenizer.name} has "
+            f"{tokenizer.vocab_size} ids: use the tokenizer the data was made with (--data.tokenizer neox for Pythia)"
         )

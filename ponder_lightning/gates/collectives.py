@@ -32,4 +32,4 @@ def gather_rows(tensor: Tensor) -> tuple[Tensor, int]:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, rows)]), sum(rows[: dist.get_rank()])
+    return torch.cat([part[:n] for part, n in zip(parts, rows, strict=True)]), sum(rows[: dist.get_rank()])

@@ -16,6 +16,8 @@ None of them has parameters of its own: they are built at evaluation time and ne
 
 from __future__ import annotations
 
+import itertools
+
 from torch import Tensor
 
 from ponder_lightning.gates.base import halt_below
@@ -90,7 +92,7 @@ class MatchedRandomPruning(GateControl):
         self.seed = seed
         self.halt_probs = [
             min(max(1.0 - after / before, 0.0), 1.0) if before > 0 else 1.0
-            for before, after in zip(active_fractions[:-1], active_fractions[1:])
+            for before, after in itertools.pairwise(active_fractions)
         ]
 
     def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:

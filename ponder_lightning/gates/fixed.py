@@ -21,8 +21,9 @@ def active_fractions(schedule: str, n_iterations: int, target_depth: float) -> l
     if schedule == "uniform":
         if n_iterations > 1 and target_depth < (n_iterations + 1) / 2:
             raise ValueError(
-                f"a uniform schedule over {n_iterations} iterations reaches mean depth {(n_iterations + 1) / 2} at the least "
-                f"(its last iteration would need a negative active fraction for {target_depth}): use schedule 'geometric'"
+                f"a uniform schedule over {n_iterations} iterations reaches mean depth "
+                f"{(n_iterations + 1) / 2} at the least (its last iteration would need a "
+                f"negative active fraction for {target_depth}): use schedule 'geometric'"
             )
         step = 2 * (n_iterations - target_depth) / (n_iterations * (n_iterations - 1)) if n_iterations > 1 else 0.0
         return [1.0 - i * step for i in range(n_iterations)]

@@ -114,7 +114,7 @@ class BottomKPonderLoss(PonderRegularizer):
         scores: list[Tensor | None], active: list[Tensor], continuing: list[Tensor] | None
     ) -> tuple[Tensor, Tensor] | None:
         """Scores of the active entries, decision by decision in row-major order, and whether each went on."""
-        pairs = [(i, s, a) for i, (s, a) in enumerate(zip(scores, active)) if s is not None]
+        pairs = [(i, s, a) for i, (s, a) in enumerate(zip(scores, active, strict=True)) if s is not None]
         if not pairs:
             return None
         values = torch.cat([s[a] for _, s, a in pairs])
@@ -135,7 +135,7 @@ class BottomKPonderLoss(PonderRegularizer):
     ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None] | None, int]:
         """The detached scores and masks of all ranks' rows (one collective), as one process has
         them, and the first global row of this rank. Decisions without scores stay None."""
-        used = [i for i, (s, _) in enumerate(zip(scores, active)) if s is not None]
+        used = [i for i, (s, _) in enumerate(zip(scores, active, strict=True)) if s is not None]
         dtype = torch.promote_types(scores[used[0]].dtype, torch.float32)
         planes = []
         for i in used:
@@ -179,7 +179,7 @@ class BottomKPonderLoss(PonderRegularizer):
             return values.sum() * 0.0
         # owner[j]: the index in `values` of global entry j when this rank holds it, else -1.
         owner, offset = [], 0
-        for i, (s, a) in enumerate(zip(scores, active)):
+        for i, (s, a) in enumerate(zip(scores, active, strict=True)):
             if s is None:
                 continue
             ids = torch.full_like(g_active[i], -1, dtype=torch.long)

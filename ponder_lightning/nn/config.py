@@ -46,8 +46,8 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_head:
             raise UserError(
-                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: pick sizes with d_model % n_head == "
-                "0"
+                f"d_model={self.d_model} is not divisible by n_head={self.n_head}: "
+                "pick sizes with d_model % n_head == 0"
             )
         if self.block not in ("neox", "llama"):
             raise UserError(f"unknown block type {self.block!r}: use 'neox' or 'llama'")

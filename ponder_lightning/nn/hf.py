@@ -64,13 +64,13 @@ def read_hf_config(path: str | Path) -> BackboneConfig:
         return _read_llama_config(raw, path)
     if raw.get("model_type") != "gpt_neox":
         raise UserError(
-            f"{path}/config.json has model_type={raw.get('model_type')!r}; only 'gpt_neox' and 'llama' checkpoints "
-            "load here"
+            f"{path}/config.json has model_type={raw.get('model_type')!r}; "
+            "only 'gpt_neox' and 'llama' checkpoints load here"
         )
     if not raw.get("use_parallel_residual", True) or raw.get("hidden_act", "gelu") != "gelu":
         raise UserError(
-            f"{path}/config.json uses a GPT-NeoX variant (sequential residual or non-GELU) that this backbone does not "
-            "implement"
+            f"{path}/config.json uses a GPT-NeoX variant (sequential residual or non-GELU) "
+            "that this backbone does not implement"
         )
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     d_model, n_head = raw["hidden_size"], raw["num_attention_heads"]
@@ -120,8 +120,8 @@ def _read_llama_config(raw: dict, path: str | Path) -> BackboneConfig:
     )
     if cfg.d_ff != raw["intermediate_size"]:
         raise UserError(
-            f"{path}/config.json: intermediate_size={raw['intermediate_size']} is not representable as a width ratio "
-            "of hidden_size"
+            f"{path}/config.json: intermediate_size={raw['intermediate_size']} "
+            "is not representable as a width ratio of hidden_size"
         )
     return cfg
 
