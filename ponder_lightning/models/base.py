@@ -92,6 +92,9 @@ class CausalLMModule(L.LightningModule):
         weight_decay: AdamW decay on matrices and embeddings, never on biases and norms.
         betas: AdamW betas (paper: 0.9, 0.95).
         activation_checkpointing: recompute each layer in the backward pass to save memory.
+        compile: compile each decoder layer for training steps (`torch.compile`, fullgraph, per
+            block as torchtitan does, before FSDP2 sharding); validation and decoding stay eager.
+            Pays on GPUs; on CPU measure first (benchmarks/compile_speed.py).
         pretrained: local directory whose weights replace the initial backbone: a Hugging Face
             GPT-NeoX/LLaMA checkpoint (e.g. a Pythia download), a `--format transformers` export
             of this library (a model of the same class also takes its gates), or the PonderLM
@@ -115,6 +118,7 @@ class CausalLMModule(L.LightningModule):
         weight_decay: NonNegativeFloat = 0.01,
         betas: tuple[HalfOpenUnitInterval, HalfOpenUnitInterval] = (0.9, 0.95),
         activation_checkpointing: bool = False,
+        compile: bool = False,
         pretrained: str | None = None,
         *,
         n_iterations: PositiveInt = 1,
@@ -289,7 +293,10 @@ class CausalLMModule(L.LightningModule):
         apply_optimizer_changes(checkpoint, dict(self.hparams))
 
     def configure_model(self) -> None:
-        """Under Lightning's ModelParallelStrategy, shard with FSDP2 (`parallel.shard_model`)."""
+        """Compile the layers if asked; under Lightning's ModelParallelStrategy, then shard with
+        FSDP2 (`parallel.shard_model`)."""
+        if self.hparams.compile:
+            self.backbone.compile_layers()
         if self.device_mesh is not None:
             shard_model(self, self.device_mesh)
 

@@ -10,8 +10,10 @@ decode caches) without a second copy of the attention code.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,23 @@ class KVHook(Protocol):
     """Sees each layer's K and V (after rotary, shape [B, H, T, Dh]) and returns the ones to attend to.
 
     A hook may replace rows (halted tokens keep old K/V) or prepend cached keys (decoding); the
-    attention mask passed to the backbone must then match the returned key length.
+    attention mask passed to the backbone must then match the returned key length. A hook may
+    also offer `for_layer(i)`, the same hook bound to layer i as a `(k, v)` callable whose state
+    is tensors, so that a compiled block sees no layer index (one graph for every layer).
     """
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+#: the hook as one layer's block calls it
+LayerKVHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def layer_hook(kv_hook: KVHook | None, layer: int) -> LayerKVHook | None:
+    if kv_hook is None:
+        return None
+    for_layer = getattr(kv_hook, "for_layer", None)
+    return for_layer(layer) if for_layer is not None else partial(kv_hook, layer)
 
 
 class Rotary(nn.Module):
@@ -104,14 +119,14 @@ def causal_attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor
 
 
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: LayerKVHook | None
 ) -> Tensor:
     """What every block type's attention shares: rotary on q and k, the K/V hook, SDPA.
     q, k, v are [B, H, T, Dh]; returns the heads concatenated, [B, T, H * Dh]."""
     b, _, t, _ = q.shape
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     if kv_hook is not None:
-        k, v = kv_hook(layer, k, v)
+        k, v = kv_hook(k, v)
     if isinstance(mask, CausalKeyBias):
         return causal_attention_with_key_bias(q, k, v, mask.bias).transpose(1, 2).reshape(b, t, -1)
     if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
@@ -129,12 +144,12 @@ class NeoXAttention(nn.Module):
         self.query_key_value = Linear(cfg.d_model, 3 * cfg.d_model)
         self.dense = Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: LayerKVHook | None) -> Tensor:
         b, t, _ = x.shape
         # Pythia's fused layout is per head [q|k|v]; keep it so released checkpoints load unchanged.
         qkv = self.query_key_value(x).view(b, t, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)
-        return self.dense(attend(q, k, v, cos, sin, mask, kv_hook, layer))
+        return self.dense(attend(q, k, v, cos, sin, mask, kv_hook))
 
 
 class NeoXMLP(nn.Module):
@@ -147,18 +162,28 @@ class NeoXMLP(nn.Module):
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
 
 
-class NeoXBlock(nn.Module):
+class Block(nn.Module):
+    """A decoder layer: two norms, attention (under transformers' name for it, so checkpoints load
+    by renaming) and an MLP; the block types differ in the norm, the parts and the residual wiring."""
+
+    def __init__(
+        self, cfg: BackboneConfig, norm: type[nn.Module], attention_name: str, attention: nn.Module, mlp: nn.Module
+    ):
+        super().__init__()
+        self.input_layernorm = norm(cfg.d_model, eps=cfg.norm_eps)
+        self.post_attention_layernorm = norm(cfg.d_model, eps=cfg.norm_eps)
+        setattr(self, attention_name, attention)
+        self.mlp = mlp
+
+
+class NeoXBlock(Block):
     """Parallel residual: x + attn(ln1(x)) + mlp(ln2(x))."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__()
-        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attention = NeoXAttention(cfg)
-        self.mlp = NeoXMLP(cfg)
+        super().__init__(cfg, nn.LayerNorm, "attention", NeoXAttention(cfg), NeoXMLP(cfg))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
-        attn = self.attention(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: LayerKVHook | None) -> Tensor:
+        attn = self.attention(self.input_layernorm(x), cos, sin, mask, kv_hook)
         return x + attn + self.mlp(self.post_attention_layernorm(x))
 
     def output_projections(self) -> list[nn.Linear]:
@@ -176,13 +201,13 @@ class LlamaAttention(nn.Module):
             Linear(cfg.d_model, cfg.d_model, bias=False) for _ in range(4)
         )
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: LayerKVHook | None) -> Tensor:
         b, t, _ = x.shape
         q, k, v = (
             proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
-        return self.o_proj(attend(q, k, v, cos, sin, mask, kv_hook, layer))
+        return self.o_proj(attend(q, k, v, cos, sin, mask, kv_hook))
 
 
 class LlamaMLP(nn.Module):
@@ -198,26 +223,36 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaBlock(nn.Module):
+class LlamaBlock(Block):
     """Sequential residual with RMSNorm: h = x + attn(norm1(x)); h + mlp(norm2(h))."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
-        self.mlp = LlamaMLP(cfg)
+        super().__init__(cfg, nn.RMSNorm, "self_attn", LlamaAttention(cfg), LlamaMLP(cfg))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: KVHook | None, layer: int) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_hook, layer)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Mask, kv_hook: LayerKVHook | None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_hook)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def output_projections(self) -> list[nn.Linear]:
         return [self.self_attn.o_proj, self.mlp.down_proj]
 
 
-BLOCKS: dict[str, type[nn.Module]] = {"neox": NeoXBlock, "llama": LlamaBlock}
+BLOCKS: dict[str, type[Block]] = {"neox": NeoXBlock, "llama": LlamaBlock}
 FINAL_NORMS: dict[str, type[nn.Module]] = {"neox": nn.LayerNorm, "llama": nn.RMSNorm}
+
+
+#: how many compiled variants of one block class a process may hold (see `compile_layers`)
+COMPILED_GRAPHS_PER_BLOCK = 64
+
+
+class CompiledWhenTraining:
+    """A layer's forward that runs compiled while autograd records and eager otherwise."""
+
+    def __init__(self, compiled: Callable[..., Tensor], eager: Callable[..., Tensor]) -> None:
+        self.compiled, self.eager = compiled, eager
+
+    def __call__(self, *args: Any) -> Tensor:
+        return (self.compiled if torch.is_grad_enabled() else self.eager)(*args)
 
 
 class Backbone(nn.Module):
@@ -278,11 +313,29 @@ class Backbone(nn.Module):
         """
         cos, sin = self.rotary(positions, x.shape[1])
         for i, layer in enumerate(self.layers):
+            hook = layer_hook(kv_hook, i)
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, kv_hook, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, hook, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_hook, i)
+                x = layer(x, cos, sin, mask, hook)
         return self.final_layer_norm(x) if final_norm else x
+
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """Compile each decoder layer's forward with `torch.compile(fullgraph=True)` (no graph
+        break inside a block; the recurrence and the K/V hooks around it stay Python). The
+        compiled forward runs where autograd records (training steps, so shapes are static);
+        validation and decoding, whose shapes vary and whose CPU matmuls are oneDNN's, run eager.
+        Module names and the state dict are unchanged; sharding (FSDP2) may follow."""
+        # Dynamo caches graphs per code object: a block class keeps a few per model (first pass
+        # without K/V to align, later passes with it, padded or not) and every model of the
+        # process shares them, so torch's default limit of 8 is too low for fullgraph's hard stop.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+        for layer in self.layers:
+            if not isinstance(layer.forward, CompiledWhenTraining):
+                # The class's forward, compiled once with the layer as an input: every layer shares
+                # one graph instead of recompiling per instance.
+                compiled = torch.compile(type(layer).forward, fullgraph=True, dynamic=False, backend=backend)
+                layer.forward = CompiledWhenTraining(partial(compiled, layer), layer.forward)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """Token embeddings [B, T, d], times `embed_scale`."""

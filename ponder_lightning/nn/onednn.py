@@ -60,11 +60,11 @@ class prepacked_weights(ContextDecorator):
 
 
 def _uses_packed(x: Tensor, weight: Tensor) -> bool:
-    return (
-        getattr(_state, "depth", 0) > 0
+    return (  # autograd first: a compiled training step then never reads the thread-local state
+        not torch.is_grad_enabled()
+        and getattr(_state, "depth", 0) > 0
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
-        and not torch.is_grad_enabled()
         and available()
         and not _failures
     )

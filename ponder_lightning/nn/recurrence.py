@@ -143,20 +143,37 @@ class KVAlignment:
     """KV reuse in the training-time `where` form: in every layer, a token that is not active at
     this iteration attends and is attended with the K/V of its last active iteration.
 
-    One instance per iteration; it only reads the previous iteration's K/V and writes its own, so
-    re-running it under activation checkpointing recomputes the same values.
+    One instance per iteration, one `AlignedLayer` per layer; each only reads the previous
+    iteration's K/V and writes its own, so re-running it under activation checkpointing
+    recomputes the same values.
     """
 
     def __init__(self, previous: KVAlignment | None, active: Tensor) -> None:
         self.previous = previous
         self.keep_new = active[:, None, :, None]
-        self.kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.layers: dict[int, AlignedLayer] = {}
+
+    def for_layer(self, layer: int) -> AlignedLayer:
+        if layer not in self.layers:
+            old = None if self.previous is None else self.previous.layers[layer].kv
+            self.layers[layer] = AlignedLayer(old, self.keep_new)
+        return self.layers[layer]
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.previous is not None:
-            old_k, old_v = self.previous.kv[layer]
-            k, v = torch.where(self.keep_new, k, old_k), torch.where(self.keep_new, v, old_v)
-        self.kv[layer] = (k, v)
+        return self.for_layer(layer)(k, v)
+
+
+class AlignedLayer:
+    """One layer's KV alignment: tensors only, so a compiled block traces it without a layer index."""
+
+    def __init__(self, old: tuple[Tensor, Tensor] | None, keep_new: Tensor) -> None:
+        self.old, self.keep_new = old, keep_new
+        self.kv: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.old is not None:
+            k, v = torch.where(self.keep_new, k, self.old[0]), torch.where(self.keep_new, v, self.old[1])
+        self.kv = (k, v)
         return k, v
 
 
