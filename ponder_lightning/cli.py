@@ -413,6 +413,16 @@ COMMANDS = {
 }
 
 
+def close_process_group() -> None:
+    """Tear down a distributed run's process group before the interpreter exits: left to
+    interpreter shutdown, gloo's threads can abort a finished rank ("terminate called without an
+    active exception", exit code -6), which fails the job after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     try:
@@ -420,6 +430,7 @@ def main(args: list[str] | None = None) -> None:
             COMMANDS[argv[0]](argv[1:])
         else:
             run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
+        close_process_group()
     except argparse.ArgumentError as err:  # from the config parser (exit_on_error=False)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {parser_error_message(str(err), argv)}", file=sys.stderr)

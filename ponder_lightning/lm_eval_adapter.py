@@ -147,9 +147,10 @@ class PonderLightningLM(LM):
             model = model.to(getattr(torch, str(dtype)))
         self.model = model.eval()
         if tau is not None:
-            if not hasattr(self.model.gate, "tau"):
-                raise UserError(f"tau={tau}: {type(self.model.gate).__name__} has no halting threshold")
-            self.model.gate.tau = float(tau)
+            gate = getattr(self.model, "gate", None)  # latent-slot models (PonderLM-2/3) have no token gate
+            if not hasattr(gate, "tau"):
+                raise UserError(f"tau={tau}: {type(self.model).__name__} has no gate with a halting threshold")
+            gate.tau = float(tau)
 
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise UserError(
@@ -246,7 +247,7 @@ class PonderLightningLM(LM):
         report = self._summarise(total)
         report["model"] = type(self.model).__name__
         report["n_iterations"] = int(self.model.n_iterations)
-        report["tau"] = getattr(self.model.gate, "tau", None)
+        report["tau"] = getattr(getattr(self.model, "gate", None), "tau", None)
         report["by_request_type"] = {kind: self._summarise(t) for kind, t in self._tallies.items() if t.tokens}
         return report
 

@@ -20,7 +20,7 @@ from ponder_lightning.data import load_tokenizer  # noqa: E402
 from ponder_lightning.generate import generate  # noqa: E402
 from ponder_lightning.hf_export import export_hf  # noqa: E402
 from ponder_lightning.lm_eval_adapter import PonderLightningLM, format_compute_report, main  # noqa: E402
-from ponder_lightning.models import AdaPonderLM  # noqa: E402
+from ponder_lightning.models import AdaPonderLM, PonderLM2  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
@@ -201,3 +201,19 @@ def test_cli_prints_scores_and_compute(checkpoint, tmp_path, monkeypatch, capsys
     assert "ponder_tiny_choice" in printed and "acc" in printed and "FLOPs x vanilla" in printed
     saved = json.loads(out.read_text())
     assert saved["compute"]["tokens"] > 0 and "acc,none" in saved["results"]["ponder_tiny_choice"]
+
+
+def test_latent_models_score_and_report_without_a_gate(tmp_path):
+    """PonderLM-2/3 have no token gate: the adapter scores them and reports tau as None; a tau
+    argument is refused with a message naming the model."""
+    torch.manual_seed(0)
+    latent = export_hf(PonderLM2(size="tiny", vocab_size=384), tmp_path / "latent", tokenizer="bytes")
+    lm = PonderLightningLM(checkpoint=str(latent))
+    context, continuation = "Sample 1:", "x"
+    ((logprob, _),) = lm.loglikelihood(requests("loglikelihood", (context, continuation)))
+    expected, _ = own_score(lm.model, list(context.encode()), list(continuation.encode()))
+    assert logprob == pytest.approx(expected, abs=1e-4)
+    report = lm.compute_report()
+    assert report["model"] == "PonderLM2" and report["tau"] is None
+    with pytest.raises(Exception, match="PonderLM2 has no gate with a halting threshold"):
+        PonderLightningLM(checkpoint=str(latent), tau=0.5)
