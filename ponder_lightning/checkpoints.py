@@ -237,12 +237,7 @@ def load_ponderlm_authors_dir(path: Path) -> LoadedCheckpoint:
     raw = json.loads((path / "config.json").read_text())
     cfg = read_hf_config(path)
     model = PonderLM(
-        size=_preset_for(cfg, path),
-        n_layer=cfg.n_layer,
-        d_model=cfg.d_model,
-        n_head=cfg.n_head,
-        vocab_size=cfg.vocab_size,
-        max_seq_len=cfg.max_seq_len,
+        **_shape_of(cfg, path),
         pondering_steps=int(raw.get("pondering_steps", 3)),
         scale_embeds=bool(raw.get("scale_embeds", False)),
         multiply_pondering_steps=bool(raw.get("mutiply_pondering_steps", raw.get("multiply_pondering_steps", False))),
@@ -253,21 +248,25 @@ def load_ponderlm_authors_dir(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(model.eval(), {"global_step": 0, **tokenizer})
 
 
-def _vanilla_from_hf(path: Path) -> CausalLMModule:
-    """A VanillaLM shaped like a local GPT-NeoX checkpoint, with its weights."""
-    from ponder_lightning.models.vanilla import VanillaLM
-    from ponder_lightning.nn.hf import read_hf_config
-
-    cfg = read_hf_config(path)
-    return VanillaLM(
+def _shape_of(cfg: Any, path: Path) -> dict[str, Any]:
+    """The model arguments that reproduce a Hugging Face checkpoint's shape."""
+    return dict(
         size=_preset_for(cfg, path),
         n_layer=cfg.n_layer,
         d_model=cfg.d_model,
         n_head=cfg.n_head,
         vocab_size=cfg.vocab_size,
         max_seq_len=cfg.max_seq_len,
-        pretrained=str(path),
     )
+
+
+def _vanilla_from_hf(path: Path) -> CausalLMModule:
+    """A VanillaLM shaped like a local GPT-NeoX checkpoint, with its weights."""
+    from ponder_lightning.models.vanilla import VanillaLM
+    from ponder_lightning.nn.hf import read_hf_config
+
+    cfg = read_hf_config(path)
+    return VanillaLM(**_shape_of(cfg, path), pretrained=str(path))
 
 
 def _preset_for(cfg, path: Path) -> str:
