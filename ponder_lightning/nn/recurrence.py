@@ -29,6 +29,7 @@ from torch import Tensor
 from ponder_lightning.nn.backbone import Backbone, KVHook, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
 from ponder_lightning.nn.gate import Gate, GateDecision
+from ponder_lightning.nn.mixture import fused_vocab_mixture, fuses
 from ponder_lightning.nn.onednn import prepacked_weights, vocab_mixture
 
 
@@ -85,8 +86,10 @@ class PonderFeedback(Feedback):
     reads_logits = True
 
     def mixture(self, backbone: Backbone, out: PassOutput) -> Tensor:
+        table, head = backbone.embed_in.weight, backbone.embed_out.weight
+        if self.top_k is None and out.logits is None and fuses(out.h, head, table):  # training
+            return fused_vocab_mixture(out.h.flatten(0, -2), head, table).view(out.h.shape) * backbone.embed_scale
         logits = (backbone.logits(out.h) if out.logits is None else out.logits).float()
-        table = backbone.embed_in.weight
         if self.top_k is None:
             mixed = vocab_mixture(logits.softmax(dim=-1).to(table.dtype), table)
         else:
