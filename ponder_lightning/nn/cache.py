@@ -44,10 +44,9 @@ class KVCache:
 
     def check_room(self, rows: Tensor, slots: int) -> None:
         """Raise unless each of `rows` has `slots` more free slots."""
-        if rows.numel() and int(self.fill[rows].max()) + slots > self.max_len:
-            raise ValueError(
-                f"KV cache full: {int(self.fill[rows].max())} + {slots} slots exceed its {self.max_len} slots"
-            )
+        used = int(self.fill[rows].max()) if rows.numel() else 0
+        if used + slots > self.max_len:
+            raise ValueError(f"KV cache full: {used} + {slots} slots exceed its {self.max_len} slots")
 
     def reserve(self, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Claim the same new slots in every row for new tokens [B, T_new] (prefill); returns their

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.backbone import Backbone, KVHook, causal_mask, positions_from_valid
+from ponder_lightning.nn.backbone import Backbone, KVHook, Mask, causal_mask, positions_from_valid
 from ponder_lightning.nn.cache import CacheWriter, KVCache
 from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.nn.mixture import fused_vocab_mixture, fuses
@@ -236,7 +236,7 @@ class Recurrence:
         tokens: Tensor,
         positions: Tensor | None,
         active: Tensor,
-        mask: Tensor | None,
+        mask: Mask,
         kv_hook: KVHook | None,
         gathered: bool = False,
         keep_logits: bool = False,

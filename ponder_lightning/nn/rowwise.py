@@ -102,13 +102,10 @@ class RecurrenceRowDecoder(RowDecoder):
         total_len = int(slot.max()) + 1
         writer = CacheWriter(self.cache, current, rows, slot.unsqueeze(1), total_len)
         mask = self.cache.attention_mask(rows, slot.unsqueeze(1), total_len)
-        column = (
-            self.state[rows],
-            self.embeds[rows],
-            self.token[rows],
-            self.position[rows],
-        )  # one token per row: [n, 1, ...]
-        state, embeds, tokens, positions = (x.unsqueeze(1) for x in column)
+        # one token per row: [n, 1, ...]
+        state, embeds, tokens, positions = (
+            x[rows].unsqueeze(1) for x in (self.state, self.embeds, self.token, self.position)
+        )
         ones = torch.ones_like(tokens, dtype=torch.bool)
         step = self.recurrence.step(
             self.gate,
