@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
+from test_pretrained import save_tiny_neox
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXModel
 
 from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
@@ -173,23 +174,7 @@ def authors_reference(neox: GPTNeoXModel, head: torch.nn.Linear, ids: torch.Tens
 def test_ponderlm_authors_layout_loads_as_ponderlm(tmp_path, single_thread):
     """A GPT-NeoX directory with the config fields the authors' training code sets (and their
     unused `adapter` weight) loads as a PonderLM with their settings."""
-    config = GPTNeoXConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=512,
-        rotary_pct=0.25,
-        rotary_emb_base=10000,
-        layer_norm_eps=1e-5,
-        use_parallel_residual=True,
-        hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(1)
-    neox = GPTNeoXForCausalLM(config).eval()
-    neox.save_pretrained(tmp_path / "authors")
+    neox = save_tiny_neox(tmp_path / "authors")
     raw = json.loads((tmp_path / "authors" / "config.json").read_text())
     raw.update(ponderinglm=True, pondering_steps=3, scale_embeds=True, mutiply_pondering_steps=True)
     (tmp_path / "authors" / "config.json").write_text(json.dumps(raw))
