@@ -10,6 +10,7 @@ A study file (YAML)::
                                       # (paths: the working directory's, else the repository's)
     args: [--trainer.max_steps, "400"]  # flags every run gets
     reference: vanilla                # the run whose per-token NLL is a difficulty measure (same seed)
+    frontier: [ponderlm, ponderlm_3]  # fixed-depth runs every halting run is compared with at its FLOPs
     eval_batches: 16                  # validation batches every run is evaluated on
     runs:
       vanilla: {configs: [configs/vanilla.yaml]}
@@ -74,7 +75,7 @@ def load_study(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(study, dict) or not isinstance(study.get("runs"), dict) or not study["runs"]:
         raise UserError(f"{path}: a study needs `runs:` (a mapping of run names to their configs and args)")
-    unknown = set(study) - {"out", "seeds", "base", "args", "reference", "eval_batches", "runs"}
+    unknown = set(study) - {"out", "seeds", "base", "args", "reference", "frontier", "eval_batches", "runs"}
     if unknown:
         raise UserError(f"{path}: unknown study field(s) {sorted(unknown)}")
     study.setdefault("seeds", [1])
@@ -96,6 +97,9 @@ def load_study(path: str | Path) -> dict[str, Any]:
                 raise UserError(f"{path}: run {name} refers to {ref}, which is not trained for all of {name}'s seeds")
     if study.get("reference") is not None and study["reference"] not in study["runs"]:
         raise UserError(f"{path}: reference {study['reference']!r} is not a run of this study")
+    strangers = [name for name in study.get("frontier", []) if name not in study["runs"]]
+    if strangers:
+        raise UserError(f"{path}: frontier run(s) {strangers} are not runs of this study")
     study.setdefault("out", str(Path("studies/out") / path.stem))
     return study
 
@@ -268,7 +272,7 @@ def run_study(path: str | Path, fit: Fit) -> Path:
             }
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
-    table = summary_table(study, results)
+    table = summary_table(study, results) + "\n\n" + frontier_table(study, results)
     (out / "summary.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     write_figure(study, results, out / "ppl_vs_flops.png")
@@ -319,6 +323,62 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
     return "\n".join(lines)
 
 
+def frontier_ppl(points: list[tuple[float, float]], flops: float) -> float | None:
+    """The best perplexity fixed depth reaches with at most `flops`: `points` are (FLOPs, ppl) of
+    fixed-depth runs. Runs that another beats with no more FLOPs are dropped (a fixed-depth user
+    would not pick them, so interpolating towards them would flatter the compared run); between
+    the remaining ones the loss (log ppl) is interpolated linearly in FLOPs, and past the last one
+    the frontier stays at its perplexity. None outside the runs' FLOPs range: a frontier is not
+    extrapolated."""
+    points = sorted(points)
+    if len(points) < 2 or not points[0][0] <= flops <= points[-1][0]:
+        return None
+    pareto = [p for i, p in enumerate(points) if all(q[1] > p[1] for q in points[:i])]
+    for (x0, y0), (x1, y1) in zip(pareto, pareto[1:], strict=False):
+        if x0 <= flops <= x1:
+            t = (flops - x0) / (x1 - x0)
+            return math.exp((1 - t) * math.log(y0) + t * math.log(y1))
+    return pareto[-1][1]
+
+
+def frontier_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Every run that halts tokens against the study's fixed-depth `frontier:` runs of the same seed,
+    at its own FLOPs (`frontier_ppl`): is learned depth better than spending the same compute on
+    every token? (The fixed-depth run at the learned mean depth alone is not a match: it has fewer
+    FLOPs.)"""
+    frontier = study.get("frontier") or []
+    if len(frontier) < 2:
+        return "No fixed-depth frontier (a study's `frontier:` lists at least two fixed-depth runs)."
+    lines = [
+        f"Against fixed depth at the same FLOPs (frontier: {', '.join(frontier)}; log-ppl interpolated "
+        "linearly in FLOPs between the frontier runs that bracket each run, leaving out any run that "
+        "another beats at no more FLOPs; negative: better than fixed depth).",
+        "",
+        "| run | seed | flops_x_vanilla | ppl | fixed-depth ppl at these FLOPs | difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in study["runs"]:
+        if name in frontier:
+            continue
+        differences = []
+        for seed, runs in results.items():
+            row = runs.get(name, {})
+            if "ppl_full_depth" not in row:  # only runs whose gate halts tokens
+                continue
+            points = [(runs[f]["flops_x_vanilla"], runs[f]["ppl"]) for f in frontier if "ppl" in runs.get(f, {})]
+            fixed = frontier_ppl(points, row["flops_x_vanilla"])
+            cells = f"| {name} | {seed} | {row['flops_x_vanilla']:.3f} | {row['ppl']:.3f} |"
+            if fixed is None:
+                lines.append(cells + " outside the frontier's FLOPs | |")
+                continue
+            differences.append(row["ppl"] / fixed - 1)
+            lines.append(cells + f" {fixed:.3f} | {differences[-1]:+.2%} |")
+        if len(differences) > 1:
+            mean, spread = mean_spread(differences)
+            lines.append(f"| {name} | mean | | | | {mean:+.2%} ± {spread:.2%} |")
+    return "\n".join(lines)
+
+
 def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
@@ -330,6 +390,14 @@ def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, A
         rows = [results[s][name] for s in results if "ppl" in results[s].get(name, {})]
         if rows:
             ax.plot([r["flops_x_vanilla"] for r in rows], [r["ppl"] for r in rows], "o", label=name)
+    for seed, runs in results.items():  # the fixed-depth frontier of each seed, as interpolated
+        points = sorted(
+            (runs[f]["flops_x_vanilla"], runs[f]["ppl"])
+            for f in study.get("frontier") or []
+            if "ppl" in runs.get(f, {})
+        )
+        if len(points) > 1:
+            ax.plot(*zip(*points, strict=True), "k:", linewidth=0.8, label=f"fixed-depth frontier, seed {seed}")
     ax.set_xlabel("inference FLOPs per token (x vanilla), at the depth run")
     ax.set_ylabel("validation perplexity")
     ax.legend(fontsize=7)

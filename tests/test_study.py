@@ -11,7 +11,7 @@ import yaml
 
 from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
-from ponder_lightning.study import load_study, mean_spread, run_order
+from ponder_lightning.study import frontier_ppl, frontier_table, load_study, mean_spread, run_order
 
 TINY = [
     "--trainer.max_steps",
@@ -160,6 +160,8 @@ def test_study_file_mistakes_are_named(tmp_path):
         load_study(write_study(tmp_path, sead=[1]))
     with pytest.raises(UserError, match="does not exist"):
         load_study(tmp_path / "missing.yaml")
+    with pytest.raises(UserError, match=r"frontier run\(s\) \['ponderlm'\] are not runs"):
+        load_study(write_study(tmp_path, frontier=["vanilla", "ponderlm"]))
     with pytest.raises(UserError, match="cycle"):
         run_order({"a": {"args": ["{b:depth_mean}"]}, "b": {"args": ["{a:pondering_steps}"]}}, None)
 
@@ -168,3 +170,40 @@ def test_order_and_spread():
     assert run_order({"c": {"args": ["{a:depth_mean}"]}, "a": {}, "v": {}}, "v") == ["v", "a", "c"]
     assert mean_spread([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
     assert mean_spread([5.0]) == (5.0, 0.0)
+
+
+def test_the_fixed_depth_frontier_is_interpolated_in_loss_skips_dominated_runs_and_never_extrapolates():
+    points = [(5.0, 170.0), (3.0, 180.0)]  # (FLOPs, ppl), in any order
+    assert frontier_ppl(points, 3.0) == pytest.approx(180.0)
+    assert frontier_ppl(points, 5.0) == pytest.approx(170.0)
+    # halfway in FLOPs: halfway in loss, i.e. the geometric mean of the perplexities
+    assert frontier_ppl(points, 4.0) == pytest.approx((170.0 * 180.0) ** 0.5)
+    assert frontier_ppl(points, 2.9) is None and frontier_ppl(points, 5.1) is None
+    assert frontier_ppl([(3.0, 180.0)], 3.0) is None
+    # A deeper run that is worse than a shallower one is no frontier point: fixed depth reaches
+    # the shallower run's perplexity with any FLOPs from there on.
+    dominated = [(3.0, 170.0), (5.0, 172.0), (1.0, 190.0)]
+    assert frontier_ppl(dominated, 4.0) == pytest.approx(170.0)
+    assert frontier_ppl(dominated, 2.0) == pytest.approx((170.0 * 190.0) ** 0.5)
+
+
+def test_the_frontier_table_compares_each_halting_run_at_its_own_flops():
+    study = {"runs": {"p4": {}, "p3": {}, "ada": {}, "vanilla": {}, "far": {}}, "frontier": ["p4", "p3"]}
+
+    def seed(ada_ppl: float) -> dict:
+        return {
+            "p4": {"ppl": 170.0, "flops_x_vanilla": 5.0},
+            "p3": {"ppl": 180.0, "flops_x_vanilla": 3.0},
+            "ada": {"ppl": ada_ppl, "flops_x_vanilla": 4.0, "ppl_full_depth": 1.0},
+            "far": {"ppl": 200.0, "flops_x_vanilla": 2.0, "ppl_full_depth": 1.0},
+            "vanilla": {"ppl": 190.0, "flops_x_vanilla": 1.0},  # fixed depth: not compared
+        }
+
+    at_four = (170.0 * 180.0) ** 0.5
+    table = frontier_table(study, {1: seed(at_four * 0.99), 2: seed(at_four * 1.03)})
+    assert f"| ada | 1 | 4.000 | {at_four * 0.99:.3f} | {at_four:.3f} | -1.00% |" in table
+    assert f"| ada | 2 | 4.000 | {at_four * 1.03:.3f} | {at_four:.3f} | +3.00% |" in table
+    assert "| ada | mean | | | | +1.00% ± 2.83% |" in table
+    assert "| far | 1 | 2.000 | 200.000 | outside the frontier's FLOPs | |" in table
+    assert "| vanilla |" not in table and "| p3 |" not in table
+    assert "No fixed-depth frontier" in frontier_table({"runs": {}}, {})
