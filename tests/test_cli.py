@@ -7,27 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from fit_helpers import tiny_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ponder_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# A byte tokenizer and a tiny model keep CLI tests fast; the NeoX path is covered by data tests.
-TINY = ["--data.tokenizer", "bytes", "--model.init_args.size", "tiny", "--data.seq_len", "64", "--data.batch_size", "4"]
 
 
 def fit(tmp_path: Path, *extra: str, config: str = "vanilla") -> None:
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / f"{config}.yaml"),
-            *TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            *extra,
-        ]
-    )
+    main(["fit", *tiny_fit(config, seq_len=64, batch_size=4), "--trainer.default_root_dir", str(tmp_path), *extra])
 
 
 def scalars(logdir: Path) -> dict[str, list[float]]:
@@ -282,16 +271,7 @@ def test_step_bar_flops_summary_and_kept_checkpoints(tmp_path):
 
     args = [
         "fit",
-        "--config",
-        str(ROOT / "configs" / "vanilla.yaml"),
-        "--data.tokenizer",
-        "bytes",
-        "--model.init_args.size",
-        "tiny",
-        "--data.seq_len",
-        "32",
-        "--data.batch_size",
-        "2",
+        *tiny_fit("vanilla"),
         "--trainer.limit_val_batches",
         "0",
         "--trainer.default_root_dir",

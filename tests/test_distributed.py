@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from fit_helpers import tiny_fit, trainer_overlay
 from scaleout_helpers import (
     ROOT,
     global_selection_inputs,
@@ -29,16 +29,7 @@ KILL_AT = 4
 # then: DDP must not hang) and gated afterwards. The bottom-K loss has not started (k = 0), so the
 # loss is the token mean of the cross-entropy, which decomposes exactly over ranks.
 ARGS = [
-    "--config",
-    str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer",
-    "bytes",
-    "--data.seq_len",
-    "32",
-    "--data.batch_size",
-    "4",
-    "--model.init_args.size",
-    "tiny",
+    *tiny_fit("adaponderlm", batch_size=4),
     "--model.init_args.lr",
     "3e-3",
     "--model.init_args.gate_start_step",
@@ -56,18 +47,7 @@ def overlay(tmp_path: Path, name: str, losses: Path, kill_at: int | None = None)
     ]
     if kill_at is not None:
         callbacks.append({"class_path": "scaleout_helpers.KillAtStep", "init_args": {"step": kill_at}})
-    trainer = {
-        "max_steps": STEPS,
-        "val_check_interval": 3,
-        "limit_val_batches": 1,
-        "num_sanity_val_steps": 0,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": callbacks,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"trainer": trainer}))
-    return str(path)
+    return trainer_overlay(tmp_path / f"{name}.yaml", STEPS, callbacks, val_check_interval=3, limit_val_batches=1)
 
 
 @pytest.fixture(scope="module")
@@ -174,16 +154,7 @@ def test_bottom_k_loss_and_gate_are_batch_global_across_ranks(tmp_path):
 # threshold that about half the initial scores miss, or BottomKGate halting 30% per decision), and
 # the bottom-K ponder loss at k = 0.3 from step 1 on (k = 0 at step 0).
 HALTING = [
-    "--config",
-    str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer",
-    "bytes",
-    "--data.seq_len",
-    "32",
-    "--data.batch_size",
-    "4",
-    "--model.init_args.size",
-    "tiny",
+    *tiny_fit("adaponderlm", batch_size=4),
     "--model.init_args.lr",
     "3e-3",
     "--model.init_args.gate_start_step",
@@ -208,19 +179,10 @@ HALTING_STEPS = 4
 
 
 def halting_overlay(tmp_path: Path, losses: Path) -> str:
-    trainer = {
-        "max_steps": HALTING_STEPS,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "enable_checkpointing": False,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": [{"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}}],
-    }
-    path = tmp_path / "halting.yaml"
-    path.write_text(yaml.safe_dump({"trainer": trainer}))
-    return str(path)
+    callbacks = [{"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}}]
+    return trainer_overlay(
+        tmp_path / "halting.yaml", HALTING_STEPS, callbacks, enable_checkpointing=False, logger=False
+    )
 
 
 @pytest.mark.parametrize("trainer_config, gate", [("ddp_cpu.yaml", "threshold"), ("fsdp2_cpu.yaml", "bottom_k")])

@@ -4,11 +4,11 @@ inference equals the soft-masked training form when the router is saturated, cau
 gradients, generation and the CLI."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from decode_helpers import assert_batch_equals_each_alone, decode_incrementally, decode_rowwise
+from fit_helpers import tiny_fit
 from transformers import LlamaForCausalLM
 
 from ponder_lightning.cli import main
@@ -16,7 +16,6 @@ from ponder_lightning.models import PonderLM2, PonderLM3
 from ponder_lightning.nn import Backbone, backbone_config, causal_mask, positions_from_valid
 from ponder_lightning.nn.hf import load_hf_backbone, read_hf_config, save_hf_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
 
 
@@ -199,22 +198,4 @@ def test_generate_batch_of_ragged_prompts_equals_each_alone(cls):
 # -- CLI -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", ["ponderlm2", "ponderlm3"])
 def test_config_fits_with_fast_dev_run(tmp_path, config):
-    main(
-        [
-            "fit",
-            "--config",
-            str(ROOT / "configs" / f"{config}.yaml"),
-            "--trainer.fast_dev_run",
-            "2",
-            "--data.tokenizer",
-            "bytes",
-            "--model.init_args.size",
-            "tiny",
-            "--data.seq_len",
-            "32",
-            "--data.batch_size",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-        ]
-    )
+    main(["fit", *tiny_fit(config), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path)])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from fit_helpers import tiny_fit, trainer_overlay
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from ponder_lightning.checkpoints import load_checkpoint
@@ -20,7 +20,6 @@ from ponder_lightning.training import GateOnlyStage
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 384  # the bytes tokenizer's 257 ids padded to a multiple of 128
-TINY = ["--data.tokenizer", "bytes", "--model.init_args.size", "tiny", "--data.seq_len", "32", "--data.batch_size", "4"]
 
 
 def save_tiny_neox(path: Path, **overrides) -> GPTNeoXForCausalLM:
@@ -83,19 +82,6 @@ def test_pretrained_must_match_the_model(tmp_path):
         VanillaLM(size="tiny", vocab_size=VOCAB, pretrained=str(tmp_path / "EleutherAI" / "pythia-70m"))
 
 
-def write_overlay(path: Path, callbacks: list[dict], max_steps: int) -> str:
-    trainer = {
-        "max_steps": max_steps,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": callbacks,
-    }
-    path.write_text(yaml.safe_dump({"trainer": trainer}))
-    return str(path)
-
-
 def every_step_checkpoints() -> dict:
     return {
         "class_path": "ponder_lightning.training.AtomicModelCheckpoint",
@@ -111,20 +97,18 @@ def test_continue_pythia_config_trains_gates_then_everything_and_exports(tmp_pat
         .backbone.state_dict()
         .items()
     }
-    overlay = write_overlay(
+    overlay = trainer_overlay(
         tmp_path / "o.yaml",
+        4,
         [
             every_step_checkpoints(),
             {"class_path": "ponder_lightning.training.GateOnlyStage", "init_args": {"steps": 2}},
         ],
-        4,
     )
     main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs" / "continue_pythia_adaponderlm.yaml"),
-            *TINY,
+            *tiny_fit("continue_pythia_adaponderlm", batch_size=4),
             "--config",
             overlay,
             "--model.init_args.pretrained",
@@ -188,14 +172,12 @@ def test_gate_only_stage_needs_a_learned_gate():
 )
 def test_load_checkpoint_and_export_every_model_and_gate(tmp_path, config, overlays):
     extra = [a for o in overlays for a in ("--config", str(ROOT / "configs" / o))]
-    overlay = write_overlay(tmp_path / "o.yaml", [every_step_checkpoints()], 2)
+    overlay = trainer_overlay(tmp_path / "o.yaml", 2, [every_step_checkpoints()])
     main(
         [
             "fit",
-            "--config",
-            str(ROOT / "configs" / f"{config}.yaml"),
+            *tiny_fit(config, batch_size=4),
             *extra,
-            *TINY,
             "--config",
             overlay,
             "--trainer.default_root_dir",

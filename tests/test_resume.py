@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
-from scaleout_helpers import ROOT, logged_steps, read_losses, run_fit
+from fit_helpers import tiny_fit, trainer_overlay
+from scaleout_helpers import logged_steps, read_losses, run_fit
 
 from ponder_lightning.training import AtomicModelCheckpoint
 
@@ -17,16 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 # AdaPonderLM with every moving part in play within 8 steps: the gate switches on at step 2, the
 # bottom-K ponder loss ramps from step 3, warmup + cosine LR, a validation every 3 steps.
 ARGS = [
-    "--config",
-    str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer",
-    "bytes",
-    "--data.seq_len",
-    "48",
-    "--data.batch_size",
-    "4",
-    "--model.init_args.size",
-    "tiny",
+    *tiny_fit("adaponderlm", seq_len=48, batch_size=4),
     "--model.init_args.lr",
     "3e-3",
     "--model.init_args.warmup_fraction",
@@ -42,25 +33,15 @@ STEPS = 8
 
 
 def overlay(tmp_path: Path, name: str, losses: Path, every: int, extra: list[dict] | None = None) -> str:
-    trainer = {
-        "max_steps": STEPS,
-        "val_check_interval": 3,
-        "limit_val_batches": 1,
-        "num_sanity_val_steps": 0,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": [
-            {
-                "class_path": "ponder_lightning.training.AtomicModelCheckpoint",
-                "init_args": {"save_last": True, "every_n_train_steps": every},
-            },
-            {"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}},
-            *(extra or []),
-        ],
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"trainer": trainer}))
-    return str(path)
+    callbacks = [
+        {
+            "class_path": "ponder_lightning.training.AtomicModelCheckpoint",
+            "init_args": {"save_last": True, "every_n_train_steps": every},
+        },
+        {"class_path": "scaleout_helpers.LossDump", "init_args": {"path": str(losses)}},
+        *(extra or []),
+    ]
+    return trainer_overlay(tmp_path / f"{name}.yaml", STEPS, callbacks, val_check_interval=3, limit_val_batches=1)
 
 
 def last_checkpoint(root: Path, version: int) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import jsonargparse
 import pytest
 import torch
+from fit_helpers import tiny_fit
 from scaleout_helpers import ROOT, run_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -122,15 +123,7 @@ def cli_error(capsys, *argv: str) -> str:
     return last
 
 
-FIT = [
-    "fit",
-    "--config",
-    str(ROOT / "configs" / "adaponderlm.yaml"),
-    "--data.tokenizer",
-    "bytes",
-    "--model.init_args.size",
-    "tiny",
-]
+FIT = ["fit", *tiny_fit("adaponderlm")]
 
 
 def test_bad_values_are_rejected_at_parse_time_in_one_line(capsys, tmp_path):
@@ -254,16 +247,7 @@ def test_entry_point_arguments_are_checked_before_loading(capsys, argv, culprit)
 
 # -- divergence and resume, end to end ---------------------------------------------------------
 TINY_FIT = [
-    "--config",
-    str(ROOT / "configs" / "vanilla.yaml"),
-    "--data.tokenizer",
-    "bytes",
-    "--model.init_args.size",
-    "tiny",
-    "--data.seq_len",
-    "32",
-    "--data.batch_size",
-    "2",
+    *tiny_fit("vanilla"),
     "--trainer.limit_val_batches",
     "0",
     "--trainer.enable_progress_bar",
