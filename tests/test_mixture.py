@@ -51,3 +51,17 @@ def test_ponderlm_step_is_the_same_with_the_fused_mixture(monkeypatch):
     assert torch.allclose(fused_loss, plain_loss, atol=1e-6, rtol=0)
     for f, p in zip(fused_grads, plain_grads, strict=True):
         assert torch.allclose(f, p, atol=1e-6, rtol=1e-4)
+
+
+def test_the_decoding_mixture_keeps_double_precision():
+    """Outside training (no grad: the oneDNN path) an fp64 model's softmax runs in fp64, so fp64
+    reference checks compare at fp64 precision; lower precisions are raised to fp32."""
+    torch.manual_seed(0)
+    model = PonderLM(size="tiny", vocab_size=64).double()
+    backbone = model.backbone
+    h = torch.randn(3, 5, backbone.config.d_model, dtype=torch.float64)
+    expected = backbone.logits(h).softmax(-1) @ backbone.embed_in.weight * backbone.embed_scale
+    with torch.no_grad():
+        got = recurrence.PonderFeedback().mixture(backbone, recurrence.PassOutput(h, h))
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)

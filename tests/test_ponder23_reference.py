@@ -206,8 +206,8 @@ def build(cls, size: str, latent_steps: int) -> PonderLM2:
     """A float64 model whose latents matter: matrices x3 on GPT-NeoX, x2 on LLaMA (at init the
     Jacobi map is nearly a contraction and J = 3 already looks exact; LLaMA's output projections
     start sqrt(K+1) larger), random norm weights and biases (so the layout of every parameter
-    shows). The model's rotary tables are float32 (as in transformers) and PonderLM-3's router
-    softmax runs in float32: gaps of ~1e-7 remain in float64, ~1e-14 with float32 tables."""
+    shows). The model's rotary tables are float32 (as in transformers): gaps of ~1e-7 remain in
+    float64."""
     model = cls(size=size, vocab_size=VOCAB, latent_steps=latent_steps).double().eval()
     scale = 3.0 if model.config.block == "neox" else 2.0
     with torch.no_grad():

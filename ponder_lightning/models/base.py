@@ -244,7 +244,8 @@ class CausalLMModule(L.LightningModule):
         replaces the gate in force (evaluation's counterfactuals)."""
         inputs, targets, valid = split_batch(batch)
         hidden, trace = self.hidden_states(inputs, valid, gate=gate)
-        logits = self.backbone.logits(hidden).float()
+        logits = self.backbone.logits(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         counted = targets.flatten() != IGNORE_INDEX
         return nll[counted], trace.depth().flatten()[counted]

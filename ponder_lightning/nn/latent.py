@@ -82,7 +82,8 @@ class SlotRouter(nn.Module):
         )
 
     def forward(self, h0: Tensor) -> Tensor:
-        return self.net(h0).float().softmax(-1)
+        logits = self.net(h0)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # fp32 at least
 
     def extra_flops_per_token(self) -> float:
         return 2.0 * sum(p.numel() for p in self.parameters() if p.dim() == 2)
@@ -183,8 +184,9 @@ class LatentRowDecoder(RowDecoder):
         self.slot_index = torch.zeros(b, dtype=torch.long, device=device)  # k of each row's next slot
         self.x = torch.zeros(b, d, dtype=dtype, device=device)
         self.out = torch.zeros(b, d, dtype=dtype, device=device)
-        self.probs = torch.zeros(b, latent.latent_steps + 1, device=device)
-        self.w = torch.ones(b, latent.latent_steps + 1, device=device)
+        router_dtype = torch.promote_types(dtype, torch.float32)  # the router's softmax: fp32 at least
+        self.probs = torch.zeros(b, latent.latent_steps + 1, dtype=router_dtype, device=device)
+        self.w = torch.ones(b, latent.latent_steps + 1, dtype=router_dtype, device=device)
 
     def start(self, rows: Tensor, tokens: Tensor) -> None:
         """Rows `rows` begin new tokens `tokens` [n] at their token slot."""

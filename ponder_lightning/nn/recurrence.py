@@ -89,7 +89,8 @@ class PonderFeedback(Feedback):
         table, head = backbone.embed_in.weight, backbone.embed_out.weight
         if self.top_k is None and out.logits is None and fuses(out.h, head, table):  # training
             return fused_vocab_mixture(out.h.flatten(0, -2), head, table).view(out.h.shape) * backbone.embed_scale
-        logits = (backbone.logits(out.h) if out.logits is None else out.logits).float()
+        logits = backbone.logits(out.h) if out.logits is None else out.logits
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in fp32 at least
         if self.top_k is None:
             mixed = vocab_mixture(logits.softmax(dim=-1).to(table.dtype), table)
         else:
