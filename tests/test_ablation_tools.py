@@ -148,8 +148,15 @@ def test_gate_health_sees_a_collapsed_gate():
     assert all(gate_health(straight.gate, trace)[f"weak_continuing_fraction/iter_{i}"] == 0 for i in range(3))
 
 
-def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path):
-    model = gated_model(bias=-4.6, tau=1e-4, weight_std=0.05)
+@pytest.mark.parametrize(
+    "bias, collapse, other",
+    [
+        (-4.6, "fed back with a gate score below", "one-pass model"),  # s ~ 0.01 > tau: go on, dead passes
+        (-12.0, "one-pass model", "fed back with a gate score below"),  # s ~ 6e-6 < tau: every token halts
+    ],
+)
+def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path, bias, collapse, other):
+    model = gated_model(bias=bias, tau=1e-4, weight_std=0.05)
     model.regularizer = BottomKPonderLoss(k_max=0.1, ramp_steps=1)
     model.train()
     data = torch.utils.data.DataLoader([torch.randint(0, VOCAB, (33,)) for _ in range(4)], batch_size=2)
@@ -165,9 +172,12 @@ def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, data)
-    assert any("gate collapse" in str(w.message) for w in caught)
-    assert "train/gate/weak_continuing_fraction/iter_0" in trainer.callback_metrics
+    messages = [str(w.message) for w in caught if "gate collapse" in str(w.message)]
+    assert len(messages) == 1 and collapse in messages[0] and other not in messages[0], messages
+    assert "train/gate/halted_fraction/iter_0" in trainer.callback_metrics
     assert "train/gate/ponder_loss/went_on_fraction" in trainer.callback_metrics
+    if bias > -5:
+        assert "train/gate/weak_continuing_fraction/iter_0" in trainer.callback_metrics
 
 
 def test_log_score_operand_pushes_until_the_token_halts():

@@ -28,8 +28,26 @@ ALWAYS_CONTINUE = AlwaysContinue()
 WEAK_FEEDBACK = 0.05
 #: The collapse warning fires once this share of continuing tokens is weak at some decision ...
 COLLAPSE_SHARE = 0.5
-#: ... for this many training steps in a row.
+#: The other collapse: the tokens' mean depth stays below this many passes, i.e. the gate halts
+#: (nearly) every token after its first pass and the model has become a one-pass model.
+ONE_PASS_DEPTH = 1.05
+#: Either warning fires after this many training steps in a row.
 COLLAPSE_STEPS = 20
+COLLAPSE_WARNINGS = {
+    "weak_feedback": (
+        f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of the tokens that go "
+        f"on past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so the passes they still run "
+        "barely change the output (compute spent, nothing gained). See train/gate/* in TensorBoard, and `evaluate` "
+        "for perplexity at full depth; try regularizer operand 'log_score' or gate feedback 'straight_through' "
+        "(docs/ablations.md)"
+    ),
+    "one_pass": (
+        f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps the tokens' mean depth stayed below "
+        f"{ONE_PASS_DEPTH} passes: the gate halts (nearly) every token after its first pass, so the model is a "
+        "one-pass model paying for its gates. See train/depth_mean and train/gate/* in TensorBoard; lower the ponder "
+        "loss (regularizer lam or k_max, docs/ablations.md)"
+    ),
+}
 
 
 def gate_health(gate: Gate, trace: Trace) -> dict[str, float]:
@@ -139,7 +157,7 @@ class RecurrentLM(TokenRecurrentLM):
         self.regularizer = regularizer if regularizer is not None else NoPonderLoss()
         if train_only_gates:
             self.backbone.requires_grad_(False)
-        self._weak_steps = 0
+        self._collapse_steps = dict.fromkeys(COLLAPSE_WARNINGS, 0)
         self.difficulty_metric = DepthDifficulty()
 
     def _load_pretrained_gates(self, pretrained: str) -> None:
@@ -181,7 +199,8 @@ class RecurrentLM(TokenRecurrentLM):
 
     @torch.no_grad()
     def _log_gate_health(self, trace: Trace) -> None:
-        """`train/gate/...` in TensorBoard, and one warning when the gate has collapsed."""
+        """`train/gate/...` in TensorBoard, and one warning when the gate has collapsed: continuing
+        tokens fed back at nearly zero weight, or (nearly) every token halted after one pass."""
         if not self.gate_active or not self.gate.can_halt:
             return
         stats = gate_health(self.gate, trace)
@@ -191,15 +210,14 @@ class RecurrentLM(TokenRecurrentLM):
         for name, value in {**stats, **{f"ponder_loss/{k}": v for k, v in loss_set.items()}}.items():
             self.log(f"train/gate/{name}", value)
         weak = max((v for k, v in stats.items() if k.startswith("weak_continuing")), default=0.0)
-        self._weak_steps = self._weak_steps + 1 if weak > COLLAPSE_SHARE else 0
-        if self._weak_steps == COLLAPSE_STEPS:
-            rank_zero_warn(
-                f"gate collapse at step {self.global_step}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of "
-                f"the tokens that go on past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so "
-                "the passes they still run barely change the output (compute spent, nothing gained). See train/gate/* "
-                "in TensorBoard, and `evaluate` for perplexity at full depth; try regularizer operand 'log_score' or "
-                "gate feedback 'straight_through' (docs/ablations.md)"
-            )
+        symptoms = {
+            "weak_feedback": weak > COLLAPSE_SHARE,
+            "one_pass": float(trace.active_fractions().sum()) < ONE_PASS_DEPTH,
+        }
+        for kind, present in symptoms.items():
+            self._collapse_steps[kind] = self._collapse_steps[kind] + 1 if present else 0
+            if self._collapse_steps[kind] == COLLAPSE_STEPS:
+                rank_zero_warn(COLLAPSE_WARNINGS[kind].format(step=self.global_step))
 
     # -- validation: depth against difficulty measured independently of it ---------------------
     @property
