@@ -10,7 +10,7 @@ A study file (YAML)::
                                       # (paths: the working directory's, else the repository's)
     args: [--trainer.max_steps, "400"]  # flags every run gets
     reference: vanilla                # the run whose per-token NLL is a difficulty measure (same seed)
-    frontier: [ponderlm, ponderlm_3]  # fixed-depth runs every halting run is compared with at its FLOPs
+    frontier: [vanilla, ponderlm]     # fixed-depth runs; every halting run is compared with them at its FLOPs
     eval_batches: 16                  # validation batches every run is evaluated on
     runs:
       vanilla: {configs: [configs/vanilla.yaml]}
