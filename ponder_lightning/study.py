@@ -323,13 +323,17 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
     return "\n".join(lines)
 
 
-def frontier_ppl(points: list[tuple[float, float]], flops: float) -> float | None:
-    """The best perplexity fixed depth reaches with at most `flops`: `points` are (FLOPs, ppl) of
-    fixed-depth runs. Runs that another beats with no more FLOPs are dropped (a fixed-depth user
-    would not pick them, so interpolating towards them would flatter the compared run); between
-    the remaining ones the loss (log ppl) is interpolated linearly in FLOPs, and past the last one
-    the frontier stays at its perplexity. None outside the runs' FLOPs range: a frontier is not
-    extrapolated."""
+def frontier_ppl(points: list[tuple[float, float]], flops: float) -> tuple[float, float, float] | None:
+    """The best perplexity fixed depth reaches with at most `flops`, and the FLOPs of the two
+    fixed-depth runs it comes from: `points` are (FLOPs, ppl) of fixed-depth runs. Runs that
+    another beats with no more FLOPs are dropped (a fixed-depth user would not pick them, so
+    interpolating towards them would flatter the compared run); between the remaining ones the
+    loss (log ppl) is interpolated linearly in FLOPs, and past the last one the frontier stays at
+    its perplexity. None outside the runs' FLOPs range: a frontier is not extrapolated.
+
+    Loss falls ever more slowly with compute, so a straight line between distant runs lies above
+    the runs one could train in between: a wide bracket flatters whatever is compared inside it.
+    The bracket is returned so that the table can show it."""
     points = sorted(points)
     if len(points) < 2 or not points[0][0] <= flops <= points[-1][0]:
         return None
@@ -337,8 +341,8 @@ def frontier_ppl(points: list[tuple[float, float]], flops: float) -> float | Non
     for (x0, y0), (x1, y1) in zip(pareto, pareto[1:], strict=False):
         if x0 <= flops <= x1:
             t = (flops - x0) / (x1 - x0)
-            return math.exp((1 - t) * math.log(y0) + t * math.log(y1))
-    return pareto[-1][1]
+            return math.exp((1 - t) * math.log(y0) + t * math.log(y1)), x0, x1
+    return pareto[-1][1], pareto[-1][0], pareto[-1][0]
 
 
 def frontier_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
@@ -352,10 +356,11 @@ def frontier_table(study: dict[str, Any], results: dict[int, dict[str, dict[str,
     lines = [
         f"Against fixed depth at the same FLOPs (frontier: {', '.join(frontier)}; log-ppl interpolated "
         "linearly in FLOPs between the frontier runs that bracket each run, leaving out any run that "
-        "another beats at no more FLOPs; negative: better than fixed depth).",
+        "another beats at no more FLOPs; negative: better than fixed depth). A wide bracket flatters the "
+        "run inside it (returns diminish with compute): add fixed-depth runs near it.",
         "",
-        "| run | seed | flops_x_vanilla | ppl | fixed-depth ppl at these FLOPs | difference |",
-        "|---|---|---|---|---|---|",
+        "| run | seed | flops_x_vanilla | ppl | fixed-depth ppl at these FLOPs | bracket (FLOPs) | difference |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in study["runs"]:
         if name in frontier:
@@ -369,13 +374,14 @@ def frontier_table(study: dict[str, Any], results: dict[int, dict[str, dict[str,
             fixed = frontier_ppl(points, row["flops_x_vanilla"])
             cells = f"| {name} | {seed} | {row['flops_x_vanilla']:.3f} | {row['ppl']:.3f} |"
             if fixed is None:
-                lines.append(cells + " outside the frontier's FLOPs | |")
+                lines.append(cells + " outside the frontier's FLOPs | | |")
                 continue
-            differences.append(row["ppl"] / fixed - 1)
-            lines.append(cells + f" {fixed:.3f} | {differences[-1]:+.2%} |")
+            ppl, lower, upper = fixed
+            differences.append(row["ppl"] / ppl - 1)
+            lines.append(cells + f" {ppl:.3f} | {lower:.2f}-{upper:.2f} | {differences[-1]:+.2%} |")
         if len(differences) > 1:
             mean, spread = mean_spread(differences)
-            lines.append(f"| {name} | mean | | | | {mean:+.2%} ± {spread:.2%} |")
+            lines.append(f"| {name} | mean | | | | | {mean:+.2%} ± {spread:.2%} |")
     return "\n".join(lines)
 
 

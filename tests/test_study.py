@@ -174,17 +174,17 @@ def test_order_and_spread():
 
 def test_the_fixed_depth_frontier_is_interpolated_in_loss_skips_dominated_runs_and_never_extrapolates():
     points = [(5.0, 170.0), (3.0, 180.0)]  # (FLOPs, ppl), in any order
-    assert frontier_ppl(points, 3.0) == pytest.approx(180.0)
-    assert frontier_ppl(points, 5.0) == pytest.approx(170.0)
+    assert frontier_ppl(points, 3.0) == (pytest.approx(180.0), 3.0, 5.0)
+    assert frontier_ppl(points, 5.0) == (pytest.approx(170.0), 3.0, 5.0)
     # halfway in FLOPs: halfway in loss, i.e. the geometric mean of the perplexities
-    assert frontier_ppl(points, 4.0) == pytest.approx((170.0 * 180.0) ** 0.5)
+    assert frontier_ppl(points, 4.0)[0] == pytest.approx((170.0 * 180.0) ** 0.5)
     assert frontier_ppl(points, 2.9) is None and frontier_ppl(points, 5.1) is None
     assert frontier_ppl([(3.0, 180.0)], 3.0) is None
     # A deeper run that is worse than a shallower one is no frontier point: fixed depth reaches
     # the shallower run's perplexity with any FLOPs from there on.
     dominated = [(3.0, 170.0), (5.0, 172.0), (1.0, 190.0)]
-    assert frontier_ppl(dominated, 4.0) == pytest.approx(170.0)
-    assert frontier_ppl(dominated, 2.0) == pytest.approx((170.0 * 190.0) ** 0.5)
+    assert frontier_ppl(dominated, 4.0) == (pytest.approx(170.0), 3.0, 3.0)
+    assert frontier_ppl(dominated, 2.0) == (pytest.approx((170.0 * 190.0) ** 0.5), 1.0, 3.0)
 
 
 def test_the_frontier_table_compares_each_halting_run_at_its_own_flops():
@@ -201,9 +201,9 @@ def test_the_frontier_table_compares_each_halting_run_at_its_own_flops():
 
     at_four = (170.0 * 180.0) ** 0.5
     table = frontier_table(study, {1: seed(at_four * 0.99), 2: seed(at_four * 1.03)})
-    assert f"| ada | 1 | 4.000 | {at_four * 0.99:.3f} | {at_four:.3f} | -1.00% |" in table
-    assert f"| ada | 2 | 4.000 | {at_four * 1.03:.3f} | {at_four:.3f} | +3.00% |" in table
-    assert "| ada | mean | | | | +1.00% ± 2.83% |" in table
-    assert "| far | 1 | 2.000 | 200.000 | outside the frontier's FLOPs | |" in table
+    assert f"| ada | 1 | 4.000 | {at_four * 0.99:.3f} | {at_four:.3f} | 3.00-5.00 | -1.00% |" in table
+    assert f"| ada | 2 | 4.000 | {at_four * 1.03:.3f} | {at_four:.3f} | 3.00-5.00 | +3.00% |" in table
+    assert "| ada | mean | | | | | +1.00% ± 2.83% |" in table
+    assert "| far | 1 | 2.000 | 200.000 | outside the frontier's FLOPs | | |" in table
     assert "| vanilla |" not in table and "| p3 |" not in table
     assert "No fixed-depth frontier" in frontier_table({"runs": {}}, {})
