@@ -323,6 +323,18 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
     return "\n".join(lines)
 
 
+def frontier_points(study: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[tuple[float, float]]:
+    """(FLOPs, ppl) of the study's `frontier:` runs that finished, for one seed's `runs`, sorted."""
+    return sorted(
+        (runs[f]["flops_x_vanilla"], runs[f]["ppl"]) for f in study.get("frontier") or [] if "ppl" in runs.get(f, {})
+    )
+
+
+def undominated(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The sorted (FLOPs, ppl) points that no point with fewer FLOPs beats."""
+    return [p for i, p in enumerate(points) if all(q[1] > p[1] for q in points[:i])]
+
+
 def frontier_ppl(points: list[tuple[float, float]], flops: float) -> tuple[float, float, float] | None:
     """The best perplexity fixed depth reaches with at most `flops`, and the FLOPs of the two
     fixed-depth runs it comes from: `points` are (FLOPs, ppl) of fixed-depth runs. Runs that
@@ -337,7 +349,7 @@ def frontier_ppl(points: list[tuple[float, float]], flops: float) -> tuple[float
     points = sorted(points)
     if len(points) < 2 or not points[0][0] <= flops <= points[-1][0]:
         return None
-    pareto = [p for i, p in enumerate(points) if all(q[1] > p[1] for q in points[:i])]
+    pareto = undominated(points)
     for (x0, y0), (x1, y1) in zip(pareto, pareto[1:], strict=False):
         if x0 <= flops <= x1:
             t = (flops - x0) / (x1 - x0)
@@ -370,8 +382,7 @@ def frontier_table(study: dict[str, Any], results: dict[int, dict[str, dict[str,
             row = runs.get(name, {})
             if "ppl_full_depth" not in row:  # only runs whose gate halts tokens
                 continue
-            points = [(runs[f]["flops_x_vanilla"], runs[f]["ppl"]) for f in frontier if "ppl" in runs.get(f, {})]
-            fixed = frontier_ppl(points, row["flops_x_vanilla"])
+            fixed = frontier_ppl(frontier_points(study, runs), row["flops_x_vanilla"])
             cells = f"| {name} | {seed} | {row['flops_x_vanilla']:.3f} | {row['ppl']:.3f} |"
             if fixed is None:
                 lines.append(cells + " outside the frontier's FLOPs | | |")
@@ -396,14 +407,12 @@ def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, A
         rows = [results[s][name] for s in results if "ppl" in results[s].get(name, {})]
         if rows:
             ax.plot([r["flops_x_vanilla"] for r in rows], [r["ppl"] for r in rows], "o", label=name)
-    for seed, runs in results.items():  # the fixed-depth frontier of each seed, as interpolated
-        points = sorted(
-            (runs[f]["flops_x_vanilla"], runs[f]["ppl"])
-            for f in study.get("frontier") or []
-            if "ppl" in runs.get(f, {})
-        )
+    for seed, runs in results.items():  # each seed's fixed-depth frontier, as `frontier_ppl` reads it
+        points = frontier_points(study, runs)
         if len(points) > 1:
-            ax.plot(*zip(*points, strict=True), "k:", linewidth=0.8, label=f"fixed-depth frontier, seed {seed}")
+            front = undominated(points)
+            line = [*front, (points[-1][0], front[-1][1])]  # flat past the best run, up to the deepest
+            ax.plot(*zip(*line, strict=True), "k:", linewidth=0.8, label=f"fixed-depth frontier, seed {seed}")
     ax.set_xlabel("inference FLOPs per token (x vanilla), at the depth run")
     ax.set_ylabel("validation perplexity")
     ax.legend(fontsize=7)

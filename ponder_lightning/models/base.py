@@ -25,6 +25,7 @@ from ponder_lightning import flops
 from ponder_lightning.errors import UserError
 from ponder_lightning.models.metrics import DepthNLL
 from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, pad_vocab
+from ponder_lightning.nn.backbone import softmax_dtype
 from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.gate import Gate
 from ponder_lightning.nn.hf import load_pretrained
@@ -245,7 +246,7 @@ class CausalLMModule(L.LightningModule):
         inputs, targets, valid = split_batch(batch)
         hidden, trace = self.hidden_states(inputs, valid, gate=gate)
         logits = self.backbone.logits(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+        logits = logits.to(softmax_dtype(logits.dtype))
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         counted = targets.flatten() != IGNORE_INDEX
         return nll[counted], trace.depth().flatten()[counted]

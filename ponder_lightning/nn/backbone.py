@@ -346,6 +346,12 @@ class Backbone(nn.Module):
         return self.embed_out(h)
 
 
+def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a softmax over logits of `dtype` runs in: fp32 at least (bf16/fp16 logits are
+    too coarse over a vocabulary), fp64 for an fp64 model (so fp64 reference checks stay exact)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def causal_mask(valid: Tensor) -> Tensor:
     """Bool mask [B, 1, T, T]: causal, padded keys hidden. Each query may always see itself, so a
     padding query never has an empty row (which would make SDPA return NaN)."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ponder_lightning.nn.backbone import Backbone, CausalKeyBias, causal_mask, positions_from_valid
+from ponder_lightning.nn.backbone import Backbone, CausalKeyBias, causal_mask, positions_from_valid, softmax_dtype
 from ponder_lightning.nn.cache import CacheWriter, KVCache
 from ponder_lightning.nn.onednn import prepacked_weights
 from ponder_lightning.nn.recurrence import Trace
@@ -83,7 +83,7 @@ class SlotRouter(nn.Module):
 
     def forward(self, h0: Tensor) -> Tensor:
         logits = self.net(h0)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)  # fp32 at least
+        return logits.to(softmax_dtype(logits.dtype)).softmax(-1)
 
     def extra_flops_per_token(self) -> float:
         return 2.0 * sum(p.numel() for p in self.parameters() if p.dim() == 2)
@@ -184,9 +184,8 @@ class LatentRowDecoder(RowDecoder):
         self.slot_index = torch.zeros(b, dtype=torch.long, device=device)  # k of each row's next slot
         self.x = torch.zeros(b, d, dtype=dtype, device=device)
         self.out = torch.zeros(b, d, dtype=dtype, device=device)
-        router_dtype = torch.promote_types(dtype, torch.float32)  # the router's softmax: fp32 at least
-        self.probs = torch.zeros(b, latent.latent_steps + 1, dtype=router_dtype, device=device)
-        self.w = torch.ones(b, latent.latent_steps + 1, dtype=router_dtype, device=device)
+        self.probs = torch.zeros(b, latent.latent_steps + 1, dtype=softmax_dtype(dtype), device=device)
+        self.w = torch.ones(b, latent.latent_steps + 1, dtype=softmax_dtype(dtype), device=device)
 
     def start(self, rows: Tensor, tokens: Tensor) -> None:
         """Rows `rows` begin new tokens `tokens` [n] at their token slot."""

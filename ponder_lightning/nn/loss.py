@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ponder_lightning.nn.backbone import softmax_dtype
+
 IGNORE_INDEX = -100
 
 
@@ -35,7 +37,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight) if need_w else None
         mm_dtype = _matmul_dtype(h, weight)
         w_mm = weight.to(mm_dtype)  # one cast of the head for every chunk
-        acc_dtype = torch.promote_types(mm_dtype, torch.float32)  # bf16 logits are summed in fp32
+        acc_dtype = softmax_dtype(mm_dtype)  # bf16 logits are summed in fp32
         total = h.new_zeros((), dtype=acc_dtype)
         for start in range(0, h.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, h.shape[0])

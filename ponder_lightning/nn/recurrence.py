@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.backbone import Backbone, KVHook, Mask, causal_mask, positions_from_valid
+from ponder_lightning.nn.backbone import Backbone, KVHook, Mask, causal_mask, positions_from_valid, softmax_dtype
 from ponder_lightning.nn.cache import CacheWriter, KVCache
 from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.nn.mixture import fused_vocab_mixture, fuses
@@ -90,7 +90,7 @@ class PonderFeedback(Feedback):
         if self.top_k is None and out.logits is None and fuses(out.h, head, table):  # training
             return fused_vocab_mixture(out.h.flatten(0, -2), head, table).view(out.h.shape) * backbone.embed_scale
         logits = backbone.logits(out.h) if out.logits is None else out.logits
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in fp32 at least
+        logits = logits.to(softmax_dtype(logits.dtype))
         if self.top_k is None:
             mixed = vocab_mixture(logits.softmax(dim=-1).to(table.dtype), table)
         else:
