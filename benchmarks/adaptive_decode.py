@@ -9,7 +9,9 @@ prefill and decode timed separately:
   comparison, in lock-step (every row runs iteration i before any row runs i+1). `passes` counts
   the backbone calls; where a call costs the same at any number of active rows (a small batch
   is bound by reading the weights), the speedup cannot beat full depth's passes / these passes
-  (the pass bound; target at batch > 1: measured >= 0.9 x the pass bound).
+  (the pass bound; target at batch > 1: measured >= 0.9 x the pass bound). At batch > 1 row-wise
+  decoding also runs with `compile_attention` (rows at different iterations attend to their
+  caches in place instead of copying them for SDPA; compiled during the warm-up run).
 - PonderLM decode tokens/s vs the rate predicted from FLOPs: vanilla tokens/s x vanilla FLOPs /
   PonderLM FLOPs (mixture included) (target >= 0.9).
 - PonderLM without caches (the whole prefix recomputed for every token, as the authors' code
@@ -90,16 +92,27 @@ def main() -> None:
             calibrated_tau(model, prompts, rate)
             models[f"halt~{rate:.0%}"] = model
         generators = {name: Generate(model, prompts, args.new_tokens) for name, model in models.items()}
+        compiled = {
+            name: Generate(model, prompts, args.new_tokens, compile_attention=True)
+            for name, model in (models.items() if batch > 1 else ())
+        }
         lockstep = {name: Decoder(model, prompts, args.new_tokens) for name, model in models.items()}
         with torch.no_grad():
-            alternate(generators | {f"{name} lock-step": d for name, d in lockstep.items()}, args.repeats)
+            alternate(
+                generators
+                | {f"{name} compiled attention": g for name, g in compiled.items()}
+                | {f"{name} lock-step": d for name, d in lockstep.items()},
+                args.repeats,
+            )
+        phases = [("prefill", generators, "prefill"), ("decode row-wise", generators, "decode")]
+        phases += [("decode row-wise, compiled attention", compiled, "decode")] if compiled else []
         timings = {
             phase: (
-                {name: g.seconds(key) for name, g in generators.items()},
-                {name: g.counts(key) for name, g in generators.items()},
-                {name: g.passes(key) for name, g in generators.items()},
+                {name: g.seconds(key) for name, g in runs.items()},
+                {name: g.counts(key) for name, g in runs.items()},
+                {name: g.passes(key) for name, g in runs.items()},
             )
-            for phase, key in (("prefill", "prefill"), ("decode row-wise", "decode"))
+            for phase, runs, key in phases
         }
         timings["decode lock-step"] = (
             {name: d.seconds() for name, d in lockstep.items()},

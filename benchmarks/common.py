@@ -103,12 +103,15 @@ class Generate:
     """`ponder_lightning.generate` as users call it (greedy, row-wise decoding); keeps every run's
     result so that its own prefill and decode timings can be read back."""
 
-    def __init__(self, model, prompts: torch.Tensor, new_tokens: int) -> None:
+    def __init__(self, model, prompts: torch.Tensor, new_tokens: int, compile_attention: bool = False) -> None:
         self.model, self.prompts, self.new_tokens = model, prompts.tolist(), new_tokens
+        self.compile_attention = compile_attention
         self.runs: list[Generation] = []
 
     def __call__(self) -> None:
-        self.runs.append(generate(self.model, self.prompts, max_new_tokens=self.new_tokens))
+        self.runs.append(
+            generate(self.model, self.prompts, max_new_tokens=self.new_tokens, compile_attention=self.compile_attention)
+        )
 
     def seconds(self, phase: str) -> float:
         """Median over the timed runs (the first, a warm-up, left out) of `phase`_seconds."""

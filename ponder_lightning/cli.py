@@ -275,6 +275,12 @@ def generate_command(argv: list[str]) -> None:
     parser.add_argument("--top_p", type=bounded(float, 0.0, 1.0, low_open=True), default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tokenizer", default=None, help="default: the one the checkpoint was trained with")
+    parser.add_argument(
+        "--compile_attention",
+        action="store_true",
+        help="compile the attention of rows at different iterations (faster batched adaptive decoding; "
+        "compiling takes seconds)",
+    )
     args = parser.parse_args(argv)
     model, data_args = load_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(args.tokenizer or data_args.get("tokenizer", "neox"))
@@ -287,6 +293,7 @@ def generate_command(argv: list[str]) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        compile_attention=args.compile_attention,
     )
     for prompt, text, tokens, depths in zip(args.prompt, result.texts, result.tokens, result.depths, strict=True):
         print(f"--- prompt: {prompt!r}\n{prompt}{text}")

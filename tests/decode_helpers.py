@@ -18,13 +18,17 @@ def decode_incrementally(model, ids: torch.Tensor, prefill: int):
     return model.backbone.logits(torch.cat(hiddens, 1)), torch.cat(depths, 1), cache
 
 
-def decode_rowwise(model, ids: torch.Tensor, prefill: int, with_evaluations: bool = False):
+def decode_rowwise(
+    model, ids: torch.Tensor, prefill: int, with_evaluations: bool = False, compile_attention: bool = False
+):
     """Prefill `prefill` tokens, then feed the rest through the model's row decoder, each row
     starting its next (given) token as soon as its current one is done. Returns the logits and
     depth of every position after the prefill, the number of ticks (backbone calls) taken and,
-    with `with_evaluations`, the decoder's backbone token-evaluations per iteration."""
+    with `with_evaluations`, the decoder's backbone token-evaluations per iteration.
+    `compile_attention` as in `generate`."""
     b, t = ids.shape
     cache = model.new_cache(b, t)
+    cache.compile_attention = compile_attention
     model.extend(ids[:, :prefill], torch.ones(b, prefill, dtype=torch.bool, device=ids.device), cache)
     decoder = model.row_decoder(cache)
     logits: list[list[torch.Tensor]] = [[] for _ in range(b)]

@@ -217,6 +217,13 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
         and "backbone passes" in result.stdout
         and "x vanilla FLOPs per token" in result.stdout
     )
+    compiled = run_cli(
+        "generate", "--checkpoint", str(ckpt), "--prompt", "def f(x):", "--prompt", "A", "--max_new_tokens", "5",
+        "--compile_attention", cwd=tmp_path,
+    )  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    texts = [re.split(r"\n--- \d+ tokens", out.stdout)[0] for out in (result, compiled)]
+    assert texts[0] == texts[1] and "depth per generated token" in texts[0]  # same tokens and depths
 
     from ponder_lightning.checkpoints import load_checkpoint
 

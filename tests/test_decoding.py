@@ -3,13 +3,15 @@ iterations; batching changes nothing; halted tokens really cost no backbone comp
 
 import pytest
 import torch
+import torch.nn.functional as F
 from decode_helpers import assert_batch_equals_each_alone, decode_incrementally, decode_rowwise
 
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate, sample
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
-from ponder_lightning.nn import onednn
+from ponder_lightning.nn import backbone, onednn
+from ponder_lightning.nn.backbone import ScatteredKV, scattered_attention
 
 VOCAB = 256
 
@@ -82,6 +84,42 @@ def test_rowwise_decoding_equals_teacher_forced(name):
     assert ticks == int(depth.sum(1).max())
     if name == "adaponder_halting":
         assert ticks < 14 * model.n_iterations and len(depth.sum(1).unique()) > 1, "rows should drift apart"
+
+
+def test_scattered_attention_equals_sdpa_on_the_copied_keys():
+    """The compiled attention that reads each row's keys where they lie (rows at different
+    iterations of a flat cache) computes what SDPA computes on the keys copied out, for bool and
+    additive (PonderLM-3's key bias) masks and for every key length (one dynamic graph)."""
+    k, v = torch.randn(2, 12, 3, 40, 8, dtype=torch.float64).unbind(0)  # flat cache [E, H, L, Dh]
+    index = torch.tensor([7, 0, 11, 3, 3])  # rows may read the same entry
+    for length in (9, 17, 40):
+        q = torch.randn(5, 3, 1, 8, dtype=torch.float64)
+        allowed = torch.rand(5, 1, 1, length) < 0.7
+        allowed[..., -1] = True  # a query sees itself
+        bias = torch.where(allowed, torch.randn(5, 1, 1, length, dtype=torch.float64), float("-inf"))
+        keys, values = k[index, :, :length], v[index, :, :length]
+        for mask in (allowed, bias):
+            got = scattered_attention(q, ScatteredKV(k, v, index), mask)
+            expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            assert torch.allclose(got, expected, atol=1e-12, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("name", ["adaponder_halting", "ponderlm_fixed_ratio", "vanilla"])
+def test_rowwise_decoding_with_compiled_attention_equals_teacher_forced(name, monkeypatch):
+    """`generate(compile_attention=True)`: ticks whose rows are at different iterations (or that
+    run some rows only) attend through the compiled in-place attention, and decoding still equals
+    the training forward."""
+    calls = []
+    monkeypatch.setattr(backbone, "scattered_attention", lambda *args: calls.append(1) or scattered_attention(*args))
+    model = MODELS[name]().eval()
+    ids = torch.randint(0, VOCAB, (4, 20))
+    with torch.no_grad():
+        hidden, trace = model.hidden_states(ids)
+        expected = model.backbone.logits(hidden)[:, 6:]
+    got, depth, _ = decode_rowwise(model, ids, prefill=6, compile_attention=True)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
+    assert torch.equal(depth, trace.depth()[:, 6:])
+    assert bool(calls) == (name != "vanilla"), "only rows at different iterations need the in-place read"
 
 
 def test_rowwise_decoding_runs_one_backbone_row_per_pass():

@@ -119,15 +119,18 @@ def test_ponder3_saturated_router_equals_pruned_inference():
         assert torch.all((w == 0) | (w == 1))
 
 
+@pytest.mark.parametrize("compile_attention", [False, True])
 @pytest.mark.parametrize("cls", [PonderLM2, saturated_ponder3])
-def test_rowwise_decoding_equals_sequential(cls):
+def test_rowwise_decoding_equals_sequential(cls, compile_attention):
     """Each pass runs every row's own next slot, so rows whose router prunes run ahead; logits,
     slots used and the cache contents match token-by-token decoding, and the passes taken are the
-    busiest row's slots."""
+    busiest row's slots; also with the compiled in-place attention (key bias as an additive mask)."""
     model = cls(size="tiny", vocab_size=VOCAB).eval() if cls is PonderLM2 else cls()
     ids = torch.randint(0, VOCAB, (3, 12))
     expected, depth, cache = decode_incrementally(model, ids, prefill=4)
-    got, got_depth, ticks, evaluations = decode_rowwise(model, ids, prefill=4, with_evaluations=True)
+    got, got_depth, ticks, evaluations = decode_rowwise(
+        model, ids, prefill=4, with_evaluations=True, compile_attention=compile_attention
+    )
     assert torch.allclose(got, expected[:, 4:], atol=1e-5, rtol=0), (got - expected[:, 4:]).abs().max()
     assert torch.equal(got_depth, depth[:, 4:])
     assert ticks == int(got_depth.sum(1).max()) and sum(evaluations) == int(got_depth.sum())

@@ -17,14 +17,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ponder_lightning.nn.backbone import Backbone
+from ponder_lightning.nn.backbone import Backbone, ScatteredKV
 
 
 class KVCache:
     """K/V [layer, iteration, row, head, slot, head_dim] (layer first, so that one layer's
     (iteration, row) caches form one axis to gather from), the valid keys and the bias of each
     slot, and per row the slots used and the real tokens seen (the next token's rotary position),
-    in the backbone's dtype and device. `key_bias`: keep an additive attention bias per key."""
+    in the backbone's dtype and device. `key_bias`: keep an additive attention bias per key.
+
+    `compile_attention`: one-token queries of rows whose caches are not one slice (rows at different
+    iterations, or some rows only) attend to them where they lie, through a compiled attention
+    (`nn.backbone.scattered_attention`), instead of copying them into one tensor for SDPA; it
+    compiles once per process (seconds), so it is for long or repeated generation."""
 
     def __init__(self, backbone: Backbone, n_iterations: int, batch: int, max_len: int, key_bias: bool = False) -> None:
         cfg, weight = backbone.config, backbone.embed_in.weight
@@ -37,6 +42,7 @@ class KVCache:
         self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # slots used per row
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row so far
         self.max_len = max_len
+        self.compile_attention = False
 
     @property
     def batch(self) -> int:
@@ -104,24 +110,19 @@ class CacheWriter:
     def __init__(self, cache: KVCache, iteration: int | Tensor, rows: Tensor, slots: Tensor, total_len: int) -> None:
         self.cache, self.rows, self.slots = cache, rows, slots
         self.iteration = iteration if isinstance(iteration, int) else iteration.unsqueeze(1)
-        self.total_len, self.all_rows = total_len, rows.numel() == cache.batch
+        self.total_len = total_len
+        #: one iteration and every row: the keys are one slice of the cache (a view, no copy)
+        self.one_slice = isinstance(iteration, int) and rows.numel() == cache.batch
+        self.flat = iteration * cache.batch + rows  # (iteration, row) -> index into the flat cache
 
-    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | ScatteredKV:
         cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # [N, B, H, L, Dh]
         index = (self.iteration, self.rows.unsqueeze(1), slice(None), self.slots)
         cache_k[index] = k.transpose(1, 2)
         cache_v[index] = v.transpose(1, 2)
-        if isinstance(self.iteration, int):
-            cache_k, cache_v = (
-                cache_k[self.iteration, :, :, : self.total_len],
-                cache_v[self.iteration, :, :, : self.total_len],
-            )
-            if self.all_rows:  # a view, no copy
-                return cache_k, cache_v
-            return cache_k.index_select(0, self.rows), cache_v.index_select(0, self.rows)
-        n_iterations, batch = cache_k.shape[:2]
-        flat = self.iteration.squeeze(1) * batch + self.rows  # (iteration, row) -> one index
-        return tuple(
-            c.view(n_iterations * batch, *c.shape[2:])[:, :, : self.total_len].index_select(0, flat)
-            for c in (cache_k, cache_v)
-        )
+        if self.one_slice:
+            return cache_k[self.iteration, :, :, : self.total_len], cache_v[self.iteration, :, :, : self.total_len]
+        flat_k, flat_v = (c.flatten(0, 1) for c in (cache_k, cache_v))
+        if self.cache.compile_attention and self.slots.shape[1] == 1:
+            return ScatteredKV(flat_k, flat_v, self.flat)
+        return tuple(c[:, :, : self.total_len].index_select(0, self.flat) for c in (flat_k, flat_v))
