@@ -28,12 +28,21 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 try:
-    from ponder_lightning.checkpoints import build_model
-    from ponder_lightning.nn.backbone import Rotary
+    import ponder_lightning
 except ImportError as exc:  # transformers copies this file elsewhere; the package must be installed
     raise ImportError(
         "this model was exported by ponder_lightning and runs on its code, which is not installed: "
         "pip install ponder_lightning (then load it again with trust_remote_code=True)"
+    ) from exc
+try:
+    from ponder_lightning.checkpoints import build_model
+    from ponder_lightning.nn.backbone import Rotary
+except ImportError as exc:  # installed, but a version whose code this file does not know
+    raise ImportError(
+        f"this model's modeling file does not match the installed ponder_lightning "
+        f"{ponder_lightning.__version__} ({exc}): install the version in config.json's "
+        "'ponder_lightning_version', or re-export the checkpoint with this one "
+        "(python -m ponder_lightning export --format transformers)"
     ) from exc
 
 MODEL_TYPE = "ponder_lightning"

@@ -309,3 +309,15 @@ def test_loading_without_the_package_names_pip_install(exported, tmp_path, monke
     monkeypatch.setitem(sys.modules, "ponder_lightning", None)  # import ponder_lightning -> ImportError
     with pytest.raises(ImportError, match="pip install ponder_lightning"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
+
+
+def test_loading_with_a_mismatched_package_names_the_version(exported, tmp_path, monkeypatch):
+    """The package is installed but lacks what the export's modeling file imports (an export
+    written by another version): the error says so, instead of asking to install the package."""
+    import shutil
+    import sys
+
+    shutil.copytree(exported["adaponderlm"][1], tmp_path / "copy")
+    monkeypatch.setitem(sys.modules, "ponder_lightning.checkpoints", None)  # a module this version lacks
+    with pytest.raises(ImportError, match="does not match the installed ponder_lightning .*re-export"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
