@@ -27,7 +27,9 @@ ponder_lightning`` cannot work by installation alone; from the shell use::
 model_args: ``checkpoint`` (anything `load_checkpoint` reads), ``tokenizer`` (default: the one
 recorded in the checkpoint), ``batch_size``, ``max_length`` (default: the model's max_seq_len),
 ``max_gen_toks`` (default 256), ``device``, ``dtype`` (e.g. bfloat16), ``tau`` (override the
-gate's halting threshold).
+gate's halting threshold). A model passed in Python (``model=``) is used in place, as lm_eval's
+``hf`` backend uses a model object: it is moved to ``device``, cast to ``dtype``, put in eval
+mode, and its gate keeps ``tau`` afterwards.
 
 Scoring conventions follow lm_eval's Hugging Face model: a context's trailing whitespace moves to
 the continuation, an empty context is replaced by the EOS token, inputs are left-truncated to
