@@ -50,7 +50,10 @@ import yaml
 from ponder_lightning.errors import UserError, user_error_in
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = re.compile(r"\{(\w+):(depth_mean|pondering_steps|export)\}")
+#: `{run:field}` in a run's args: another run's result of the same seed (any run name, dots included)
+REFERENCE = re.compile(r"\{([^{}:\s]+):(depth_mean|pondering_steps|export)\}")
+#: anything shaped like a reference, to reject one that REFERENCE would silently leave as text
+LOOKS_LIKE_REFERENCE = re.compile(r"\{[^{}\s]*:[^{}\s]*\}")
 SUMMARY_FIELDS = [
     "ppl",
     "flops_x_vanilla",
@@ -88,7 +91,14 @@ def load_study(path: str | Path) -> dict[str, Any]:
             raise UserError(
                 f"{path}: run {name}'s seeds {run['seeds']} are not among the study's seeds {study['seeds']}"
             )
-        for ref, _ in REFERENCE.findall(" ".join(map(str, run.get("args", [])))):
+        args = " ".join(map(str, run.get("args", [])))
+        for candidate in LOOKS_LIKE_REFERENCE.findall(args):
+            if not REFERENCE.fullmatch(candidate):
+                raise UserError(
+                    f"{path}: run {name} has {candidate} in its args: a reference is {{run:depth_mean}}, "
+                    "{run:pondering_steps} or {run:export}"
+                )
+        for ref, _ in REFERENCE.findall(args):
             if ref not in study["runs"]:
                 raise UserError(f"{path}: run {name} refers to {{{ref}:...}}, which is not a run of this study")
             if not set(run.get("seeds", study["seeds"])) <= set(

@@ -11,7 +11,7 @@ import yaml
 
 from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
-from ponder_lightning.study import frontier_ppl, frontier_table, load_study, mean_spread, run_order
+from ponder_lightning.study import frontier_ppl, frontier_table, load_study, mean_spread, resolve, run_order
 
 TINY = [
     "--trainer.max_steps",
@@ -164,6 +164,15 @@ def test_study_file_mistakes_are_named(tmp_path):
         load_study(write_study(tmp_path, frontier=["vanilla", "ponderlm"]))
     with pytest.raises(UserError, match="cycle"):
         run_order({"a": {"args": ["{b:depth_mean}"]}, "b": {"args": ["{a:pondering_steps}"]}}, None)
+    with pytest.raises(UserError, match=r"has \{a:depth\} in its args: a reference is \{run:depth_mean\}"):
+        load_study(write_study(tmp_path, runs={"a": {}, "b": {"args": ["{a:depth}"]}}))
+
+
+def test_a_reference_may_name_a_run_with_dots():
+    """Run names like ada_k_0.3 are references too (they were once left as literal text)."""
+    runs = {"c": {"args": ["--x", "{ada_k_0.3:depth_mean}"]}, "ada_k_0.3": {}, "v": {}}
+    assert run_order(runs, "v") == ["v", "ada_k_0.3", "c"]
+    assert resolve("--x={ada_k_0.3:depth_mean}", {"ada_k_0.3": {"depth_mean": 1.87}}) == "--x=1.8700"
 
 
 def test_order_and_spread():
