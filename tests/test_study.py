@@ -11,7 +11,15 @@ import yaml
 
 from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
-from ponder_lightning.study import frontier_ppl, frontier_table, load_study, mean_spread, resolve, run_order
+from ponder_lightning.study import (
+    frontier_ppl,
+    frontier_table,
+    load_study,
+    mean_spread,
+    resolve,
+    run_order,
+    summary_table,
+)
 
 TINY = [
     "--trainer.max_steps",
@@ -216,3 +224,19 @@ def test_the_frontier_table_compares_each_halting_run_at_its_own_flops():
     assert "| far | 1 | 2.000 | 200.000 | outside the frontier's FLOPs | | |" in table
     assert "| vanilla |" not in table and "| p3 |" not in table
     assert "No fixed-depth frontier" in frontier_table({"runs": {}}, {})
+
+
+def test_the_summary_says_when_runs_average_different_seeds():
+    """A run trained for fewer seeds averages other seeds than the rest; a seed that is harder for
+    every model would then decide the comparison, so the summary says so."""
+
+    def row(ppl):
+        return {"model": "PonderLM", "gate": "AlwaysContinue", "ppl": ppl}
+
+    study = {"runs": {"a": {}, "b": {"seeds": [1, 2]}}}
+    results = {1: {"a": row(100.0), "b": row(99.0)}, 2: {"a": row(101.0), "b": row(100.0)}, 3: {"a": row(110.0)}}
+    table = summary_table(study, results)
+    assert "Runs average different seeds (a: [1, 2, 3]; b: [1, 2])" in table
+    assert "| a | PonderLM / AlwaysContinue | 103.667 ± " in table
+    same = summary_table(study, {s: results[s] for s in (1, 2)})
+    assert "different seeds" not in same and "| b | PonderLM / AlwaysContinue | 99.500 ± " in same
