@@ -424,11 +424,13 @@ def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in study["runs"]:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, name in enumerate(study["runs"]):
         rows = [results[s][name] for s in results if "ppl" in results[s].get(name, {})]
         if rows:
-            ax.plot([r["flops_x_vanilla"] for r in rows], [r["ppl"] for r in rows], "o", label=name)
+            # the colour cycle has 10 colours: from the 11th run on, the marker tells runs apart
+            marker = "os^Dv"[i // 10 % 5]
+            ax.plot([r["flops_x_vanilla"] for r in rows], [r["ppl"] for r in rows], marker, label=name)
     for seed, runs in results.items():  # each seed's fixed-depth frontier, as `frontier_ppl` reads it
         points = frontier_points(study, runs)
         if len(points) > 1:
@@ -437,7 +439,7 @@ def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, A
             ax.plot(*zip(*line, strict=True), "k:", linewidth=0.8, label=f"fixed-depth frontier, seed {seed}")
     ax.set_xlabel("inference FLOPs per token (x vanilla), at the depth run")
     ax.set_ylabel("validation perplexity")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, off the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
