@@ -310,8 +310,12 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
         header,
         "|---|---|" + "---|" * len(SUMMARY_FIELDS),
     ]
+    #: the seeds each run's means are over: those it finished
+    finished = {
+        name: [s for s in seeds if "error" not in results[s].get(name, {"error": ""})] for name in study["runs"]
+    }
     for name in study["runs"]:
-        rows = [results[s][name] for s in seeds if "error" not in results[s].get(name, {"error": ""})]
+        rows = [results[s][name] for s in finished[name]]
         errors = {results[s][name]["error"] for s in seeds if "error" in results[s].get(name, {})}
         if errors:
             lines.append(f"| {name} | failed: {'; '.join(sorted(errors))} |" + " |" * len(SUMMARY_FIELDS))
@@ -330,16 +334,13 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
             mean, spread = mean_spread(values)
             cells.append(f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}")
         lines.append(f"| {name} | {rows[0]['model']} / {rows[0]['gate']} | " + " | ".join(cells) + " |")
-    seed_sets = {
-        name: [s for s in seeds if "ppl" in results[s].get(name, {})] for name in study["runs"]
-    }  # the seeds each run's means are over
-    if len({tuple(v) for v in seed_sets.values() if v}) > 1:
+    if len({tuple(v) for v in finished.values() if v}) > 1:
         # A seed that is harder for every model moves the means of the runs that have it: means
         # over different seeds are not a comparison.
         lines[1:1] = [
             "",
             "Runs average different seeds ("
-            + "; ".join(f"{name}: {v}" for name, v in seed_sets.items() if v)
+            + "; ".join(f"{name}: {v}" for name, v in finished.items() if v)
             + "): compare those runs seed by seed (results.json, the frontier table), not by these means.",
         ]
     return "\n".join(lines)
