@@ -113,7 +113,8 @@ class CacheWriter:
         self.total_len = total_len
         #: one iteration and every row: the keys are one slice of the cache (a view, no copy)
         self.one_slice = isinstance(iteration, int) and rows.numel() == cache.batch
-        self.flat = iteration * cache.batch + rows  # (iteration, row) -> index into the flat cache
+        # (iteration, row) -> index into the flat cache; a slice needs none
+        self.flat = None if self.one_slice else iteration * cache.batch + rows
 
     def __call__(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | ScatteredKV:
         cache_k, cache_v = self.cache.k[layer], self.cache.v[layer]  # [N, B, H, L, Dh]
