@@ -132,6 +132,16 @@ def causal_attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dh]
 
 
+#: how many compiled variants of one function (a block class's forward, the scattered attention)
+#: a process may hold; past it, fullgraph's recompile limit is a hard error
+COMPILED_GRAPHS_PER_FUNCTION = 64
+
+
+def allow_compiled_graphs(count: int) -> None:
+    """Let dynamo keep `count` graphs per compiled function (torch's default is 8)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
+
+
 def _scattered_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v with row j's keys read from k[index[j]]: SDPA's maths
     written as products and sums, so that a compiled graph fuses the read into the attention and
@@ -144,7 +154,10 @@ def _scattered_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask: T
 
 @cache
 def _compiled_scattered_attention() -> Callable[..., Tensor]:
-    # dynamic: one graph for every key length and number of rows (each decode tick has its own)
+    # dynamic: one graph for every key length and number of rows (each decode tick has its own);
+    # still one per dtype, mask kind (bool, key bias) and single row vs several, so a process that
+    # decodes a few models needs more than torch's default of 8 graphs
+    allow_compiled_graphs(COMPILED_GRAPHS_PER_FUNCTION)
     return torch.compile(_scattered_attention, dynamic=True, fullgraph=True)
 
 
@@ -281,10 +294,6 @@ BLOCKS: dict[str, type[Block]] = {"neox": NeoXBlock, "llama": LlamaBlock}
 FINAL_NORMS: dict[str, type[nn.Module]] = {"neox": nn.LayerNorm, "llama": nn.RMSNorm}
 
 
-#: how many compiled variants of one block class a process may hold (see `compile_layers`)
-COMPILED_GRAPHS_PER_BLOCK = 64
-
-
 class CompiledWhenTraining:
     """A layer's forward that runs compiled while autograd records and eager otherwise."""
 
@@ -369,7 +378,7 @@ class Backbone(nn.Module):
         # Dynamo caches graphs per code object: a block class keeps a few per model (first pass
         # without K/V to align, later passes with it, padded or not) and every model of the
         # process shares them, so torch's default limit of 8 is too low for fullgraph's hard stop.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_PER_BLOCK)
+        allow_compiled_graphs(COMPILED_GRAPHS_PER_FUNCTION)
         for layer in self.layers:
             if not isinstance(layer.forward, CompiledWhenTraining):
                 # The class's forward, compiled once with the layer as an input: every layer shares
