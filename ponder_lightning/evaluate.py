@@ -12,7 +12,15 @@ optionally swept over the halting threshold tau (a quality-vs-compute curve).
 - and depth against token difficulty measured independently of the depth a token got: its NLL
   at full depth, at the first pass, and optionally under a reference (vanilla) model trained on
   the same data; and against the gain pondering brings a token (first-pass NLL minus full-depth
-  NLL). Mean depth per decile of each and Spearman's rank correlation.
+  NLL). Mean depth per decile of each and Spearman's rank correlation;
+- with other choices of the same number of tokens at each decision (`RankedPruning`, the learned
+  profile, the learned scores): the tokens the first pass was least sure of, and those it was
+  surest of (the entropy of its prediction: rules a deployed gate could follow); a linear probe
+  fitted to the pondering gain from the gate's own input (`probe_gain`: how predictable the
+  right choice is from what a gate sees); and two oracles that read the targets: the hardest
+  tokens (NLL at full depth; the paper's "more passes for hard tokens" as a policy) and the tokens
+  pondering helps most. The oracles bound what any choice of tokens could gain on these weights,
+  and tell whether following difficulty would even pay.
 """
 
 from __future__ import annotations
@@ -27,8 +35,18 @@ import torch
 from torch import Tensor
 
 from ponder_lightning.errors import UserError
-from ponder_lightning.gates import AtThreshold, FirstPassOnly, FullDepth, Gate, MatchedRandomPruning
+from ponder_lightning.gates import (
+    AtThreshold,
+    FirstPassOnly,
+    Gate,
+    MatchedRandomPruning,
+    RankedPruning,
+    RecordingFullDepth,
+)
+from ponder_lightning.models.base import split_batch
 from ponder_lightning.models.metrics import depth_by_decile, spearman
+from ponder_lightning.nn.backbone import softmax_dtype
+from ponder_lightning.nn.loss import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -37,6 +55,83 @@ def token_nll(model, batches: Iterable[Any], gate: Gate | None = None) -> tuple[
     replaces the model's gate in force for these forwards."""
     model.eval()
     results = [model.token_nll(batch, gate) for batch in batches]
+    return torch.cat([nll for nll, _ in results]), torch.cat([depth for _, depth in results])
+
+
+@torch.no_grad()
+def token_entropy(model, batches: Iterable[Any], gate: Gate | None = None) -> Tensor:
+    """Entropy of the model's prediction for every counted target, flat as `token_nll` gives them:
+    how unsure the model is, read without the target (what a deployed gate could act on)."""
+    model.eval()
+    entropies = []
+    for batch in batches:
+        inputs, _, valid = split_batch(batch)
+        hidden, _ = model.hidden_states(inputs, valid, gate=gate)
+        logits = model.backbone.logits(hidden)
+        entropy = torch.distributions.Categorical(logits=logits.to(softmax_dtype(logits.dtype))).entropy()
+        entropies.append(entropy[counted(batch)])
+    return torch.cat(entropies)
+
+
+def counted(batch: Any) -> Tensor:
+    """Bool [B, T]: the positions whose target counts (what `token_nll` returns, in this order)."""
+    return split_batch(batch)[1] != IGNORE_INDEX
+
+
+def probe_gain(first_inputs: list[Tensor], gain: Tensor, batches: list[Any], ridge: float = 1e-3) -> Tensor | None:
+    """Each counted token's pondering gain as predicted from what the first decision's gate sees
+    (`first_inputs`, one [B, T, d] per batch) by a linear probe: ridge regression on standardised
+    features, fitted on the other half of the blocks (cross-fitting, so no token's own target
+    enters its prediction). Ranked by it, the tokens show how much of the oracle's choice a gate
+    fitted to the gain could reach from its input. None with fewer than two batches."""
+    if len(batches) < 2:
+        return None
+    x = torch.cat([h[counted(batch)] for h, batch in zip(first_inputs, batches, strict=True)]).double()
+    y = gain.double()
+    sizes = [int(counted(batch).sum()) for batch in batches]
+    second_half = torch.cat([torch.full((n,), i >= len(batches) // 2) for i, n in enumerate(sizes)])
+    predicted = torch.empty_like(y)
+    for fit_on in (~second_half, second_half):
+        mean, std = x[fit_on].mean(0), x[fit_on].std(0).clamp_min(1e-8)
+
+        def design(rows: Tensor, mean: Tensor = mean, std: Tensor = std) -> Tensor:
+            return torch.cat([(rows - mean) / std, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
+
+        a = design(x[fit_on])
+        penalty = ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype)
+        weights = torch.linalg.solve(a.T @ a + penalty, a.T @ y[fit_on])
+        predicted[~fit_on] = design(x[~fit_on]) @ weights
+    return predicted
+
+
+def ranked_cutoffs(priority: Tensor, active_fractions: list[float]) -> list[float]:
+    """Cut-offs for `RankedPruning` so that, when the tokens with the highest `priority` go on,
+    iteration i+1 runs for `active_fractions[i + 1]` of them (as close as a whole count allows)."""
+    ordered = priority.flatten().double().sort(descending=True).values
+    cutoffs = []
+    for fraction in active_fractions[1:]:
+        keep = round(fraction * ordered.numel())
+        cutoffs.append(math.inf if keep == 0 else -math.inf if keep == ordered.numel() else float(ordered[keep - 1]))
+    return cutoffs
+
+
+def ranked_pruning(
+    model, batches: list[Any], gate: Gate, priority: Tensor, active_fractions: list[float]
+) -> tuple[Tensor, Tensor]:
+    """Per-token NLL and depth when the tokens with the highest `priority` (flat, one value per
+    counted target, as `token_nll` orders them) go on, following the learned `active_fractions`.
+    Positions without a target (padding) never halt by this rule."""
+    control = RankedPruning(gate, ranked_cutoffs(priority, active_fractions))
+    results, offset = [], 0
+    model.eval()
+    for batch in batches:
+        mask = counted(batch)
+        grid = torch.full(mask.shape, math.inf, dtype=torch.float64)
+        grid[mask] = priority[offset : offset + int(mask.sum())].double()
+        offset += int(mask.sum())
+        control.priority = grid
+        with torch.no_grad():
+            results.append(model.token_nll(batch, control))
     return torch.cat([nll for nll, _ in results]), torch.cat([depth for _, depth in results])
 
 
@@ -102,17 +197,35 @@ def gate_study(
     gate = scored_gate(model)
     batches = list(batches)
     nll, depth = token_nll(model, batches)
-    learned = {"control": "learned gate"} | summarise(model, nll, depth, context)
-    full_nll, full_depth = token_nll(model, batches, FullDepth(gate))
-    rows = [learned, {"control": "full depth (no halting)"} | summarise(model, full_nll, full_depth, context)]
+    learned = {"control": "learned gate", "kind": "learned"} | summarise(model, nll, depth, context)
+    full_depth_gate = RecordingFullDepth(gate)
+    full_nll, full_depth = token_nll(model, batches, full_depth_gate)
+    full = {"control": "full depth (no halting)", "kind": "full_depth"}
+    rows = [learned, full | summarise(model, full_nll, full_depth, context)]
     for seed in seeds:
         control = MatchedRandomPruning(gate, learned["active_fractions"], seed=seed)
         rows.append(
-            {"control": f"random pruning, learned profile (seed {seed})"}
+            {"control": f"random pruning, learned profile (seed {seed})", "kind": "random_pruning"}
             | summarise(model, *token_nll(model, batches, control), context)
         )
     first_nll, _ = token_nll(model, batches, FirstPassOnly(gate))
-    difficulties = {"nll_full_depth": full_nll, "nll_first_pass": first_nll}
+    first_entropy = token_entropy(model, batches, FirstPassOnly(gate))
+    for label, kind, priority in [
+        ("least sure after the first pass go on (entropy), learned profile", "entropy_least_sure", first_entropy),
+        ("surest after the first pass go on (entropy), learned profile", "entropy_surest", -first_entropy),
+        ("oracle: hardest go on (NLL at full depth), learned profile", "oracle_hardest", full_nll),
+        ("oracle: most helped by pondering go on, learned profile", "oracle_gain", first_nll - full_nll),
+        (
+            "linear probe of the gain from the gate's input go on (cross-fitted), learned profile",
+            "probe_gain",
+            probe_gain(full_depth_gate.first_inputs, first_nll - full_nll, batches),
+        ),
+    ]:
+        if priority is None:
+            continue
+        ranked = ranked_pruning(model, batches, gate, priority, learned["active_fractions"])
+        rows.append({"control": label, "kind": kind} | summarise(model, *ranked, context))
+    difficulties = {"nll_full_depth": full_nll, "nll_first_pass": first_nll, "entropy_first_pass": first_entropy}
     if reference is not None:
         if reference.config.vocab_size != model.config.vocab_size:
             raise UserError(

@@ -222,13 +222,13 @@ def evaluate_run(
         return result | summarise(model, *token_nll(model, batches), context)
     reference = load_checkpoint(reference_checkpoint)[0] if reference_checkpoint else None
     study = gate_study(model, batches, context, reference=reference)
-    learned, full, *random_rows = study["rows"]
-    result |= learned | {
-        "ppl_full_depth": full["ppl"],
-        "ppl_random_pruning": sum(r["ppl"] for r in random_rows) / len(random_rows),
-        "controls": study["rows"],
-        "difficulty": study["difficulty"],
-    }
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in study["rows"]:
+        by_kind.setdefault(row["kind"], []).append(row)
+    result |= by_kind["learned"][0] | {"controls": study["rows"], "difficulty": study["difficulty"]}
+    for kind, rows in by_kind.items():
+        if kind != "learned":  # ppl_full_depth, ppl_random_pruning (mean over its seeds), ppl_oracle_gain, ...
+            result[f"ppl_{kind}"] = sum(r["ppl"] for r in rows) / len(rows)
     for measure, report in study["difficulty"].items():
         result[f"spearman_{measure}"] = report["spearman"]
     return result
@@ -246,7 +246,10 @@ def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int
     return list(data.val_dataloader()), data.seq_len
 
 
-def run_study(path: str | Path, fit: Fit) -> Path:
+def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
+    """Train and evaluate the runs not finished yet; `reevaluate`: also evaluate the finished runs
+    again from their last checkpoints, without training them again (after the evaluation gained a
+    control)."""
     study = load_study(path)
     out = Path(study["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -258,17 +261,21 @@ def run_study(path: str | Path, fit: Fit) -> Path:
                 continue
             run_dir = out / "runs" / name / f"seed_{seed}"
             done = run_dir / "result.json"
-            if done.is_file():
+            if done.is_file() and not reevaluate:
                 results[seed][name] = json.loads(done.read_text())
                 print(f"[study] {name} seed {seed}: done earlier, skipped")
                 continue
-            print(f"[study] {name} seed {seed}: training")
-            try:
-                minutes = train(study, name, seed, run_dir, results[seed], fit)
-            except UserError as err:  # e.g. a control that cannot reach the learned depth: say so, go on
-                print(f"[study] {name} seed {seed}: failed: {err}")
-                results[seed][name] = {"error": str(err)}
-                continue
+            if done.is_file():
+                minutes = json.loads(done.read_text())["train_minutes"]
+                print(f"[study] {name} seed {seed}: trained earlier, evaluating again")
+            else:
+                print(f"[study] {name} seed {seed}: training")
+                try:
+                    minutes = train(study, name, seed, run_dir, results[seed], fit)
+                except UserError as err:  # e.g. a control that cannot reach the learned depth: say so, go on
+                    print(f"[study] {name} seed {seed}: failed: {err}")
+                    results[seed][name] = {"error": str(err)}
+                    continue
             checkpoint = last_checkpoint(run_dir)
             batches, context = validation_batches(checkpoint, study.get("eval_batches", 16))
             reference = study.get("reference")
@@ -282,7 +289,9 @@ def run_study(path: str | Path, fit: Fit) -> Path:
             }
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
-    table = summary_table(study, results) + "\n\n" + frontier_table(study, results)
+    table = "\n\n".join(
+        [summary_table(study, results), frontier_table(study, results), allocation_table(study, results)]
+    )
     (out / "summary.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     write_figure(study, results, out / "ppl_vs_flops.png")
@@ -419,6 +428,52 @@ def frontier_table(study: dict[str, Any], results: dict[int, dict[str, dict[str,
     return "\n".join(lines)
 
 
+#: (result field, column) of `allocation_table`: other choices of the tokens that go on
+ALLOCATIONS = [
+    ("ppl", "its own gate"),
+    ("ppl_entropy_least_sure", "least sure after pass 1 (entropy)"),
+    ("ppl_entropy_surest", "surest after pass 1"),
+    ("ppl_oracle_hardest", "oracle: hardest (NLL at full depth)"),
+    ("ppl_probe_gain", "linear probe of the gain (cross-fitted)"),
+    ("ppl_oracle_gain", "oracle: most helped by pondering"),
+]
+
+
+def allocation_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Every run that halts tokens, on its own weights at its learned per-iteration profile, with
+    other choices of which tokens go on (`evaluate.gate_study`), against random pruning at that
+    profile: does the gate pick the right tokens, would following difficulty pay, and how much
+    would the best possible choice gain (the oracles read the targets: bounds, not gates)."""
+    lines = [
+        "Which tokens go on, on each run's own weights at its learned per-iteration profile: perplexity "
+        "relative to random pruning at that profile (negative: a better choice of tokens than random). "
+        "The oracles read the targets: they bound what any choice could gain, they are not gates.",
+        "",
+        "| run | seed | random pruning ppl | " + " | ".join(column for _, column in ALLOCATIONS) + " |",
+        "|---|---|---|" + "---|" * len(ALLOCATIONS),
+    ]
+    for name in study["runs"]:
+        relative: dict[str, list[float]] = {field: [] for field, _ in ALLOCATIONS}
+        for seed, runs in results.items():
+            row = runs.get(name, {})
+            if "ppl_oracle_gain" not in row or min(row["active_fractions"]) == 1:  # runs whose gate halted tokens
+                continue
+            cells = []
+            for field, _ in ALLOCATIONS:
+                if field not in row:  # the probe needs two validation batches
+                    cells.append("")
+                    continue
+                relative[field].append(row[field] / row["ppl_random_pruning"] - 1)
+                cells.append(f"{row[field]:.3f} ({relative[field][-1]:+.2%})")
+            lines.append(f"| {name} | {seed} | {row['ppl_random_pruning']:.3f} | " + " | ".join(cells) + " |")
+        if len(relative["ppl"]) > 1:
+            means = [mean_spread(values) if values else None for values in relative.values()]
+            lines.append(
+                f"| {name} | mean | | " + " | ".join(f"{m[0]:+.2%} ± {m[1]:.2%}" if m else "" for m in means) + " |"
+            )
+    return "\n".join(lines)
+
+
 def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]], path: Path) -> None:
     import matplotlib
 
@@ -451,4 +506,10 @@ def study_command(argv: list[str], fit: Fit) -> None:
     (see ponder_lightning/study.py and studies/*.yaml); rerun the same command to resume."""
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning study", description=study_command.__doc__)
     parser.add_argument("--config", required=True, help="a study file, e.g. studies/reproduce_small.yaml")
-    run_study(parser.parse_args(argv).config, fit)
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="evaluate the finished runs again from their last checkpoints (no training), e.g. after an upgrade",
+    )
+    args = parser.parse_args(argv)
+    run_study(args.config, fit, reevaluate=args.reevaluate)

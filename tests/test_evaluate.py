@@ -62,7 +62,8 @@ def test_gate_study_controls_share_the_weights_and_match_the_profile():
     batches = [torch.randint(0, 256, (4, 65)) for _ in range(3)]
     reference = VanillaLM(size="tiny", vocab_size=256)
     study = gate_study(model, batches, context=64, reference=reference)
-    learned, full, *random_rows = study["rows"]
+    learned, full = study["rows"][:2]
+    random_rows = [row for row in study["rows"] if row["kind"] == "random_pruning"]
     assert learned["depth_mean"] < 3.5, "the test needs a gate that halts"
     assert full["depth_mean"] == 4.0 and full["flops_x_vanilla"] > learned["flops_x_vanilla"]
     assert len(random_rows) == 2
@@ -70,9 +71,74 @@ def test_gate_study_controls_share_the_weights_and_match_the_profile():
         for got, want in zip(row["active_fractions"], learned["active_fractions"], strict=True):
             assert abs(got - want) < 0.06, (row["active_fractions"], learned["active_fractions"])
     assert random_rows[0]["loss"] != random_rows[1]["loss"]  # two seeds, two draws
-    assert set(study["difficulty"]) == {"nll_full_depth", "nll_first_pass", "nll_reference", "pondering_gain"}
+    assert set(study["difficulty"]) == {
+        "nll_full_depth",
+        "nll_first_pass",
+        "entropy_first_pass",
+        "nll_reference",
+        "pondering_gain",
+    }
+    ranked = [row for row in study["rows"] if row["kind"].startswith(("entropy_", "oracle_", "probe_"))]
+    assert len(ranked) == 5
+    for row in ranked:  # other choices of tokens at the learned profile: iso-FLOPs to one token
+        for got, want in zip(row["active_fractions"], learned["active_fractions"], strict=True):
+            assert abs(got - want) <= 1 / study["tokens"], (row["active_fractions"], learned["active_fractions"])
     for report in study["difficulty"].values():
         assert len(report["deciles"]) == 10 and -1 <= report["spearman"] <= 1
         assert [d["difficulty"] for d in report["deciles"]] == sorted(d["difficulty"] for d in report["deciles"])
     assert study["tokens"] == 3 * 4 * 64
     assert "random pruning, learned profile (seed 1)" in format_gate_study(study)
+
+
+def test_ranking_tokens_by_their_learned_depth_reproduces_the_learned_gate():
+    """`ranked_pruning` maps a flat per-token priority back onto each batch and cuts it at the
+    learned profile: ranked by the depth the gate gave them, the same tokens halt at the same
+    decisions, so NLL and depth equal the learned gate's (padding included)."""
+    from ponder_lightning.evaluate import ranked_pruning, token_nll
+
+    model = halting_model()
+    model.gate.tau = 0.05
+    ids = torch.randint(0, 256, (3, 41))
+    valid = torch.ones_like(ids)
+    valid[0, :7] = 0  # left padding: those targets are not counted
+    batches = [{"input_ids": ids, "attention_mask": valid}, torch.randint(0, 256, (2, 41))]
+    nll, depth = token_nll(model, batches)
+    assert len(depth.unique()) >= 3, "the test needs tokens that halt at different decisions"
+    fractions = [float((depth > i).double().mean()) for i in range(model.n_iterations)]
+    ranked_nll, ranked_depth = ranked_pruning(model, batches, model.gate, depth.double(), fractions)
+    assert torch.equal(ranked_depth, depth)
+    torch.testing.assert_close(ranked_nll, nll)
+    # Ranked the other way round, other tokens halt.
+    assert not torch.equal(ranked_pruning(model, batches, model.gate, -depth.double(), fractions)[1], depth)
+
+
+def test_entropy_is_that_of_the_prediction():
+    from ponder_lightning.evaluate import token_entropy
+
+    model = VanillaLM(size="tiny", vocab_size=256).eval()
+    batch = torch.randint(0, 256, (2, 17))
+    with torch.no_grad():
+        probs = model.backbone.logits(model.hidden_states(batch[:, :-1])[0]).double().softmax(-1)
+    expected = -(probs * probs.log()).sum(-1).flatten()
+    torch.testing.assert_close(token_entropy(model, [batch]).double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gain_probe_is_cross_fitted_and_linear():
+    """A token's predicted gain comes from a fit on the other half of the blocks only, and a gain
+    that is linear in the gate's input is recovered."""
+    from ponder_lightning.evaluate import probe_gain
+
+    torch.manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 65)) for _ in range(4)]
+    inputs = [torch.randn(2, 64, 8) for _ in batches]
+    weights = torch.randn(8)
+    gain = torch.cat([(h @ weights).flatten() for h in inputs]) + 0.5
+    predicted = probe_gain(inputs, gain, batches)
+    torch.testing.assert_close(predicted, gain.double(), rtol=0, atol=0.05)
+    half = gain.numel() // 2
+    shuffled = gain.clone()
+    shuffled[half:] = shuffled[half:][torch.randperm(half)]  # the second half's targets change ...
+    moved = probe_gain(inputs, shuffled, batches)
+    torch.testing.assert_close(moved[half:], predicted[half:])  # ... its own predictions do not
+    assert not torch.allclose(moved[:half], predicted[:half])  # the first half's, fitted on them, do
+    assert probe_gain(inputs[:1], gain[: 2 * 64], batches[:1]) is None

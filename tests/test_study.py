@@ -113,6 +113,19 @@ def test_study_trains_evaluates_matches_and_resumes(tmp_path, capsys):
         results["2"]["fixed"]["ppl"], rel=1e-6
     )
 
+    # The evaluation gained controls since a study was trained: --reevaluate redoes every run's
+    # evaluation from its checkpoint and trains nothing.
+    stale = out / "runs" / "ada" / "seed_1" / "result.json"
+    stale.write_text(json.dumps({"train_minutes": 1.5, "ppl": 0.0}))
+    capsys.readouterr()
+    main(["study", "--config", str(path), "--reevaluate"])
+    log = capsys.readouterr().out
+    assert log.count("evaluating again") == 6 and "training" not in log
+    again = json.loads(stale.read_text())
+    assert again["ppl"] == pytest.approx(results["1"]["ada"]["ppl"], rel=1e-6) and again["train_minutes"] == 1.5
+    assert {"ppl_entropy_least_sure", "ppl_entropy_surest", "ppl_oracle_hardest", "ppl_oracle_gain"} <= set(again)
+    assert "| ada | 1 |" in (out / "summary.md").read_text().split("Which tokens go on")[1]
+
 
 def test_a_failing_run_is_reported_and_the_study_goes_on(tmp_path):
     """A uniform schedule cannot reach a mean depth below (N+1)/2: the run fails with the reason,

@@ -2,7 +2,14 @@
 of `nn/gate.py` (re-exported here for configs and users)."""
 
 from ponder_lightning.gates.bottom_k import BottomKGate
-from ponder_lightning.gates.controls import AtThreshold, FirstPassOnly, FullDepth, MatchedRandomPruning
+from ponder_lightning.gates.controls import (
+    AtThreshold,
+    FirstPassOnly,
+    FullDepth,
+    MatchedRandomPruning,
+    RankedPruning,
+    RecordingFullDepth,
+)
 from ponder_lightning.gates.fixed import FixedRatioGate
 from ponder_lightning.gates.mlp import PerIterationMLPGate, SingleMLPGate
 from ponder_lightning.gates.regularizers import BottomKPonderLoss, NoPonderLoss, PonderRegularizer
@@ -22,5 +29,7 @@ __all__ = [
     "NoPonderLoss",
     "PonderRegularizer",
     "PerIterationMLPGate",
+    "RankedPruning",
+    "RecordingFullDepth",
     "SingleMLPGate",
 ]
