@@ -63,6 +63,7 @@ SUMMARY_FIELDS = [
     "spearman_nll_full_depth",
     "spearman_nll_first_pass",
     "spearman_nll_reference",
+    "spearman_entropy_first_pass",
     "spearman_pondering_gain",
     "train_minutes",
 ]
