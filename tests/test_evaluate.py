@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from ponder_lightning import flops
@@ -95,6 +96,7 @@ def test_ranking_tokens_by_their_learned_depth_reproduces_the_learned_gate():
     learned profile: ranked by the depth the gate gave them, the same tokens halt at the same
     decisions, so NLL and depth equal the learned gate's (padding included)."""
     from ponder_lightning.evaluate import ranked_pruning, token_nll
+    from ponder_lightning.gates import RankedPruning
 
     model = halting_model()
     model.gate.tau = 0.05
@@ -110,6 +112,8 @@ def test_ranking_tokens_by_their_learned_depth_reproduces_the_learned_gate():
     torch.testing.assert_close(ranked_nll, nll)
     # Ranked the other way round, other tokens halt.
     assert not torch.equal(ranked_pruning(model, batches, model.gate, -depth.double(), fractions)[1], depth)
+    with pytest.raises(ValueError, match="cut-offs must be numbers"):
+        RankedPruning(model.gate, [float("nan")])
 
 
 def test_entropy_is_that_of_the_prediction():

@@ -34,7 +34,9 @@ PUBLIC = sorted(
     key=lambda c: c.__name__,
 )
 # Numeric arguments that may take any value, and why.
-UNBOUNDED: dict[str, str] = {}
+UNBOUNDED: dict[str, str] = {
+    "RankedPruning.cutoffs": "values of the caller's priority: -inf keeps every token, inf none (NaN is refused)"
+}
 # Values for required arguments that are not under test.
 REQUIRED = {"gate": gates.AlwaysContinue(), "steps": 1, "active_fractions": [1.0, 0.5], "tau": 0.5}
 

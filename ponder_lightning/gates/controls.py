@@ -22,6 +22,7 @@ None of them has parameters of its own: they are built at evaluation time and ne
 from __future__ import annotations
 
 import itertools
+import math
 
 from torch import Tensor
 
@@ -132,6 +133,8 @@ class RankedPruning(GateControl):
 
     def __init__(self, gate: Gate, cutoffs: list[float]) -> None:
         super().__init__(gate)
+        if any(math.isnan(c) for c in cutoffs):
+            raise ValueError(f"RankedPruning cut-offs must be numbers (-inf and inf included), got {cutoffs}")
         self.cutoffs = cutoffs
         self.priority: Tensor | None = None
 
