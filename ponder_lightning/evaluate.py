@@ -213,13 +213,13 @@ def gate_study(
     for label, kind, priority in [
         ("least sure after the first pass go on (entropy), learned profile", "entropy_least_sure", first_entropy),
         ("surest after the first pass go on (entropy), learned profile", "entropy_surest", -first_entropy),
-        ("oracle: hardest go on (NLL at full depth), learned profile", "oracle_hardest", full_nll),
-        ("oracle: most helped by pondering go on, learned profile", "oracle_gain", first_nll - full_nll),
         (
             "linear probe of the gain from the gate's input go on (cross-fitted), learned profile",
             "probe_gain",
             probe_gain(full_depth_gate.first_inputs, first_nll - full_nll, batches),
         ),
+        ("oracle: hardest go on (NLL at full depth), learned profile", "oracle_hardest", full_nll),
+        ("oracle: most helped by pondering go on, learned profile", "oracle_gain", first_nll - full_nll),
     ]:
         if priority is None:
             continue
@@ -265,6 +265,8 @@ def format_gate_study(study: dict[str, Any]) -> str:
             f"| {r['control']} | {r['ppl']:.3f} | {r['depth_mean']:.3f} | {fractions} | {r['flops_x_vanilla']:.3f} |"
         )
     lines += [
+        "",
+        "(the oracle rows read the targets: bounds on what a choice of tokens could gain, not gates)",
         "",
         f"mean depth per difficulty decile (easiest first; {study['tokens']} tokens):",
         "",

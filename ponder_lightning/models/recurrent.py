@@ -38,14 +38,15 @@ COLLAPSE_WARNINGS = {
         f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of the tokens that go "
         f"on past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so the passes they still run "
         "barely change the output (compute spent, nothing gained). See train/gate/* in TensorBoard, and `evaluate` "
-        "for perplexity at full depth; try regularizer operand 'log_score' or gate feedback 'straight_through' "
-        "(docs/ablations.md)"
+        "for perplexity at full depth; try regularizer operand 'log_score' (gate feedback 'straight_through' "
+        "removes weak feedback but is unstable: docs/ablations.md)"
     ),
     "one_pass": (
         f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps the tokens' mean depth stayed below "
         f"{ONE_PASS_DEPTH} passes: the gate halts (nearly) every token after its first pass, so the model is a "
         "one-pass model paying for its gates. See train/depth_mean and train/gate/* in TensorBoard; lower the ponder "
-        "loss (regularizer lam or k_max, docs/ablations.md)"
+        "loss (regularizer lam or k_max); with gate feedback 'straight_through' the CE loss itself drives the "
+        "scores down: use 'score' (docs/ablations.md)"
     ),
 }
 
