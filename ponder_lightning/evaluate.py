@@ -86,10 +86,10 @@ def probe_gain(first_inputs: list[Tensor], gain: Tensor, batches: list[Any], rid
     fitted to the gain could reach from its input. None with fewer than two batches."""
     if len(batches) < 2:
         return None
-    x = torch.cat([h[counted(batch)] for h, batch in zip(first_inputs, batches, strict=True)]).double()
+    masks = [counted(batch) for batch in batches]
+    x = torch.cat([h[mask] for h, mask in zip(first_inputs, masks, strict=True)]).double()
     y = gain.double()
-    sizes = [int(counted(batch).sum()) for batch in batches]
-    second_half = torch.cat([torch.full((n,), i >= len(batches) // 2) for i, n in enumerate(sizes)])
+    second_half = torch.cat([torch.full((int(m.sum()),), i >= len(batches) // 2) for i, m in enumerate(masks)])
     predicted = torch.empty_like(y)
     for fit_on in (~second_half, second_half):
         mean, std = x[fit_on].mean(0), x[fit_on].std(0).clamp_min(1e-8)
@@ -126,9 +126,10 @@ def ranked_pruning(
     model.eval()
     for batch in batches:
         mask = counted(batch)
+        n = int(mask.sum())
         grid = torch.full(mask.shape, math.inf, dtype=torch.float64)
-        grid[mask] = priority[offset : offset + int(mask.sum())].double()
-        offset += int(mask.sum())
+        grid[mask] = priority[offset : offset + n].double()
+        offset += n
         control.priority = grid
         with torch.no_grad():
             results.append(model.token_nll(batch, control))
@@ -210,16 +211,19 @@ def gate_study(
         )
     first_nll, _ = token_nll(model, batches, FirstPassOnly(gate))
     first_entropy = token_entropy(model, batches, FirstPassOnly(gate))
+    # Not a difficulty but what the passes do for a token, also measured at full depth on the
+    # same weights: NLL after one pass minus NLL after all of them (> 0: pondering helps it).
+    gain = first_nll - full_nll
     for label, kind, priority in [
         ("least sure after the first pass go on (entropy), learned profile", "entropy_least_sure", first_entropy),
         ("surest after the first pass go on (entropy), learned profile", "entropy_surest", -first_entropy),
         (
             "linear probe of the gain from the gate's input go on (cross-fitted), learned profile",
             "probe_gain",
-            probe_gain(full_depth_gate.first_inputs, first_nll - full_nll, batches),
+            probe_gain(full_depth_gate.first_inputs, gain, batches),
         ),
         ("oracle: hardest go on (NLL at full depth), learned profile", "oracle_hardest", full_nll),
-        ("oracle: most helped by pondering go on, learned profile", "oracle_gain", first_nll - full_nll),
+        ("oracle: most helped by pondering go on, learned profile", "oracle_gain", gain),
     ]:
         if priority is None:
             continue
@@ -233,9 +237,7 @@ def gate_study(
                 f"model's ({model.config.vocab_size}): train the reference with the same tokenizer"
             )
         difficulties["nll_reference"] = token_nll(reference, batches)[0]
-    # Not a difficulty but what the passes do for a token, also measured at full depth on the
-    # same weights: NLL after one pass minus NLL after all of them (> 0: pondering helps it).
-    difficulties["pondering_gain"] = first_nll - full_nll
+    difficulties["pondering_gain"] = gain
     return {"rows": rows, "difficulty": difficulty_report(depth, difficulties), "tokens": int(depth.numel())}
 
 
