@@ -57,6 +57,7 @@ LOOKS_LIKE_REFERENCE = re.compile(r"\{[^{}\s]*:[^{}\s]*\}")
 SUMMARY_FIELDS = [
     "ppl",
     "flops_x_vanilla",
+    "train_flops_x_vanilla",
     "depth_mean",
     "ppl_full_depth",
     "ppl_random_pruning",
@@ -210,14 +211,35 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def training_flops(run_dir: Path, n_iterations: int) -> float | None:
+    """Mean forward FLOPs per training token over the run's logged steps, x vanilla
+    (`train/flops_x_vanilla`, at the depth each step ran; 1 for a one-pass model, None when the
+    run logged none). Runs compared at their inference FLOPs can have trained with different
+    compute: a gate that switches on late or halts more trains at other cost than its peers."""
+    if n_iterations == 1:
+        return 1.0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    if "train/flops_x_vanilla" not in events.Tags()["scalars"]:
+        return None
+    by_step = {e.step: e.value for e in events.Scalars("train/flops_x_vanilla")}  # a resumed run repeats steps
+    return sum(by_step.values()) / len(by_step)
+
+
 def evaluate_run(
-    checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None
+    checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None, run_dir: Path
 ) -> dict[str, Any]:
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.evaluate import gate_study, summarise, token_nll
 
     model, _ = load_checkpoint(checkpoint)
-    result: dict[str, Any] = {"model": type(model).__name__, "gate": type(getattr(model, "gate", None)).__name__}
+    result: dict[str, Any] = {
+        "model": type(model).__name__,
+        "gate": type(getattr(model, "gate", None)).__name__,
+        "train_flops_x_vanilla": training_flops(run_dir, model.n_iterations),
+    }
     gate = getattr(model, "gate", None)
     if gate is None or not gate.can_halt:
         return result | summarise(model, *token_nll(model, batches), context)
@@ -283,7 +305,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
             reference_checkpoint = (
                 last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
             )
-            result = evaluate_run(checkpoint, batches, context, reference_checkpoint) | {
+            result = evaluate_run(checkpoint, batches, context, reference_checkpoint, run_dir) | {
                 "train_minutes": minutes,
                 "seed": seed,
                 "checkpoint": str(checkpoint),

@@ -24,6 +24,8 @@ from ponder_lightning.study import (
 TINY = [
     "--trainer.max_steps",
     "3",
+    "--trainer.log_every_n_steps",
+    "1",
     "--trainer.val_check_interval",
     "3",
     "--trainer.limit_val_batches",
@@ -87,6 +89,9 @@ def test_study_trains_evaluates_matches_and_resumes(tmp_path, capsys):
         )
         assert abs(fixed["depth_mean"] - ada["depth_mean"]) < 0.5
         assert {"ppl_full_depth", "ppl_random_pruning", "spearman_nll_reference"} <= set(ada)
+        # Training compute as run, from the logged steps: the gated model halted some tokens.
+        assert results[seed]["vanilla"]["train_flops_x_vanilla"] == 1.0
+        assert 1.0 < ada["train_flops_x_vanilla"] < 5.2
     assert results["1"]["ada"]["ppl"] != results["2"]["ada"]["ppl"]  # the seeds differ
     summary = (out / "summary.md").read_text()
     assert (
