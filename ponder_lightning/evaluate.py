@@ -122,18 +122,20 @@ def ranked_pruning(
     counted target, as `token_nll` orders them) go on, following the learned `active_fractions`.
     Positions without a target (padding) never halt by this rule."""
     control = RankedPruning(gate, ranked_cutoffs(priority, active_fractions))
-    results, offset = [], 0
-    model.eval()
-    for batch in batches:
-        mask = counted(batch)
-        n = int(mask.sum())
-        grid = torch.full(mask.shape, math.inf, dtype=torch.float64)
-        grid[mask] = priority[offset : offset + n].double()
-        offset += n
-        control.priority = grid
-        with torch.no_grad():
-            results.append(model.token_nll(batch, control))
-    return torch.cat([nll for nll, _ in results]), torch.cat([depth for _, depth in results])
+
+    def with_priority() -> Iterable[Any]:
+        """Each batch, after setting its priority on the control (`token_nll` runs a batch
+        before it asks for the next one)."""
+        offset = 0
+        for batch in batches:
+            mask = counted(batch)
+            n = int(mask.sum())
+            control.priority = torch.full(mask.shape, math.inf, dtype=torch.float64)
+            control.priority[mask] = priority[offset : offset + n].double()
+            offset += n
+            yield batch
+
+    return token_nll(model, with_priority(), control)
 
 
 def summarise(model, nll: Tensor, depth: Tensor, context: int) -> dict[str, Any]:
