@@ -211,34 +211,17 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def training_flops(run_dir: Path, n_iterations: int) -> float | None:
-    """Mean forward FLOPs per training token over the run's logged steps, x vanilla
-    (`train/flops_x_vanilla`, at the depth each step ran; 1 for a one-pass model, None when the
-    run logged none). Runs compared at their inference FLOPs can have trained with different
-    compute: a gate that switches on late or halts more trains at other cost than its peers."""
-    if n_iterations == 1:
-        return 1.0
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    if "train/flops_x_vanilla" not in events.Tags()["scalars"]:
-        return None
-    by_step = {e.step: e.value for e in events.Scalars("train/flops_x_vanilla")}  # a resumed run repeats steps
-    return sum(by_step.values()) / len(by_step)
-
-
 def evaluate_run(
     checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None, run_dir: Path
 ) -> dict[str, Any]:
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.evaluate import gate_study, summarise, token_nll
 
-    model, _ = load_checkpoint(checkpoint)
+    model, data = load_checkpoint(checkpoint)
     result: dict[str, Any] = {
         "model": type(model).__name__,
         "gate": type(getattr(model, "gate", None)).__name__,
-        "train_flops_x_vanilla": training_flops(run_dir, model.n_iterations),
+        "train_flops_x_vanilla": model.training_flops_x_vanilla(context, data["global_step"]),
     }
     gate = getattr(model, "gate", None)
     if gate is None or not gate.can_halt:
@@ -257,8 +240,13 @@ def evaluate_run(
     return result
 
 
-def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int]:
-    """The run's validation blocks, read with its own data settings (every run of a study shares them)."""
+#: The data settings that decide which validation blocks a run is scored on.
+VALIDATION_DATA = ("data_files", "val_files", "tokens", "tokenizer", "seq_len", "batch_size", "val_fraction")
+
+
+def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int, dict[str, Any]]:
+    """The run's validation blocks, read with its own data settings, and those of its settings
+    that decide the blocks (`run_study` checks that every run of a study has the same)."""
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import PileDataModule
 
@@ -266,7 +254,28 @@ def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int
     accepted = inspect.signature(PileDataModule.__init__).parameters
     data = PileDataModule(**({k: v for k, v in data_args.items() if k in accepted} | {"val_batches": n_batches}))
     data.setup("validate")
-    return list(data.val_dataloader()), data.seq_len
+    return list(data.val_dataloader()), data.seq_len, {k: data_args.get(k) for k in VALIDATION_DATA}
+
+
+def first_blocks(
+    blocks: tuple[str, dict[str, Any]] | None, name: str, settings: dict[str, Any] | None
+) -> tuple[str, dict[str, Any]] | None:
+    """The study's first run with known validation settings, and those settings."""
+    return blocks or ((name, settings) if settings is not None else None)
+
+
+def other_blocks(first: tuple[str, dict[str, Any]] | None, settings: dict[str, Any] | None) -> str | None:
+    """Why a run whose validation settings are `settings` is not scored on the same blocks as the
+    study's first run (`first`: its name and settings), or None (also when either is unknown: a
+    result written before the settings were recorded)."""
+    if first is None or settings is None or settings == first[1]:
+        return None
+    name, expected = first
+    differ = ", ".join(f"data.{k}={settings.get(k)!r} (not {v!r})" for k, v in expected.items() if settings.get(k) != v)
+    return (
+        f"its validation blocks differ from {name}'s ({differ}): a study scores every run on the same blocks; "
+        "drop these data arguments from the run, or give it a study of its own"
+    )
 
 
 def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
@@ -277,6 +286,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
     out = Path(study["out"])
     out.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict[str, dict[str, Any]]] = {}
+    blocks: tuple[str, dict[str, Any]] | None = None  # the first run with known validation settings, and those
     for seed in study["seeds"]:
         results[seed] = {}
         for name in run_order(study["runs"], study.get("reference")):
@@ -285,7 +295,10 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
             run_dir = out / "runs" / name / f"seed_{seed}"
             done = run_dir / "result.json"
             if done.is_file() and not reevaluate:
-                results[seed][name] = json.loads(done.read_text())
+                result = json.loads(done.read_text())
+                blocks = first_blocks(blocks, name, result.get("validation_data"))
+                problem = other_blocks(blocks, result.get("validation_data"))
+                results[seed][name] = {"error": problem} if problem else result
                 print(f"[study] {name} seed {seed}: done earlier, skipped")
                 continue
             if done.is_file():
@@ -300,7 +313,12 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
                     results[seed][name] = {"error": str(err)}
                     continue
             checkpoint = last_checkpoint(run_dir)
-            batches, context = validation_batches(checkpoint, study.get("eval_batches", 16))
+            batches, context, settings = validation_batches(checkpoint, study.get("eval_batches", 16))
+            blocks = first_blocks(blocks, name, settings)
+            if problem := other_blocks(blocks, settings):
+                print(f"[study] {name} seed {seed}: not evaluated: {problem}")
+                results[seed][name] = {"error": problem}
+                continue
             reference = study.get("reference")
             reference_checkpoint = (
                 last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
@@ -309,6 +327,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
                 "train_minutes": minutes,
                 "seed": seed,
                 "checkpoint": str(checkpoint),
+                "validation_data": settings,
             }
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result

@@ -21,7 +21,7 @@ from ponder_lightning.gates import (
     MatchedRandomPruning,
     PerIterationMLPGate,
 )
-from ponder_lightning.models import AdaPonderLM, VanillaLM
+from ponder_lightning.models import AdaPonderLM, PonderLM2, PonderLM3, VanillaLM
 from ponder_lightning.models.metrics import average_ranks, depth_by_decile, spearman
 from ponder_lightning.models.recurrent import COLLAPSE_STEPS, gate_health
 
@@ -68,6 +68,22 @@ def test_a_control_whose_mask_coincides_reproduces_the_learned_gate():
     _, random_trace = run(model, ids, MatchedRandomPruning(model.gate, trace.active_fractions().tolist(), seed=3))
     assert torch.equal(random_trace.scores[0], trace.scores[0])
     assert not all(torch.equal(a, b) for a, b in zip(random_trace.active, trace.active, strict=True))
+
+
+def test_random_pruning_does_not_replay_a_fixed_ratio_gates_training_draws():
+    """A model trained with FixedRatioGate(seed=s) has adapted to those draws: random pruning
+    with the same seed must not hand it back its own training mask (they agree only by chance)."""
+    torch.manual_seed(0)
+    model = AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=FixedRatioGate(target_depth=2.5, seed=0)).eval()
+    ids = torch.randint(0, VOCAB, (8, 256))
+    _, trained = run(model, ids)
+    fractions = trained.active_fractions().tolist()
+    _, control = run(model, ids, MatchedRandomPruning(model.gate, fractions, seed=0))
+    for i in range(1, model.n_iterations):
+        p = fractions[i] / fractions[i - 1]  # chance of going on at decision i, given active before it
+        before = trained.active[i - 1] & control.active[i - 1]
+        agree = (trained.active[i] == control.active[i])[before].float().mean().item()
+        assert agree < p**2 + (1 - p) ** 2 + 0.1, f"decision {i}: the control replays the training draws"
 
 
 def test_random_pruning_with_nothing_to_halt_is_the_learned_gate_at_full_depth():
@@ -225,6 +241,16 @@ def test_continued_pretraining_starts_where_the_pretrained_model_is(tmp_path):
     reloaded = AdaPonderLM(**dict(model.hparams, pretrained=None))  # how checkpoints and exports rebuild it
     assert reloaded.backbone.embed_scale == 1.0
     assert VanillaLM(size="tiny", vocab_size=NEOX_VOCAB, pretrained=str(tmp_path / "pythia"))  # unchanged
+    # The latent-slot models too: their token slots' first pass is Pythia's forward.
+    for latent_model in (PonderLM2, PonderLM3):
+        start = latent_model(size="tiny", vocab_size=NEOX_VOCAB, pretrained=str(tmp_path / "pythia")).eval()
+        assert start.hparams.scale_embeds is False
+        with torch.no_grad():
+            token_pass = start.backbone.logits(
+                start.backbone(start.backbone.embed_in(ids) * start.backbone.embed_scale)
+            )
+        assert torch.allclose(token_pass, hf_logits(original, ids), atol=1e-5)
+        assert latent_model(size="tiny", vocab_size=NEOX_VOCAB).backbone.embed_scale == math.sqrt(2.5 * 64)
 
 
 def test_the_ponder_loss_makes_tokens_halt_and_the_passes_kept_matter():

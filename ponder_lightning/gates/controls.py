@@ -31,6 +31,9 @@ from ponder_lightning.gates.fixed import token_uniform
 from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.validation import ClosedUnitInterval, NonNegativeInt, check_init_args
 
+#: Offset of the evaluation draws' seeds from the training gates' (`MatchedRandomPruning`).
+DRAW_STREAM = 1_000_003
+
 
 class GateControl(Gate):
     """A trained gate with its halting rule replaced (see `halt`)."""
@@ -38,7 +41,6 @@ class GateControl(Gate):
     def __init__(self, gate: Gate) -> None:
         super().__init__()
         self.base = gate
-        self.n_decisions = getattr(gate, "n_decisions", 0)
 
     def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
         decision = self.base(h, iteration, active, tokens, positions)
@@ -103,6 +105,9 @@ class MatchedRandomPruning(GateControl):
 
     Draws are a deterministic hash of (token id, position, iteration, seed), as in
     `FixedRatioGate`, so the choice never looks ahead and decoding prunes what evaluation does.
+    They come from a stream of their own (`DRAW_STREAM` apart from any gate's seed): a model
+    trained with `FixedRatioGate(seed=0)` has adapted to that gate's draws, and the same draws
+    here would hand it back its own training mask instead of a random one.
     """
 
     def __init__(self, gate: Gate, active_fractions: list[ClosedUnitInterval], seed: NonNegativeInt = 0) -> None:
@@ -117,7 +122,7 @@ class MatchedRandomPruning(GateControl):
         ]
 
     def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
-        draws = token_uniform(tokens, positions, iteration, self.seed)
+        draws = token_uniform(tokens, positions, iteration, DRAW_STREAM + self.seed)
         return active & (draws >= self.halt_probs[iteration])
 
 
