@@ -116,7 +116,7 @@ def generate(
     for row, prompt in enumerate(prompts):  # left padding: every row's next token lands in the same slot
         ids[row, longest - len(prompt) :] = torch.tensor(list(prompt), device=device)
         valid[row, longest - len(prompt) :] = True
-    cache = model.new_cache(b, longest + max_new_tokens)
+    cache = model.new_cache(b, longest + max_new_tokens - 1)  # a row's last new token is never fed back
     cache.compile_attention = compile_attention
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
@@ -148,8 +148,10 @@ def generate(
     _wait_for(device)
     decode_seconds = time.perf_counter() - start
     n_generated = sum(len(t) for t in new_tokens)
-    evaluations = decoder.evaluations
-    fractions = [e / max(evaluations[0], 1) for e in evaluations]
+    # Depth and FLOPs over the same positions: those whose logits chose a generated token (the
+    # prompt's last, from the prefill, and every generated token but each row's last).
+    chose = [d for row in depths for d in row]
+    fractions = [sum(d > i for d in chose) / len(chose) for i in range(model.n_iterations)]
     context = longest + n_generated / b
     stats = {
         "prompt_tokens": int(valid.sum()),
@@ -158,8 +160,8 @@ def generate(
         "decode_seconds": decode_seconds,
         "decode_passes": passes,  # backbone calls while decoding: the deepest row's summed depth
         "tokens_per_second": n_generated / (prefill_seconds + decode_seconds),
-        "mean_depth": sum(map(sum, depths)) / max(n_generated, 1),
-        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"] if evaluations[0] else float("nan"),
+        "mean_depth": sum(chose) / len(chose),
+        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
     }
     texts = [tokenizer.decode(t) for t in new_tokens] if tokenizer is not None else None
     return Generation(
@@ -167,5 +169,5 @@ def generate(
         depths=depths,
         texts=texts,
         stats=stats,
-        evaluations={"prefill": prefill_counts, "decode": evaluations},
+        evaluations={"prefill": prefill_counts, "decode": decoder.evaluations},
     )

@@ -1,12 +1,15 @@
 """Decoding equals the training forward, for every model, with tokens halting at different
 iterations; batching changes nothing; halted tokens really cost no backbone compute."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from decode_helpers import assert_batch_equals_each_alone, decode_incrementally, decode_rowwise
 
 from ponder_lightning.data import load_tokenizer
+from ponder_lightning.errors import UserError
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate, sample
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, VanillaLM
@@ -249,6 +252,15 @@ def test_sampling_controls():
         assert all(token[i] in top5[i] for i in range(4))
 
 
+def test_generation_fills_the_context_and_no_more():
+    """The last new token is never fed back: a prompt of the full context still yields one token."""
+    model = PonderLM(size="tiny", vocab_size=VOCAB, max_seq_len=16)
+    assert len(generate(model, [list(range(16))], max_new_tokens=1).tokens[0]) == 1
+    assert len(generate(model, [list(range(10))], max_new_tokens=7).tokens[0]) == 7
+    with pytest.raises(UserError, match="take 17 positions, beyond the model's context max_seq_len=16"):
+        generate(model, [list(range(16))], max_new_tokens=2)
+
+
 def test_stop_tokens_and_text_prompts():
     tokenizer = load_tokenizer("bytes")
     model = PonderLM(size="tiny", vocab_size=384)
@@ -283,3 +295,8 @@ def test_a_batch_decodes_in_as_many_passes_as_its_deepest_row_needs():
     per_row = [sum(d[1:]) for d in out.depths]  # the first token comes from the prompt's passes
     lock_step = sum(max(d[k] for d in out.depths) for k in range(1, 12))
     assert out.stats["decode_passes"] == max(per_row) < lock_step
+    # The depth and the FLOPs it reports count the same tokens: the FLOPs' passes are the depth.
+    flops = model.realised_flops([sum(d > i for row in out.depths for d in row) / 48 for i in range(4)], 18)
+    assert out.stats["mean_depth"] == pytest.approx(flops["passes"]) and sum(map(len, out.depths)) == 48
+    first = generate(model, [[1, 2, 3]], max_new_tokens=1)  # one token: chosen by the prompt's passes
+    assert first.stats["mean_depth"] == first.depths[0][0] and math.isfinite(first.stats["flops_x_vanilla"])

@@ -378,6 +378,8 @@ def test_ponder_loss_k_ramp():
     # linear: equal increments per step inside the ramp
     incs = [reg.k_at(s + 1) - reg.k_at(s) for s in range(101, 140)]
     assert max(incs) - min(incs) < 1e-12 and incs[0] == pytest.approx(0.2 / 50)
+    no_ramp = BottomKPonderLoss(lam=0.1, k_max=0.2, start_step=100, ramp_steps=0)
+    assert no_ramp.k_at(99) == 0.0 and no_ramp.k_at(100) == 0.2
     assert [reg.k_at(s) for s in range(100, 152)] == sorted(reg.k_at(s) for s in range(100, 152))
 
 

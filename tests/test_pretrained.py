@@ -3,6 +3,7 @@ back: `load_checkpoint` for every model class and gate, and `export` to a Huggin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,14 @@ def test_pretrained_must_match_the_model(tmp_path):
         AdaPonderLM(size="pythia-14m", vocab_size=VOCAB, pretrained=str(tmp_path / "pythia"))
     with pytest.raises(UserError, match="not a local directory"):
         VanillaLM(size="tiny", vocab_size=VOCAB, pretrained=str(tmp_path / "EleutherAI" / "pythia-70m"))
+    # Scaled rotary embeddings (here in an older config's spelling) would give wrong logits.
+    config = json.loads((tmp_path / "pythia" / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (tmp_path / "pythia" / "config.json").write_text(
+        json.dumps(config | {"rope_scaling": {"type": "linear", "factor": 4.0}})
+    )
+    with pytest.raises(UserError, match="rope type 'linear'"):
+        VanillaLM(size="tiny", vocab_size=VOCAB, pretrained=str(tmp_path / "pythia"))
 
 
 def every_step_checkpoints() -> dict:

@@ -137,6 +137,8 @@ def test_bad_values_are_rejected_at_parse_time_in_one_line(capsys, tmp_path):
     assert "k_max" in line and str(overlay) in line
     line = cli_error(capsys, *FIT, "--model.init_args.mixture_top_k", "0")
     assert "mixture_top_k" in line and "got 0" in line
+    line = cli_error(capsys, *FIT, "--model.init_args.mixture_top_k", "1000")
+    assert "mixture_top_k=1000 exceeds the vocabulary (384 ids)" in line
 
 
 def test_yaml_syntax_error_names_the_file_and_line(capsys, tmp_path):

@@ -95,7 +95,9 @@ class BottomKPonderLoss(PonderRegularizer):
     def k_at(self, step: int) -> float:
         if step < self.start_step:
             return 0.0
-        return self.k_max * min(1.0, (step - self.start_step) / max(self.ramp_steps, 1))
+        if self.ramp_steps == 0:  # no ramp: k_max from start_step on
+            return self.k_max
+        return self.k_max * min(1.0, (step - self.start_step) / self.ramp_steps)
 
     def _bottom_k(
         self, scores: list[Tensor | None], active: list[Tensor], step: int, continuing: list[Tensor] | None

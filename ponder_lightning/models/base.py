@@ -33,7 +33,7 @@ from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.nn.rowwise import RowDecoder
 from ponder_lightning.parallel import shard_model
-from ponder_lightning.pretrained import pretrained_backbone_state
+from ponder_lightning.pretrained import pretrained_backbone_state, pretrained_scales_embeddings
 from ponder_lightning.resume import apply_optimizer_changes
 from ponder_lightning.training import resume_hint
 from ponder_lightning.validation import (
@@ -149,6 +149,17 @@ class CausalLMModule(L.LightningModule):
         self.eval_metric = DepthNLL(max_depth=n_iterations)
         self.flops_per_batch: float | None = None
 
+    def scale_embeddings(self, scale_embeds: bool | None, factor: float) -> None:
+        """Multiply token embeddings by sqrt(factor * d) if `scale_embeds`. None: on from scratch;
+        with `pretrained`, as those weights were trained (off for Pythia, whose first pass then
+        equals Pythia's logits). Resolved once and kept in the hyper-parameters, so checkpoints and
+        exports keep it."""
+        if scale_embeds is None:
+            pretrained = self.hparams.get("pretrained")
+            self.hparams.scale_embeds = pretrained is None or pretrained_scales_embeddings(pretrained)
+        if self.hparams.scale_embeds:
+            self.backbone.embed_scale = math.sqrt(factor * self.config.d_model)
+
     # -- what each family provides -----------------------------------------------------------
     def hidden_states(
         self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None
@@ -183,11 +194,19 @@ class CausalLMModule(L.LightningModule):
         """Forward FLOPs per token of a training step."""
         raise NotImplementedError
 
+    def training_flops_x_vanilla(self, context: int, steps: int) -> float:
+        """Forward FLOPs per training token over a run's first `steps` optimizer steps, x vanilla:
+        what the run cost, next to what it infers at. Training keeps its shapes static (every
+        token runs every pass, halted ones masked), so this is set by the full depth, not by where
+        a gate halts: halting saves inference compute only."""
+        return self.full_depth_flops_per_token(context) / flops.vanilla_forward_flops(self.config, context)
+
     def check_context(self, max_len: int) -> None:
+        """A decoding cache of `max_len` positions (the prompt, and every new token but the last)."""
         if max_len > self.config.max_seq_len:
             raise UserError(
-                f"prompt + new tokens = {max_len} tokens exceed the model's context "
-                f"max_seq_len={self.config.max_seq_len}"
+                f"the prompt and the new tokens fed back take {max_len} positions, beyond the model's context "
+                f"max_seq_len={self.config.max_seq_len}: shorten the prompt or lower max_new_tokens"
             )
 
     def forward(self, inputs: Tensor, valid: Tensor | None = None) -> Tensor:

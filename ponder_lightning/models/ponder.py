@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ponder_lightning.errors import UserError
 from ponder_lightning.models.recurrent import RecurrentLM
 from ponder_lightning.nn.recurrence import PonderFeedback
 from ponder_lightning.validation import NonNegativeInt, PositiveInt, check_init_args
@@ -29,3 +30,8 @@ class PonderLM(RecurrentLM):
         start = float(pondering_steps) if multiply_pondering_steps else 1.0
         feedback = PonderFeedback(top_k=mixture_top_k, start_multiplier=start)
         super().__init__(n_iterations=pondering_steps + 1, feedback=feedback, embed_scale_factor=1.0, **kwargs)
+        if mixture_top_k is not None and mixture_top_k > self.config.vocab_size:
+            raise UserError(
+                f"PonderLM: mixture_top_k={mixture_top_k} exceeds the vocabulary ({self.config.vocab_size} ids): "
+                "lower it, or leave it null to mix the whole vocabulary"
+            )

@@ -3,7 +3,6 @@ hidden states fed back as extra input slots right after the token (`nn/latent.py
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any
 
@@ -29,6 +28,8 @@ class PonderLM2(CausalLMModule):
         authors' code for the block: {2, 3, 4} on GPT-NeoX, {2, 3} on LLaMA.
     jacobi_eval: J at validation and test (the authors': 3). Decoding is exact and uses no J.
     scale_embeds: token embeddings x sqrt(2.5 d) (latents are raw final-norm hidden states).
+        Default (null): on from scratch; with `pretrained`, as those weights were trained (off
+        for Pythia).
     output_init_passes: R in the init sigma / sqrt(2 L R) of the residual-output projections
         (attention output, MLP output). None = the authors' code for the block: K+1 on GPT-NeoX,
         1 (no per-pass factor) on LLaMA. Ignored for a `pretrained` start.
@@ -39,7 +40,7 @@ class PonderLM2(CausalLMModule):
         latent_steps: PositiveInt = 1,
         jacobi_choices: tuple[NonNegativeInt, ...] | None = None,
         jacobi_eval: NonNegativeInt = 3,
-        scale_embeds: bool = True,
+        scale_embeds: bool | None = None,
         output_init_passes: PositiveInt | None = None,
         **kwargs: Any,
     ) -> None:
@@ -50,8 +51,7 @@ class PonderLM2(CausalLMModule):
                 "or null for the authors' draw"
             )
         super().__init__(n_iterations=latent_steps + 1, **kwargs)
-        if scale_embeds:
-            self.backbone.embed_scale = math.sqrt(2.5 * self.config.d_model)
+        self.scale_embeddings(scale_embeds, 2.5)
         self.latent = LatentRecurrence(self.backbone, latent_steps)
         # The base drew the output projections with R = K+1 (the GPT-NeoX code's factor); redraw them
         # where the configured R differs (the LLaMA code's R = 1 by default).

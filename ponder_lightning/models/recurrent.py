@@ -5,7 +5,6 @@ regulariser, embedding scaling and a gate-only stage."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, sp
 from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
-from ponder_lightning.pretrained import pretrained_extra_state, pretrained_scales_embeddings
+from ponder_lightning.pretrained import pretrained_extra_state
 from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args
 
 ALWAYS_CONTINUE = AlwaysContinue()
@@ -98,13 +97,15 @@ class TokenRecurrentLM(CausalLMModule):
     def row_decoder(self, cache: KVCache) -> RecurrenceRowDecoder:
         return RecurrenceRowDecoder(self.recurrence, cache, self.effective_gate())
 
-    def realised_flops(self, active_fractions: list[float], context: int) -> dict[str, float]:
+    def realised_flops(self, active_fractions: list[float], context: int, gate: Gate | None = None) -> dict[str, float]:
+        """`gate`: the gate whose cost to count (default: the gate in force, none before a
+        gated model's `gate_start_step`)."""
         return flops.recurrent_forward_flops(
             self.config,
             context,
             active_fractions,
             self.recurrence.feedback.extra_flops_per_token(self.backbone),
-            self.gate.extra_flops_per_token(self.config.d_model),
+            (self.effective_gate() if gate is None else gate).extra_flops_per_token(self.config.d_model),
         )
 
     def full_depth_flops_per_token(self, context: int) -> float:
@@ -147,10 +148,7 @@ class RecurrentLM(TokenRecurrentLM):
         check_init_args(RecurrentLM, locals())
         super().__init__(**kwargs)
         pretrained = self.hparams.get("pretrained")
-        if scale_embeds is None:  # resolved once and kept in the hyper-parameters, so checkpoints and exports keep it
-            self.hparams.scale_embeds = pretrained is None or pretrained_scales_embeddings(pretrained)
-        if self.hparams.scale_embeds:
-            self.backbone.embed_scale = math.sqrt(embed_scale_factor * self.config.d_model)
+        self.scale_embeddings(scale_embeds, embed_scale_factor)
         self.gate = gate if gate is not None else AlwaysContinue()
         self.gate.bind(self.config.d_model, self.n_iterations - 1)
         if pretrained is not None:
@@ -187,6 +185,15 @@ class RecurrentLM(TokenRecurrentLM):
 
     def effective_gate(self) -> Gate:
         return self.gate if self.gate_active else ALWAYS_CONTINUE
+
+    def training_flops_x_vanilla(self, context: int, steps: int) -> float:
+        """Full depth at every step (see the base class), with the gate's cost from
+        `gate_start_step` on (before it, no gate runs)."""
+        full = [1.0] * self.n_iterations
+        gated = min(max(steps - self.hparams.gate_start_step, 0), steps)
+        with_gate = self.realised_flops(full, context, self.gate)["x_vanilla"]
+        without = self.realised_flops(full, context, ALWAYS_CONTINUE)["x_vanilla"]
+        return (gated * with_gate + (steps - gated) * without) / max(steps, 1)
 
     def aux_loss(self, trace: Trace) -> Tensor | None:
         if not self.gate_active:

@@ -69,9 +69,6 @@ class BackboneConfig:
     def d_ff(self) -> int:
         return round(self.mlp_ratio * self.d_model)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     # A model small enough for unit tests on a 2-core CPU.

@@ -57,6 +57,11 @@ def _require_dir(path: str | Path) -> Path:
     return p
 
 
+def rope_type(rope: dict) -> str:
+    """The rotary scaling a config asks for (`rope_type`, or `type` in older configs)."""
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
 def read_hf_config(path: str | Path) -> BackboneConfig:
     """Translate a GPT-NeoX config.json into a BackboneConfig (refusing layouts we do not implement)."""
     raw = json.loads((_require_dir(path) / "config.json").read_text())
@@ -73,6 +78,11 @@ def read_hf_config(path: str | Path) -> BackboneConfig:
             "that this backbone does not implement"
         )
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope_type(rope) != "default":
+        raise UserError(
+            f"{path}/config.json scales its rotary embeddings (rope type {rope_type(rope)!r}), which this backbone "
+            "does not implement: its logits would be wrong"
+        )
     d_model, n_head = raw["hidden_size"], raw["num_attention_heads"]
     mlp_ratio, rest = divmod(raw.get("intermediate_size", 4 * d_model), d_model)
     if rest:
@@ -101,7 +111,7 @@ def _read_llama_config(raw: dict, path: str | Path) -> BackboneConfig:
         "biases": raw.get("attention_bias", False) or raw.get("mlp_bias", False),
         "tied embeddings": raw.get("tie_word_embeddings", False),
         f"hidden_act={raw.get('hidden_act')!r}": raw.get("hidden_act", "silu") != "silu",
-        f"rope_type={rope.get('rope_type')!r}": rope.get("rope_type", "default") != "default",
+        f"rope type {rope_type(rope)!r}": rope_type(rope) != "default",
     }
     found = [name for name, present in unsupported.items() if present]
     if found:

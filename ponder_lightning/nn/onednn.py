@@ -14,9 +14,10 @@ Scope: only inside `prepacked_weights()` (prefill, decode steps and `generate` e
 on CPU, in fp32; everywhere else, and where oneDNN is missing or its ops fail (they are internal
 to torch), these are plain `F.linear` and `@`. Results equal those up to float rounding. Packed
 weights are cached per weight tensor and repacked when it changes (its version counter or storage
-moves: optimizer steps, `load_state_dict`, `.data =`); the cache holds a second copy of the
-weights while the model lives. Training never sees it, so sharded or replicated parameters are
-never packed.
+moves: optimizer steps, `load_state_dict`, in-place ops on it under `torch.no_grad()`, `.data =`).
+An in-place edit through `.data` (`w.data.mul_(2)`) moves neither and is not seen: edit `w`
+itself under `torch.no_grad()`. The cache holds a second copy of the weights while the model
+lives. Training never sees it, so sharded or replicated parameters are never packed.
 """
 
 from __future__ import annotations
