@@ -70,6 +70,26 @@ SUMMARY_FIELDS = [
 ]
 
 
+#: What each field of a study (and of a run) holds: a check and how to say it.
+STUDY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "out": (lambda v: isinstance(v, str), "a directory"),
+    "seeds": (lambda v: isinstance(v, list) and v and all(type(s) is int and s >= 0 for s in v), "a list of seeds"),
+    "base": (lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v), "a list of config files"),
+    "args": (lambda v: isinstance(v, list), "a list of flags and values"),
+    "reference": (lambda v: v is None or isinstance(v, str), "a run name"),
+    "frontier": (lambda v: isinstance(v, list), "a list of run names"),
+    "eval_batches": (lambda v: type(v) is int and v > 0, "a positive number of batches"),
+}
+RUN_TYPES = {"configs": STUDY_TYPES["base"], "args": STUDY_TYPES["args"], "seeds": STUDY_TYPES["seeds"]}
+
+
+def check_types(path: Path, fields: dict[str, Any], types: dict[str, tuple[Callable[[Any], bool], str]], where: str):
+    for field, value in fields.items():
+        ok, expected = types.get(field, (lambda v: True, ""))
+        if not ok(value):
+            raise UserError(f"{path}: {where}{field} must be {expected}, got {value!r} (YAML lists: [a, b])")
+
+
 def load_study(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -84,8 +104,11 @@ def load_study(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise UserError(f"{path}: unknown study field(s) {sorted(unknown)}")
     study.setdefault("seeds", [1])
+    study.setdefault("eval_batches", 16)
+    check_types(path, study, STUDY_TYPES, "")
     for name, run in study["runs"].items():
         run = run or {}
+        check_types(path, run, RUN_TYPES, f"run {name}: ")
         unknown = set(run) - {"configs", "args", "seeds"}
         if unknown:
             raise UserError(f"{path}: run {name} has unknown field(s) {sorted(unknown)} (configs, args, seeds)")
@@ -153,11 +176,11 @@ Fit = Callable[[list[str]], Any]
 """The command line's `fit` entry: `fit(["fit", "--config", ...])` trains one run."""
 
 
-def train(
-    study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]], fit: Fit
-) -> float:
-    """Fit one run with `fit` (resuming its last checkpoint if it was interrupted); returns minutes
-    spent. The run's own configs come first (they choose the model class), the study's base after."""
+def fit_argv(
+    study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]]
+) -> list[str]:
+    """The `fit` arguments that define a run: its own configs first (they choose the model
+    class), the study's base after, then the study's and the run's args with references resolved."""
     run = study["runs"][name] or {}
     configs = [*run.get("configs", []), *study.get("base", [])]
     argv = ["fit"]
@@ -178,6 +201,59 @@ def train(
         "--trainer.logger.init_args.version",
         f"seed_{seed}",
     ]
+    return argv
+
+
+def definition(argv: list[str]) -> list[str]:
+    """A run's `fit` arguments as far as they define it: config paths absolute (a study run from
+    another directory is the same study), and no `--ckpt_path` (a resumed run is the same run)."""
+    kept, i = [], 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag in ("--ckpt_path", "--config") and i + 1 < len(argv):
+            if flag == "--config":
+                kept += [flag, str(Path(argv[i + 1]).resolve())]
+            i += 2
+            continue
+        kept.append(flag)
+        i += 1
+    return kept
+
+
+def recorded_argv(run_dir: Path) -> list[str] | None:
+    """The `fit` arguments the run was last trained with (`command.txt`), if it records them."""
+    command = run_dir / "command.txt"
+    if not command.is_file():
+        return None
+    return command.read_text().split()[len(("python", "-m", "ponder_lightning")) :]
+
+
+def check_unchanged(study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, Any]) -> None:
+    """A finished run whose study entry changed since it trained would report the old run under
+    the new definition: refuse, saying what differs and how to train it again."""
+    trained = recorded_argv(run_dir)
+    try:
+        now = fit_argv(study, name, seed, run_dir, results)
+    except UserError:  # a run it refers to failed: nothing to compare with
+        return
+    if trained is None or definition(trained) == definition(now):
+        return
+    old, new = definition(trained), definition(now)
+    gone = [a for a in old if a not in new]
+    added = [a for a in new if a not in old]
+    raise UserError(
+        f"run {name} seed {seed} was trained with other arguments than the study now gives it "
+        f"(then: {' '.join(gone) or 'the same, in another order'}; now: {' '.join(added) or '-'}): delete {run_dir} "
+        "to train it again, or restore the study file"
+    )
+
+
+def train(
+    study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]], fit: Fit
+) -> float:
+    """Fit one run with `fit` (resuming its last checkpoint if it was interrupted); returns the
+    minutes this call spent (a resumed run: since its resume)."""
+    argv = fit_argv(study, name, seed, run_dir, results)
     resume_from = last_checkpoint(run_dir)
     if resume_from is not None:
         argv += ["--ckpt_path", str(resume_from)]
@@ -294,6 +370,8 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
                 continue
             run_dir = out / "runs" / name / f"seed_{seed}"
             done = run_dir / "result.json"
+            if done.is_file():
+                check_unchanged(study, name, seed, run_dir, results[seed])
             if done.is_file() and not reevaluate:
                 result = json.loads(done.read_text())
                 blocks = first_blocks(blocks, name, result.get("validation_data"))
@@ -313,7 +391,12 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
                     results[seed][name] = {"error": str(err)}
                     continue
             checkpoint = last_checkpoint(run_dir)
-            batches, context, settings = validation_batches(checkpoint, study.get("eval_batches", 16))
+            if checkpoint is None:
+                raise UserError(
+                    f"run {name} seed {seed} wrote no checkpoints/last.ckpt under {run_dir}: a study evaluates the "
+                    "last checkpoint, so keep the configs' AtomicModelCheckpoint (save_last: true)"
+                )
+            batches, context, settings = validation_batches(checkpoint, study["eval_batches"])
             blocks = first_blocks(blocks, name, settings)
             if problem := other_blocks(blocks, settings):
                 print(f"[study] {name} seed {seed}: not evaluated: {problem}")
@@ -551,7 +634,8 @@ def study_command(argv: list[str], fit: Fit) -> None:
     parser.add_argument(
         "--reevaluate",
         action="store_true",
-        help="evaluate the finished runs again from their last checkpoints (no training), e.g. after an upgrade",
+        help="evaluate the finished runs again from their last checkpoints, without training them again (e.g. "
+        "after an upgrade); runs not finished yet are trained as usual",
     )
     args = parser.parse_args(argv)
     run_study(args.config, fit, reevaluate=args.reevaluate)

@@ -216,6 +216,29 @@ def test_study_file_mistakes_are_named(tmp_path):
         run_order({"a": {"args": ["{b:depth_mean}"]}, "b": {"args": ["{a:pondering_steps}"]}}, None)
     with pytest.raises(UserError, match=r"has \{a:depth\} in its args: a reference is \{run:depth_mean\}"):
         load_study(write_study(tmp_path, runs={"a": {}, "b": {"args": ["{a:depth}"]}}))
+    with pytest.raises(UserError, match="seeds must be a list of seeds, got 1"):
+        load_study(write_study(tmp_path, seeds=1))
+    with pytest.raises(UserError, match="run a: configs must be a list of config files, got 'configs/vanilla.yaml'"):
+        load_study(write_study(tmp_path, runs={"a": {"configs": "configs/vanilla.yaml"}}))
+    with pytest.raises(UserError, match="eval_batches must be a positive number of batches, got 0"):
+        load_study(write_study(tmp_path, eval_batches=0))
+
+
+def test_a_finished_run_whose_study_entry_changed_is_not_reported_as_the_new_one(tmp_path, capsys):
+    """Editing a run's arguments after it trained would otherwise print the old run's numbers
+    under the new definition."""
+    runs = {"vanilla": {"configs": ["configs/vanilla.yaml"]}}
+    path = write_study(tmp_path, seeds=[1], runs=runs)
+    main(["study", "--config", str(path)])
+    write_study(tmp_path, seeds=[1], runs={"vanilla": runs["vanilla"] | {"args": ["--model.init_args.lr", "0.01"]}})
+    for extra in ([], ["--reevaluate"]):
+        with pytest.raises(SystemExit):
+            main(["study", "--config", str(path), *extra])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "run vanilla seed 1 was trained with other arguments" in err and "--model.init_args.lr 0.01" in err
+    write_study(tmp_path, seeds=[1], runs=runs)  # restored: the finished run counts again
+    main(["study", "--config", str(path)])
+    assert "vanilla seed 1: done earlier, skipped" in capsys.readouterr().out
 
 
 def test_a_reference_may_name_a_run_with_dots():
