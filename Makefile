@@ -11,11 +11,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(STAMP)
 
-# torch is pinned and installed first: a plain `pip install lightning` would pull a multi-GB CUDA build.
+# torch first, pinned, and only if .venv has none: a torch already there (a GPU user's, or PyTorch's
+# CPU wheel from https://download.pytorch.org/whl/cpu) is kept, and `pip install lightning` alone
+# would pull whatever torch it likes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .[dev]
 	touch $(STAMP)
 
