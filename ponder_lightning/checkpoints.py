@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file
 
+from ponder_lightning.data.tokenizer import first_line, is_builtin_tokenizer
 from ponder_lightning.errors import UserError
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.pretrained import (
@@ -36,16 +37,15 @@ from ponder_lightning.pretrained import (
     is_transformers_export,
 )
 
-# Tokenizer specs that name the library's own tokenizers (kept as the spec, not as a path).
-BUILTIN_TOKENIZERS = ("neox", "gpt-neox-20b", "pythia", "bpe4k", "bytes")
 # Init args that only matter while building a model for training, never when rebuilding one.
 _BUILD_ONLY_ARGS = ("pretrained",)
 
 
 class LoadedCheckpoint(NamedTuple):
     """`model` in eval mode on CPU, its `on_load_checkpoint` hook called (so it knows the step it
-    was trained to); `data` the data module's recorded arguments, with `data["tokenizer"]` the
-    tokenizer spec (`neox`, `bytes`, a path) when known, and `data["global_step"]`."""
+    was trained to); `data` the data module's recorded arguments (a .ckpt's, or those an export of
+    it recorded), with `data["tokenizer"]` the tokenizer spec (`neox`, `bytes`, a path) when known,
+    and `data["global_step"]`."""
 
     model: CausalLMModule
     data: dict[str, Any]
@@ -140,7 +140,7 @@ def invalid_saved_args(source: str, class_name: str, exc: BaseException) -> User
 
     text = str(exc).strip()
     if 'Parser key "' not in text and "is not accepted" not in text:
-        return UserError(f"{source}: could not rebuild {class_name} from its saved arguments ({_first_line(exc)})")
+        return UserError(f"{source}: could not rebuild {class_name} from its saved arguments ({first_line(exc)})")
     reason = parser_error_message(text, []).split(": check its spelling")[0]  # advice for a config, not a checkpoint
     for prefix in ("module.", "model.", "init_args."):  # the CLI's and instantiate_module's roots
         reason = reason.removeprefix(prefix)
@@ -164,7 +164,7 @@ def _read_lightning_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
         raise UserError(
-            f"checkpoint {path} could not be read ({_first_line(exc)}): it is damaged or not a PyTorch checkpoint"
+            f"checkpoint {path} could not be read ({first_line(exc)}): it is damaged or not a PyTorch checkpoint"
         ) from exc
 
 
@@ -197,8 +197,10 @@ def _load_hf_dir(path: Path) -> LoadedCheckpoint:
     _load_state(model, state, str(path))
     step = int(meta.get("global_step", 0))
     model.on_load_checkpoint({"global_step": step})
-    tokenizer = meta.get("tokenizer")
-    return LoadedCheckpoint(model.eval(), {"global_step": step, **({"tokenizer": tokenizer} if tokenizer else {})})
+    data = _recorded_data(meta, step)
+    if meta.get("tokenizer"):
+        data["tokenizer"] = meta["tokenizer"]
+    return LoadedCheckpoint(model.eval(), data)
 
 
 def load_transformers_dir(path: Path) -> LoadedCheckpoint:
@@ -218,13 +220,20 @@ def load_transformers_dir(path: Path) -> LoadedCheckpoint:
     _load_state(model, {k.removeprefix(PREFIX): v for k, v in state.items()}, str(path))
     step = int(meta.get("global_step", 0))
     model.on_load_checkpoint({"global_step": step})
-    data: dict[str, Any] = {"global_step": step}
+    data = _recorded_data(meta, step)
     tokenizer = meta.get("tokenizer")
-    if tokenizer is not None and str(tokenizer).lower() in BUILTIN_TOKENIZERS:
+    if tokenizer is not None and is_builtin_tokenizer(str(tokenizer)):
         data["tokenizer"] = tokenizer  # the library's own ids (`bytes` keeps its text-only EOS rule)
     elif (path / "tokenizer.json").is_file():
         data["tokenizer"] = str(path)  # the copy written next to the weights
     return LoadedCheckpoint(model.eval(), data)
+
+
+def _recorded_data(meta: dict[str, Any], step: int) -> dict[str, Any]:
+    """An export's record of the data module's arguments (what `load_checkpoint` returns for the
+    .ckpt it came from) plus the step. Exports written before the record existed have none: then
+    only the tokenizer is known, and `evaluate` falls back to the data module's defaults."""
+    return {**(meta.get("data_args") or {}), "global_step": step}
 
 
 def load_ponderlm_authors_dir(path: Path) -> LoadedCheckpoint:
@@ -283,8 +292,3 @@ def _preset_for(cfg, path: Path) -> str:
             f"{', '.join(f'{f}={getattr(cfg, f)}' for f in fixed)}: it cannot be built here"
         )
     return size
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

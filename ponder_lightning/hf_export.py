@@ -3,12 +3,14 @@
 `export_hf(model, out, tokenizer, global_step)` (`--format backbone`, the default) writes the
 backbone in transformers' layout, GPT-NeoX (or LLaMA for the LLaMA block), so that
 `GPTNeoXForCausalLM.from_pretrained` (or `LlamaForCausalLM`) loads it; for VanillaLM that *is*
-the model. For pondering models, `ponder_lightning_config.json` (model class, init args,
-tokenizer) plus the parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
+the model. For pondering models (and any model given its run's data settings),
+`ponder_lightning_config.json` (model class, init args, tokenizer, step, data settings) plus the
+parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
 
 `export_transformers(model, out, tokenizer, global_step)` (`--format transformers`) writes:
 - `config.json`: `model_type: ponder_lightning`, the model's class path and init arguments, the
-  step it was trained to, `auto_map` naming the two classes of `modeling_ponder_lightning.py`;
+  step it was trained to, the run's data settings (`data_args`), `auto_map` naming the two
+  classes of `modeling_ponder_lightning.py`;
 - `model.safetensors`: the model's whole state dict (backbone, gates, routers) under `model.`;
 - `modeling_ponder_lightning.py`: a copy of `ponder_lightning/hf_modeling.py`, a thin
   `PreTrainedModel` that imports the installed package and rebuilds the model (see its docstring
@@ -18,6 +20,8 @@ tokenizer) plus the parameters outside the backbone (gates) in `ponder_lightning
 - the tokenizer (`tokenizer.json` + `tokenizer_config.json`) for `neox`, `bpe4k`, `bytes` or a
   local tokenizer file/directory, so that `AutoTokenizer.from_pretrained(out)` works.
 
+The data settings are recorded so that `evaluate` on an export validates on the blocks its run
+held out. Either export first removes the files of an earlier export from `out` (EXPORT_FILES).
 Both directories, and the PonderLM authors' GPT-NeoX directories, are read back by
 `ponder_lightning.checkpoints.load_checkpoint`; the file and field names are
 `ponder_lightning.pretrained`'s.
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 
+from ponder_lightning.data.tokenizer import EOS_TEXT
 from ponder_lightning.errors import UserError
 from ponder_lightning.pretrained import (
     EXPORT_CONFIG,
@@ -47,16 +52,30 @@ if TYPE_CHECKING:
     from ponder_lightning.models import CausalLMModule
 
 MODELING_FILE = "modeling_ponder_lightning.py"
-EOS_TEXT = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+#: Every file either format writes. An export first removes them from `out`, so that nothing of an
+#: earlier export there (of the other format, or with a tokenizer) is read back with the new one.
+EXPORT_FILES = (
+    "config.json",
+    WEIGHTS_FILE,
+    MODELING_FILE,
+    "generation_config.json",
+    EXPORT_CONFIG,
+    EXPORT_EXTRA_WEIGHTS,
+    *TOKENIZER_FILES,
+)
 
 
-def export_transformers(model, out: str | Path, tokenizer: str | None = None, global_step: int = 0) -> Path:
-    """Write `model` (any CausalLMModule) as a transformers directory (see the module docstring)."""
+def export_transformers(
+    model, out: str | Path, tokenizer: str | None = None, global_step: int = 0, data: dict[str, Any] | None = None
+) -> Path:
+    """Write `model` (any CausalLMModule) as a transformers directory (see the module docstring).
+    `data`: the data module's arguments as `load_checkpoint` returns them, recorded so that
+    `evaluate` on the export validates on the run's own blocks."""
     from ponder_lightning import __version__
     from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _fresh_out(out, tokenizer)
     cfg = model.config
     tokenizer_vocab, eos = _tokenizer_facts(tokenizer)
     init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS}
@@ -72,6 +91,7 @@ def export_transformers(model, out: str | Path, tokenizer: str | None = None, gl
         "init_args": _jsonable(init_args),
         "global_step": int(global_step),
         "tokenizer": tokenizer,
+        "data_args": _data_args(data),
         "n_iterations": int(model.n_iterations),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -94,10 +114,23 @@ def export_transformers(model, out: str | Path, tokenizer: str | None = None, gl
     if tokenizer_vocab is not None and tokenizer_vocab < cfg.vocab_size:
         generation["suppress_tokens"] = list(range(tokenizer_vocab, cfg.vocab_size))
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    for stale in (EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS):  # a previous `--format backbone` export
-        (out / stale).unlink(missing_ok=True)
     if tokenizer is not None:
         write_tokenizer(tokenizer, out, cfg.max_seq_len)
+    return out
+
+
+def _fresh_out(out: str | Path, tokenizer: str | None) -> Path:
+    """`out`, created, without the files of an earlier export (see EXPORT_FILES)."""
+    out = Path(out).expanduser()
+    source = Path(tokenizer).expanduser() if tokenizer is not None else None
+    if source is not None and source.is_dir() and out.is_dir() and source.samefile(out):
+        raise UserError(
+            f"the tokenizer to export is the directory --out {out} itself (an export being re-exported in place): "
+            "export to another directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     return out
 
 
@@ -115,7 +148,9 @@ def _tokenizer_facts(spec: str | None) -> tuple[int | None, int | None]:
 
 
 def write_tokenizer(spec: str, out: Path, max_len: int) -> None:
-    """Tokenizer files transformers' `AutoTokenizer` loads, giving the ids of `load_tokenizer(spec)`."""
+    """Tokenizer files transformers' `AutoTokenizer` loads, giving the ids of `load_tokenizer(spec)`.
+    `split_special_tokens` makes them encode text as text, as `load_tokenizer`'s do: a literal
+    "<|endoftext|>" in a prompt is bytes, not the EOS id."""
     from ponder_lightning.data.tokenizer import (
         BPE4K_ALIASES,
         KNOWN_EOS_TOKENS,
@@ -124,14 +159,16 @@ def write_tokenizer(spec: str, out: Path, max_len: int) -> None:
         VENDORED_NEOX,
     )
 
-    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     path = Path(spec).expanduser()
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
     if path.is_dir():
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        for name in TOKENIZER_FILES:
             if (path / name).is_file():
                 shutil.copyfile(path / name, out / name)
-        return
-    if path.is_file():
+        if not (out / "tokenizer_config.json").is_file():
+            return
+        config, eos = json.loads((out / "tokenizer_config.json").read_text()), None  # its own names its EOS
+    elif path.is_file():
         shutil.copyfile(path, out / "tokenizer.json")
         vocab = json.loads(path.read_text()).get("added_tokens", [])
         eos = next((t for t in KNOWN_EOS_TOKENS if any(a.get("content") == t for a in vocab)), EOS_TEXT)
@@ -146,7 +183,9 @@ def write_tokenizer(spec: str, out: Path, max_len: int) -> None:
         eos = EOS_TEXT
     else:
         return  # a hub name: the user has it (and online) already
-    config.update(bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
+    if eos is not None:
+        config.update(bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
+    config["split_special_tokens"] = True
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -182,20 +221,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return chars
 
 
-def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = None, global_step: int = 0) -> Path:
+def export_hf(
+    model: CausalLMModule,
+    out: str | Path,
+    tokenizer: str | None = None,
+    global_step: int = 0,
+    data: dict[str, Any] | None = None,
+) -> Path:
     """Write `model` as a Hugging Face GPT-NeoX directory (see the module docstring).
-    `global_step` is recorded for models whose behaviour depends on it (gate_start_step)."""
+    `global_step` is recorded for models whose behaviour depends on it (gate_start_step), `data`
+    (the data module's arguments as `load_checkpoint` returns them) so that `evaluate` on the
+    export validates on the run's own blocks. A VanillaLM without them is a bare GPT-NeoX directory."""
     from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
     from ponder_lightning.nn.hf import save_hf_backbone
 
-    out = Path(out)
+    out = _fresh_out(out, tokenizer)
     save_hf_backbone(model.backbone, out)
     extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    config = out / EXPORT_CONFIG
-    if type(model).__name__ == "VanillaLM" and not extra:
-        config.unlink(missing_ok=True)  # a vanilla export is a plain GPT-NeoX checkpoint
-        (out / EXPORT_EXTRA_WEIGHTS).unlink(missing_ok=True)
-    else:
+    data_args = _data_args(data)
+    if type(model).__name__ != "VanillaLM" or extra or data_args:  # else a plain GPT-NeoX checkpoint
         init_args = {
             k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS
         }
@@ -206,16 +250,22 @@ def export_hf(model: CausalLMModule, out: str | Path, tokenizer: str | None = No
             "init_args": _jsonable(init_args),
             "tokenizer": tokenizer,
             "global_step": global_step,
+            "data_args": data_args,
             "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); "
             "transformers loads it as a plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
             "ponder_lightning.checkpoints.load_checkpoint(<this directory>)",
         }
-        config.write_text(json.dumps(meta, indent=2) + "\n")
+        (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if extra:
             save_file(extra, str(out / EXPORT_EXTRA_WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         write_tokenizer(tokenizer, out, model.config.max_seq_len)
     return out
+
+
+def _data_args(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The data module's arguments to record (the step is recorded on its own)."""
+    return None if data is None else _jsonable({k: v for k, v in data.items() if k != "global_step"})
 
 
 def _jsonable(value: Any) -> Any:
@@ -248,7 +298,9 @@ def export_command(argv: list[str]) -> None:
         required=True,
         help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory",
     )
-    parser.add_argument("--out", required=True, help="output directory (created; existing files are replaced)")
+    parser.add_argument(
+        "--out", required=True, help="output directory (created; the files of an earlier export in it are removed)"
+    )
     parser.add_argument(
         "--format",
         choices=("backbone", "transformers"),
@@ -259,14 +311,14 @@ def export_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, data = load_checkpoint(args.checkpoint)
     if args.format == "transformers":
-        out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
+        out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0), data)
         note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
         print(
             f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
             f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}"
         )
         return
-    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0))
+    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0), data)
     kind = (
         "GPT-NeoX checkpoint"
         if not (out / EXPORT_CONFIG).exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,6 +90,19 @@ def test_separate_val_files(tmp_path):
     dm.setup()
     assert documents_of(stream_ids(dm, "train")) == DOCS[:30]
     assert documents_of(stream_ids(dm, "val")) == DOCS[30:]
+
+
+def test_val_files_inside_the_training_data_are_refused(tmp_path):
+    (tmp_path / "pile" / "sub").mkdir(parents=True)
+    write_jsonl(tmp_path / "pile" / "train.jsonl", DOCS[:30])
+    val = write_jsonl(tmp_path / "pile" / "sub" / "val.jsonl", DOCS[30:])
+    dm = make_dm(
+        tmp_path, data_files=str(tmp_path / "pile"), val_files=str(val)
+    )  # the directory is searched recursively
+    with pytest.raises(UserError, match=re.escape(f"data.val_files {val} is also in data.data_files")):
+        dm.setup()
+    # The very same files for both (what `evaluate --data_files` passes) are a choice, not a leak.
+    make_dm(tmp_path, data_files=str(val), val_files=str(val), batch_size=1).setup()
 
 
 def test_jsonl_zst_and_txt_are_read_in_order(tmp_path):

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXModel
 from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
 from ponder_lightning.data import load_tokenizer
+from ponder_lightning.errors import UserError
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate
 from ponder_lightning.hf_export import MODELING_FILE, export_transformers
@@ -321,3 +322,80 @@ def test_loading_with_a_mismatched_package_names_the_version(exported, tmp_path,
     monkeypatch.setitem(sys.modules, "ponder_lightning.checkpoints", None)  # a module this version lacks
     with pytest.raises(ImportError, match="does not match the installed ponder_lightning .*re-export"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
+
+
+def test_exports_keep_the_runs_data_settings(tmp_path, capsys):
+    """`evaluate` on an export validates on the blocks the .ckpt's run held out, for both formats."""
+    import inspect
+
+    from fit_helpers import tiny_fit
+
+    from ponder_lightning.data import PileDataModule
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 8}) + "\n" for i in range(40)))
+    main(
+        [
+            "fit",
+            *tiny_fit("adaponderlm", seq_len=24, batch_size=2),
+            "--data.data_files",
+            str(docs),
+            "--data.val_fraction",
+            "0.25",
+            "--data.cache_dir",
+            str(tmp_path / "cache"),
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    ckpt = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    want = load_checkpoint(ckpt).data
+    assert want["seq_len"] == 24 and want["val_fraction"] == 0.25 and want["data_files"] == str(docs)
+    accepted = inspect.signature(PileDataModule.__init__).parameters
+
+    def val_blocks(data: dict) -> list[int]:  # what `evaluate --checkpoint` validates on
+        dm = PileDataModule(**{k: v for k, v in data.items() if k in accepted})
+        dm.setup("validate")
+        return dm.val_dataset.stream.read(0, len(dm.val_dataset.stream)).tolist()
+
+    for fmt in ("transformers", "backbone"):
+        out = tmp_path / fmt
+        main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", fmt])
+        got = load_checkpoint(out).data
+        for key in ("data_files", "val_files", "tokens", "tokenizer", "seq_len", "batch_size", "val_fraction", "seed"):
+            assert got[key] == want[key], (fmt, key)
+        assert got["global_step"] == want["global_step"] == 2
+        assert val_blocks(got) == val_blocks(want)
+        # An export of the export keeps them too.
+        main(["export", "--checkpoint", str(out), "--out", str(tmp_path / f"{fmt}2"), "--format", fmt])
+        assert load_checkpoint(tmp_path / f"{fmt}2").data == got
+    capsys.readouterr()
+
+
+def test_an_export_leaves_nothing_of_an_earlier_one_in_out(tmp_path):
+    from ponder_lightning.hf_export import export_hf
+    from ponder_lightning.pretrained import EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS
+
+    model, out = tiny_model("adaponderlm"), tmp_path / "out"
+    export_transformers(model, out, tokenizer="bytes")
+    export_hf(model, out)  # the backbone format, without a tokenizer
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS]
+    )
+    again, data = load_checkpoint(out)
+    assert type(again) is AdaPonderLM and "tokenizer" not in data  # no stale tokenizer read back
+    export_transformers(model, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", MODELING_FILE, "generation_config.json"]
+    )
+    (out / "notes.txt").write_text("mine")  # files of others are kept
+    export_hf(model, out, tokenizer="bytes")
+    assert (out / "notes.txt").read_text() == "mine" and not (out / MODELING_FILE).exists()
+    with pytest.raises(UserError, match="is the directory --out .* itself"):
+        export_transformers(model, out, tokenizer=str(out))

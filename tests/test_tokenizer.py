@@ -80,6 +80,23 @@ def test_local_tokenizer_file_and_hf_directory(tmp_path, neox):
         assert tok.name.startswith("hf:")
 
 
+def test_exported_tokenizers_give_the_librarys_ids(tmp_path):
+    """`write_tokenizer`'s files (what an export holds) encode text as `load_tokenizer(spec)`
+    does, a literal end-of-text marker included (text, not the EOS id)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from ponder_lightning.hf_export import write_tokenizer
+
+    PreTrainedTokenizerFast(tokenizer_file=NEOX_FILE, eos_token="<|endoftext|>").save_pretrained(tmp_path / "hf")
+    texts = ["a<|endoftext|>b", "Hello  wörld\n\t😀 日本", " x", ""]
+    for i, spec in enumerate(["bytes", "bpe4k", "neox", NEOX_FILE, str(tmp_path / "hf")]):
+        (out := tmp_path / f"out{i}").mkdir()
+        write_tokenizer(spec, out, 64)
+        exported, ours = AutoTokenizer.from_pretrained(out), load_tokenizer(spec)
+        assert [exported(t)["input_ids"] for t in texts] == ours.encode_batch(texts), spec
+        assert exported.eos_token_id == ours.eos_id, spec
+
+
 def test_tokenizer_file_without_eos_is_rejected(tmp_path):
     path = tmp_path / "tiny.json"
     from tokenizers import Tokenizer, models

@@ -14,7 +14,7 @@ from ponder_lightning.data.megatron import is_megatron, load_megatron
 from ponder_lightning.data.packing import PackedBlocks, split_documents
 from ponder_lightning.data.sampling import EvalBatchSampler, TrainBatchSampler
 from ponder_lightning.data.shards import TokenStream, load_token_shards
-from ponder_lightning.data.sources import embedded_corpus, resolve_sources
+from ponder_lightning.data.sources import check_disjoint, embedded_corpus, resolve_sources
 from ponder_lightning.data.tokenized import cached_token_stream
 from ponder_lightning.data.tokenizer import Tokenizer, load_tokenizer
 from ponder_lightning.errors import UserError
@@ -181,15 +181,16 @@ class PileDataModule(L.LightningDataModule):
     def _streams(self) -> tuple[TokenStream, TokenStream]:
         """(train, val) token streams, tokenising into the cache when needed."""
         tok = self.tokenizer_obj
+        val_sources = resolve_sources(self.val_files) if self.val_files is not None else None
         if self.tokens is not None:
             stream, num_docs = (load_megatron if is_megatron(self.tokens) else load_token_shards)(self.tokens, tok)
         else:
             sources = resolve_sources(self.data_files) if self.data_files is not None else embedded_corpus()
+            if val_sources is not None:
+                check_disjoint(sources, val_sources)
             stream, num_docs = cached_token_stream(sources, tok, self.text_field, self.cache_dir, log=rank_zero_info)
-        if self.val_files is not None:
-            val, _ = cached_token_stream(
-                resolve_sources(self.val_files), tok, self.text_field, self.cache_dir, log=rank_zero_info
-            )
+        if val_sources is not None:
+            val, _ = cached_token_stream(val_sources, tok, self.text_field, self.cache_dir, log=rank_zero_info)
             return stream, val
         return split_documents(stream, num_docs, self.val_fraction, tok.eos_id)
 

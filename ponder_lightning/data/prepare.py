@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ponder_lightning.data.shards import FORMAT, META_FILE, token_dtype
+from ponder_lightning.data.shards import token_dtype, write_json_atomic, write_meta
 from ponder_lightning.data.sources import FileSource, resolve_sources
 from ponder_lightning.data.tokenized import encode_documents
 from ponder_lightning.data.tokenizer import load_tokenizer
@@ -81,22 +81,14 @@ def prepare_tokens(
         if bar is not None:
             bar.close()
     counts = [_finished_part(out, path, stem, dtype) for path, stem in parts]
-    meta = {
-        "format": FORMAT,
-        "version": 1,
-        "tokenizer": tok.name,
-        "vocab_size": tok.vocab_size,
-        "eos_id": tok.eos_id,
-        "dtype": dtype,
-        "num_tokens": sum(c["num_tokens"] for c in counts),
-        "num_docs": sum(c["num_docs"] for c in counts),
-        "shards": [f"{PARTS}/{stem}.bin" for _, stem in parts],
-        "sources": [str(path) for path, _ in parts],
-    }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / META_FILE)
-    return meta
+    return write_meta(
+        out,
+        tok,
+        num_tokens=sum(c["num_tokens"] for c in counts),
+        num_docs=sum(c["num_docs"] for c in counts),
+        shards=[f"{PARTS}/{stem}.bin" for _, stem in parts],
+        sources=[str(path) for path, _ in parts],
+    )
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -149,7 +141,7 @@ def _check_or_write_plan(out: Path, plan: dict[str, Any]) -> None:
                 "directory, or delete this one to start over"
             )
         return
-    plan_file.write_text(json.dumps(plan, indent=1) + "\n")
+    write_json_atomic(plan_file, plan)
 
 
 def _finished_part(out: Path, path: Path, stem: str, dtype: str) -> dict[str, Any] | None:
@@ -272,7 +264,7 @@ def _prepare_part(source: str, part: str, tokenizer_spec: str, text_field: str, 
         os.fsync(fh.fileno())
     os.replace(partial, part_path.with_suffix(".bin"))
     counts = {"fingerprint": fingerprint, "num_docs": docs, "num_tokens": tokens}
-    _write_json(part_path.with_suffix(".json"), counts)
+    write_json_atomic(part_path.with_suffix(".json"), counts)
     progress_file.unlink(missing_ok=True)
     _report(unreported, finished=True)
 
@@ -289,13 +281,7 @@ def _commit(fh: Any, progress_file: Path, done: dict[str, Any]) -> None:
     """Make the tokens so far durable, then record them: a crash between the two only loses work."""
     fh.flush()
     os.fsync(fh.fileno())
-    _write_json(progress_file, done)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(progress_file, done)
 
 
 def _report(unreported: list[int], finished: bool = False) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from ponder_lightning.errors import UserError
+
 
 @functools.lru_cache(maxsize=2)  # a batch touches at most two epochs when B <= N
 def epoch_permutation(seed: int, epoch: int, num_blocks: int) -> np.ndarray:
@@ -89,7 +91,21 @@ class TrainBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue at the saved position. With a different global batch size the position is
-        converted by samples seen, so no sample is skipped or repeated across the change."""
+        converted by samples seen, so no sample is skipped or repeated across the change. A
+        different number of training blocks or seed would silently give another split or order
+        (validation blocks trained on, trained blocks repeated), so they are errors."""
+        saved_blocks, saved_seed = state.get("num_blocks", self.num_blocks), state.get("seed", self.seed)
+        if int(saved_blocks) != self.num_blocks:
+            raise UserError(
+                f"the checkpoint was trained on {saved_blocks} training blocks but the data now gives "
+                f"{self.num_blocks} (data.data_files, data.tokens, data.val_files, data.seq_len or data.val_fraction "
+                "changed): resume with the run's data settings, or start a new run without --ckpt_path"
+            )
+        if int(saved_seed) != self.seed:
+            raise UserError(
+                f"the checkpoint was trained with data.seed={saved_seed} but data.seed={self.seed} now (another "
+                "training order): resume with the same data.seed, or start a new run without --ckpt_path"
+            )
         samples = int(state["next_batch"]) * int(state.get("global_batch", self.global_batch))
         self._resume_at = -(-samples // self.global_batch)
 

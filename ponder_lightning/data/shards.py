@@ -122,21 +122,36 @@ def write_token_shards(
     if buffer:
         writer.write(np.concatenate(buffer))
     writer.close()
+    return write_meta(out, tokenizer, writer.num_tokens, num_docs, writer.shards)
+
+
+def write_meta(
+    out: Path, tokenizer: Tokenizer, num_tokens: int, num_docs: int, shards: list[str], **extra: Any
+) -> dict[str, Any]:
+    """Write (atomically) and return the ``meta.json`` of a shard directory whose shards are all
+    written: the last step, so a directory with a meta.json is complete. ``extra``: more fields."""
     meta = {
         "format": FORMAT,
         "version": 1,
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
-        "dtype": dtype,
-        "num_tokens": writer.num_tokens,
+        "dtype": token_dtype(tokenizer.vocab_size),
+        "num_tokens": num_tokens,
         "num_docs": num_docs,
-        "shards": writer.shards,
+        "shards": shards,
+        **extra,
     }
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / META_FILE)
+    write_json_atomic(out / META_FILE, meta)
     return meta
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON under a temporary name, then rename: a reader sees the old file or the new one,
+    never half of one (also after a crash)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 class _ShardWriter:

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from ponder_lightning.data.tokenizer import first_line, offline_variable
 from ponder_lightning.errors import UserError
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus" / "cpython_docs.jsonl.zst"
@@ -99,6 +100,20 @@ def resolve_sources(specs: str | list[str]) -> list[Source]:
     return sources
 
 
+def check_disjoint(train: list[Source], val: list[Source]) -> None:
+    """Refuse validation sources that are also training sources (a directory of training data
+    searched recursively easily contains the validation file): their scores would be on trained-on
+    text. The very same sources for both are allowed: `evaluate --data_files` scores a model on
+    files of the user's choice that way, and nothing is hidden there."""
+    shared = [source for source in val if source in train]
+    if shared and train != val:
+        raise UserError(
+            f"data.val_files {describe(shared)} {'is' if len(shared) == 1 else 'are'} also in data.data_files: "
+            "validation on trained-on documents is meaningless; move the validation files out of the training "
+            "data (or narrow data.data_files to a glob that excludes them)"
+        )
+
+
 def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[str]:
     """Every document of every source, in order: the input of ``encode_documents``."""
     for source in sources:
@@ -137,14 +152,10 @@ def _file_source(path: Path) -> FileSource:
 
 
 def _hub_source(name: str) -> HubSource:
-    offline = [
-        v
-        for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-        if os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-    ]
+    offline = offline_variable("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
     if offline:
         raise UserError(
-            f"data_files '{name}' is not a local file and {offline[0]}=1 forbids fetching it as a hub dataset: "
+            f"data_files '{name}' is not a local file and {offline}=1 forbids fetching it as a hub dataset: "
             "download the files and pass their local paths or a glob"
         )
     import datasets  # heavy import, only needed for hub data
@@ -152,9 +163,8 @@ def _hub_source(name: str) -> HubSource:
     try:
         return HubSource(name, datasets.load_dataset(name, split="train"))
     except Exception as exc:  # noqa: BLE001 - datasets raises many unrelated types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(
-            f"hub dataset '{name}' could not be loaded ({first}): check the name, or pass local files"
+            f"hub dataset '{name}' could not be loaded ({first_line(exc)}): check the name, or pass local files"
         ) from exc
 
 

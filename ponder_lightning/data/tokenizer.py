@@ -139,7 +139,7 @@ def _from_path(path: Path) -> Tokenizer:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception as exc:  # noqa: BLE001 - the Rust library raises bare Exceptions
         raise UserError(
-            f"tokenizer file {path} could not be read ({_first_line(exc)}): pass a tokenizer.json, "
+            f"tokenizer file {path} could not be read ({first_line(exc)}): pass a tokenizer.json, "
             "a Hugging Face tokenizer directory, 'neox', 'bpe4k' or 'bytes'"
         ) from exc
     eos = next((backend.token_to_id(t) for t in KNOWN_EOS_TOKENS if backend.token_to_id(t) is not None), None)
@@ -152,7 +152,7 @@ def _from_path(path: Path) -> Tokenizer:
 
 
 def _from_hub(name: str) -> Tokenizer:
-    if _offline():
+    if offline_variable("HF_HUB_OFFLINE"):
         raise UserError(
             f"tokenizer '{name}' is not a local path and HF_HUB_OFFLINE=1: download it to a local "
             "directory and pass that path, or use 'neox' / 'bpe4k' / 'bytes'"
@@ -167,7 +167,7 @@ def _from_transformers(source: str, what: str) -> Tokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(source)
     except Exception as exc:  # noqa: BLE001 - transformers raises many unrelated types
-        raise UserError(f"{what} could not be loaded ({_first_line(exc)}): check the name or path") from exc
+        raise UserError(f"{what} could not be loaded ({first_line(exc)}): check the name or path") from exc
     backend = getattr(tok, "backend_tokenizer", None)
     if not isinstance(backend, tokenizers.Tokenizer):
         raise UserError(f"{what} has no fast (tokenizers) backend: convert it to a tokenizer.json first")
@@ -180,10 +180,20 @@ def _hf_name(backend: tokenizers.Tokenizer) -> str:
     return "hf:" + hashlib.sha1(backend.to_str().encode("utf-8")).hexdigest()
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+def offline_variable(*names: str) -> str | None:
+    """The first of the environment variables `names` (HF_HUB_OFFLINE, ...) set to a true value:
+    fetching from the hub is then forbidden, and the error should name the variable."""
+    return next((v for v in names if os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}), None)
 
 
-def _first_line(exc: BaseException) -> str:
+def is_builtin_tokenizer(spec: str) -> bool:
+    """Whether `spec` names one of the library's own tokenizers (`neox` and its aliases, `bpe4k`,
+    `bytes`) rather than a path or a hub name."""
+    return spec.lower() in (*NEOX_ALIASES, *BPE4K_ALIASES, "bytes")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty): the detail a one-line
+    UserError quotes from a library's multi-line error."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
