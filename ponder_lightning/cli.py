@@ -19,7 +19,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, TokenThroughput
 from ponder_lightning.checkpoints import check_saved_args, invalid_saved_args
-from ponder_lightning.cli_errors import parser_error_message
+from ponder_lightning.cli_errors import (
+    active_fractions,
+    bounded,
+    non_empty_text,
+    output_dir,
+    parser_error_message,
+    tau_list,
+)
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError, user_error_in
 from ponder_lightning.models import CausalLMModule
@@ -29,11 +36,15 @@ from ponder_lightning.resume import (
     changed_args,
     check_ckpt_path,
     check_same_class,
+    check_tokenizer_fits,
+    check_weights_fit,
     describe_changes,
+    read_checkpoint,
     saved_hparams,
     short_class,
     unknown_saved_args,
 )
+from ponder_lightning.training import find_last_checkpoint, last_checkpoint_dirs
 
 
 class PonderCLI(LightningCLI):
@@ -106,7 +117,7 @@ class PonderCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         check_ckpt_path(ckpt_path, sub)
         if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
-            return  # 'last' (resolved by AtomicModelCheckpoint) or an FSDP checkpoint directory
+            return  # 'last' (checked once resolved: `_resolve_last`) or an FSDP checkpoint directory
         saved = saved_hparams(ckpt_path)
         model = config.get("model")
         if not saved or model is None or not model.get("class_path"):
@@ -145,7 +156,53 @@ class PonderCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self.subcommand and self.config[self.subcommand].get("ckpt_path") == "last":
+            self._resolve_last()
         check_model_fits_data(self.model, self.datamodule)
+        if self.subcommand:
+            self._check_weights_fit()
+
+    def _resolve_last(self) -> None:
+        """`--ckpt_path last` becomes the file Lightning would load (`find_last_checkpoint`, which
+        needs the built trainer's callbacks and logger), checked like a file named on the command
+        line; with none, `fit` says once that it starts from step 0 (the other subcommands stop)."""
+        found = find_last_checkpoint(self.trainer)
+        if found is None:
+            where = ", ".join(last_checkpoint_dirs(self.trainer)) or "(no checkpoint callback)"
+            if self.subcommand != "fit":
+                raise UserError(f"--ckpt_path last: there is no last.ckpt in {where}: pass a checkpoint file")
+            rank_zero_warn(f"--ckpt_path last: there is no last.ckpt in {where} yet: training starts from step 0")
+        else:
+            rank_zero_info(f"--ckpt_path last: {found}")
+        for config in (self.config, self.config_init):
+            config[self.subcommand].ckpt_path = found
+        if found is None:
+            return
+        self._parse_ckpt_path()
+        if self.subcommand != "fit":  # the checkpoint's arguments replace the config's: build again,
+            self.__dict__.pop("config_dump", None)  # with the hparams LightningCLI records dumped anew
+            super().instantiate_classes()
+
+    def _check_weights_fit(self) -> None:
+        """Settings that change the weights' shapes (the tokenizer, size, n_layer, the gate) named
+        before Lightning's load fails with `size mismatch` (see `check_weights_fit`)."""
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
+            return
+        ckpt = read_checkpoint(ckpt_path)
+        model = config.get("model")
+        configured = model.init_args.as_dict() if model is not None and model.get("init_args") is not None else {}
+        differences = {  # validate/test/predict build the checkpoint's model: only the data can differ
+            k: v
+            for k, v in changed_args(ckpt.get("hyper_parameters") or {}, configured).items()
+            if k not in OPTIMIZER_ARGS and self.subcommand == "fit"
+        }
+        saved_tokenizer = (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+        tokenizer = config.data.get("tokenizer") if config.get("data") is not None else None
+        if saved_tokenizer is not None and tokenizer is not None and saved_tokenizer != tokenizer:
+            differences = {"data.tokenizer": (saved_tokenizer, tokenizer), **differences}
+        check_weights_fit(self.model, ckpt, ckpt_path, differences)
 
     def before_fit(self) -> None:
         peak = self.config[self.subcommand].get("peak_tflops")
@@ -167,6 +224,7 @@ def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
             "use_distributed_sampler": False,
             "callbacks": [TokenThroughput(), DepthMonitor(), FitSummary()],
         },
+        parser_kwargs={"prog": PROG, "description": "Train and evaluate pondering language models (LightningCLI)."},
         args=args,
     )
 
@@ -185,16 +243,18 @@ def check_model_fits_data(model: CausalLMModule, data: PileDataModule | None) ->
 def flops_command(argv: list[str]) -> None:
     """`flops --config ... [--active 1,0.9,0.8,0.7] [--context N]`: inference FLOPs per token of the
     configured model at full depth and, optionally, at given per-iteration active fractions."""
-    import argparse
-
     from ponder_lightning.flops import format_flops_table
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning flops", description=flops_command.__doc__)
     parser.add_argument(
-        "--active", action="append", default=[], help="comma-separated active fraction per iteration (repeatable)"
+        "--active",
+        action="append",
+        type=active_fractions,
+        default=[],
+        help="comma-separated active fraction per iteration, from 1 down, e.g. 1,0.9,0.7 (repeatable)",
     )
     parser.add_argument(
-        "--context", type=int, default=None, help="attention context in tokens (default: the data seq_len)"
+        "--context", type=bounded(int, 1), default=None, help="attention context in tokens (default: the data seq_len)"
     )
     own, rest = parser.parse_known_args(argv)
     cli = PonderCLI(
@@ -205,8 +265,9 @@ def flops_command(argv: list[str]) -> None:
         args=rest,
         trainer_defaults={"use_distributed_sampler": False, "logger": False},
     )
-    model, context = cli.model, own.context or cli.datamodule.seq_len
-    depths = [[1.0] * model.n_iterations] + [[float(x) for x in spec.split(",")] for spec in own.active]
+    model = cli.model
+    context = cli.datamodule.seq_len if own.context is None else own.context
+    depths = [[1.0] * model.n_iterations, *own.active]
     for fractions in depths:
         if len(fractions) != model.n_iterations:
             raise UserError(
@@ -216,50 +277,9 @@ def flops_command(argv: list[str]) -> None:
     print(format_flops_table(type(model).__name__, context, [(f, model.realised_flops(f, context)) for f in depths]))
 
 
-def bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
-    """An argparse `type` that parses `kind` and rejects values outside [low, high] (or (low, high]):
-    argparse then prints one `error: argument --x: ...` line after the usage line."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        if too_low or (high is not None and value > high):
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            hi = "" if high is None else f"<= {high}"
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: use a value {' and '.join(filter(None, [lo, hi]))}"
-            )
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def non_empty_text(text: str) -> str:
-    if not text:
-        raise argparse.ArgumentTypeError("the prompt is empty: give some text to continue")
-    return text
-
-
-def tau_list(text: str) -> list[float]:
-    """`--tau 1e-4,1e-3`: comma-separated halting thresholds in [0, 1]."""
-    parse = bounded(float, 0.0, 1.0)
-    try:
-        return [parse(t.strip()) for t in text.split(",")]
-    except argparse.ArgumentTypeError as err:
-        raise argparse.ArgumentTypeError(
-            f"{err} (in {text!r}; use comma-separated thresholds in [0, 1], e.g. 1e-4,1e-3)"
-        ) from None
-
-
 def generate_command(argv: list[str]) -> None:
     """`generate --checkpoint CKPT --prompt TEXT [...]`: adaptive-depth decoding; prints the
     continuation, the depth used for each generated token and the totals."""
-    import argparse
-
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import load_tokenizer
     from ponder_lightning.generate import generate
@@ -282,8 +302,16 @@ def generate_command(argv: list[str]) -> None:
         "compiling takes seconds)",
     )
     args = parser.parse_args(argv)
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise UserError(
+            "--top_k/--top_p filter what is sampled, but --temperature 0 (the default) decodes greedily: "
+            "set a --temperature above 0 (e.g. 0.8) or drop them"
+        )
     model, data_args = load_checkpoint(args.checkpoint)
-    tokenizer = load_tokenizer(args.tokenizer or data_args.get("tokenizer", "neox"))
+    spec = args.tokenizer or data_args.get("tokenizer", "neox")
+    tokenizer = load_tokenizer(spec)
+    named = f"--tokenizer {spec}" if args.tokenizer else f"the checkpoint's tokenizer {spec}"
+    check_tokenizer_fits(named, tokenizer.vocab_size, model.config.vocab_size)
     result = generate(
         model,
         args.prompt,
@@ -316,11 +344,9 @@ def evaluate_command(argv: list[str]) -> None:
     whose gate halts tokens, always also the controls on the same weights: full depth (no
     halting), random pruning with the learned per-iteration profile, and depth per difficulty
     decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
-    import argparse
     import inspect
 
     from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.data import PileDataModule
     from ponder_lightning.evaluate import (
         evaluate,
         format_gate_study,
@@ -344,21 +370,42 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument(
         "--reference",
         default=None,
-        help="a one-pass (vanilla) checkpoint trained on the same data: its NLL is one more difficulty measure",
+        help="a one-pass (vanilla) checkpoint trained on the same data: its NLL is one more difficulty measure "
+        "(for a model whose gate halts tokens)",
     )
     parser.add_argument(
-        "--out", default="evaluation", help="directory for evaluation.json, gate_study.json and the figures"
+        "--out",
+        type=output_dir,
+        default="evaluation",
+        help="directory for evaluation.json, gate_study.json and the figures",
     )
     args = parser.parse_args(argv)
     model, data_args = load_checkpoint(args.checkpoint)
+    gate = getattr(model, "gate", None)
+    halts = gate is not None and gate.can_halt
+    if args.reference and not halts:
+        raise UserError(
+            f"--reference: {type(model).__name__} (gate {type(gate).__name__ if gate else 'none'}) never halts "
+            "a token, so there is no depth to set against a difficulty and no gate study: drop --reference"
+        )
+    reference = load_checkpoint(args.reference)[0] if args.reference else None  # read now, not after the evaluation
     accepted = inspect.signature(PileDataModule.__init__).parameters
     data_args = {k: v for k, v in data_args.items() if k in accepted}
-    if args.data_files:
-        data_args.update(data_files=args.data_files, val_files=args.data_files)
+    if args.data_files:  # these files replace the run's data, whether text or pre-tokenised
+        data_args.update(data_files=args.data_files, val_files=args.data_files, tokens=None)
     if args.batches:
         data_args["val_batches"] = args.batches
     data = PileDataModule(**data_args)
-    data.setup("validate")
+    try:
+        data.setup("validate")
+    except UserError as err:  # its advice names data.* settings, which evaluate takes from the checkpoint
+        if not args.data_files or not any(f"data.{k}" in str(err) for k in ("seq_len", "batch_size")):
+            raise
+        raise UserError(
+            f"--data_files {args.data_files} holds too little text: evaluate needs at least {data.batch_size} "
+            f"blocks of {data.seq_len + 1} tokens (the checkpoint's data.batch_size and data.seq_len + 1): "
+            "pass more text"
+        ) from err
     taus = args.tau
     batches = list(data.val_dataloader())
     rows = evaluate(model, batches, data.seq_len, taus)
@@ -366,10 +413,8 @@ def evaluate_command(argv: list[str]) -> None:
     print(format_rows(rows))
     json_path, png_path = write_curve(rows, args.out)
     print(f"wrote {json_path} and {png_path}")
-    gate = getattr(model, "gate", None)
-    if gate is None or not gate.can_halt:
+    if not halts:
         return
-    reference = load_checkpoint(args.reference)[0] if args.reference else None
     study = gate_study(model, batches, data.seq_len, reference=reference)
     print("\ncontrols on the same weights and data:")
     print(format_gate_study(study))
@@ -408,7 +453,15 @@ def lm_eval_command(argv: list[str]) -> None:
     run(argv, prog="python -m ponder_lightning lm_eval")
 
 
-# Commands beyond LightningCLI's fit/validate/test/predict; each imports its module only when used.
+PROG = "python -m ponder_lightning"
+#: LightningCLI's commands (`--config configs/<model>.yaml`), one line each for `--help`.
+LIGHTNING_COMMANDS = {
+    "fit": "train a model from a config, or resume a run with --ckpt_path last",
+    "validate": "validation loss, perplexity and depth of a checkpoint (--ckpt_path)",
+    "test": "Lightning's test loop (PileDataModule has no test split: use validate)",
+    "predict": "Lightning's predict loop (the models define no predict_step: use generate)",
+}
+# Commands beyond LightningCLI's; each imports its module only when used.
 COMMANDS = {
     "flops": flops_command,
     "generate": generate_command,
@@ -418,6 +471,25 @@ COMMANDS = {
     "export": export_command,
     "lm_eval": lm_eval_command,
 }
+DESCRIPTIONS = {
+    **LIGHTNING_COMMANDS,
+    "flops": "inference FLOPs per token of a configured model, at full depth and given active fractions",
+    "generate": "adaptive-depth decoding from a checkpoint, with the depth of every token",
+    "evaluate": "perplexity, depth and FLOPs of a checkpoint, a halting-threshold sweep, the gate controls",
+    "study": "train and evaluate a set of runs (models x seeds) and tabulate them",
+    "prepare": "tokenise text files once into shards that data.tokens reads",
+    "export": "write a checkpoint as a Hugging Face directory",
+    "lm_eval": "lm-evaluation-harness tasks on a checkpoint, with the compute next to the scores",
+}
+
+
+def overview() -> str:
+    """`python -m ponder_lightning --help`: every command with one line (LightningCLI's own help
+    would list only fit/validate/test/predict)."""
+    width = max(map(len, DESCRIPTIONS))
+    lines = [f"usage: {PROG} COMMAND [options]  ({PROG} COMMAND --help lists a command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in DESCRIPTIONS.items()]
+    return "\n".join(lines)
 
 
 def close_process_group() -> None:
@@ -432,8 +504,15 @@ def close_process_group() -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        raise SystemExit(0 if argv else 2)
     try:
-        if argv and argv[0] in COMMANDS:
+        if argv[0] not in DESCRIPTIONS and not argv[0].startswith("-"):
+            raise UserError(
+                f"unknown command {argv[0]!r}: use one of {', '.join(DESCRIPTIONS)} (--help describes them)"
+            )
+        if argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:])
         else:
             run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself

@@ -1,4 +1,6 @@
-"""One short line for a config-parser error, instead of jsonargparse's usage text and nested report.
+"""One short line for a command-line mistake: a config-parser error, instead of jsonargparse's
+usage text and nested report, and a bad flag of an entry point (`bounded` and the other argparse
+`type`s below, shared by `cli` and `lm_eval_adapter`).
 
 jsonargparse reports a bad value deep inside a subclass (`model.init_args.gate.init_args.tau`) as
 a ~20-line tree of every alternative it tried (the class, or None), printed under ~60 lines of
@@ -9,6 +11,8 @@ file and line instead of `"<unicode string>"`.
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -153,3 +157,75 @@ def parser_error_message(message: str, argv: list[str]) -> str:
         reason = _reason(text, _given_value(lines[number + 1 :]))
         return f"{dotted}: {reason}{where_set(dotted, argv)}" if dotted else reason
     return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+
+
+# -- argparse `type`s of the entry points' flags: a bad value is one `error: argument --x: ...` line
+def bounded(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse `type` that parses `kind` and rejects values outside [low, high] (or (low, high]):
+    argparse then prints one `error: argument --x: ...` line after the usage line."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an int' if kind is int else 'a number'}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        if too_low or (high is not None and value > high):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"<= {high}"
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: use a value {' and '.join(filter(None, [lo, hi]))}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def non_empty_text(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("the prompt is empty: give some text to continue")
+    return text
+
+
+def tau_list(text: str) -> list[float]:
+    """`--tau 1e-4,1e-3`: comma-separated halting thresholds in [0, 1]."""
+    parse = bounded(float, 0.0, 1.0)
+    try:
+        return [parse(t.strip()) for t in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(
+            f"{err} (in {text!r}; use comma-separated thresholds in [0, 1], e.g. 1e-4,1e-3)"
+        ) from None
+
+
+def active_fractions(text: str) -> list[float]:
+    """`--active 1,0.9,0.8`: the fraction of tokens active at each iteration; every token runs the
+    first, and a token that halts never comes back, so 1 first and never increasing."""
+    parse = bounded(float, 0.0, 1.0)
+    try:
+        fractions = [parse(t.strip()) for t in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (in {text!r}; use comma-separated fractions in [0, 1])") from None
+    if fractions[0] != 1.0 or any(b > a for a, b in itertools.pairwise(fractions)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: every token runs the first iteration and a halted token never comes back: "
+            "start at 1 and never increase, e.g. 1,0.9,0.7"
+        )
+    return fractions
+
+
+def output_dir(text: str) -> str:
+    """A directory to write into (created when missing): refused up front when a file has its name,
+    not after the work whose results it would hold."""
+    if Path(text).expanduser().exists() and not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory: pass a directory to write into")
+    return text
+
+
+def count_or_fraction(text: str) -> int | float:
+    """`--limit 100` (examples) or `--limit 0.1` (a fraction of each task)."""
+    value = bounded(float, 0.0, low_open=True)(text)
+    if value >= 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"{text}: use a whole number of examples or a fraction below 1")
+    return value if value < 1 else int(value)

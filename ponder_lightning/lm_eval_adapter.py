@@ -25,7 +25,8 @@ ponder_lightning`` cannot work by installation alone; from the shell use::
 ``export --format transformers`` and run lm-eval's own ``hf`` backend on that directory.
 
 model_args: ``checkpoint`` (anything `load_checkpoint` reads), ``tokenizer`` (default: the one
-recorded in the checkpoint), ``batch_size``, ``max_length`` (default: the model's max_seq_len),
+recorded in the checkpoint), ``batch_size``, ``max_length`` (default: the data seq_len the
+checkpoint was trained at, else the model's max_seq_len),
 ``max_gen_toks`` (default 256), ``device``, ``dtype`` (e.g. bfloat16), ``tau`` (override the
 gate's halting threshold). A model passed in Python (``model=``) is used in place, as lm_eval's
 ``hf`` backend uses a model object: it is moved to ``device``, cast to ``dtype``, put in eval
@@ -59,7 +60,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "(or pip install 'lm-eval>=0.4')"
     ) from exc
 
+from ponder_lightning.cli_errors import bounded, count_or_fraction
 from ponder_lightning.errors import UserError
+from ponder_lightning.resume import check_tokenizer_fits
 
 logger = logging.getLogger(__name__)
 
@@ -152,15 +155,16 @@ class PonderLightningLM(LM):
             gate = getattr(self.model, "gate", None)  # latent-slot models (PonderLM-2/3) have no token gate
             if not hasattr(gate, "tau"):
                 raise UserError(f"tau={tau}: {type(self.model).__name__} has no gate with a halting threshold")
+            if not 0 <= float(tau) <= 1:
+                raise UserError(f"tau={tau} is out of range: a halting threshold is in [0, 1]")
             gate.tau = float(tau)
 
-        if self.tokenizer.vocab_size > self.model.config.vocab_size:
-            raise UserError(
-                f"tokenizer {self.tokenizer.name} has {self.tokenizer.vocab_size} tokens but the model's "
-                f"vocabulary has {self.model.config.vocab_size}: pass the tokenizer the model was trained with"
-            )
+        named = f"tokenizer {tokenizer if isinstance(tokenizer, str) else self.tokenizer.name}"
+        check_tokenizer_fits(named, self.tokenizer.vocab_size, self.model.config.vocab_size)
         context = self.model.config.max_seq_len
-        self.max_length = int(max_length) if max_length is not None else context
+        # The model's positions beyond the blocks it was trained on are untrained: default to those.
+        trained = data_args.get("seq_len")
+        self.max_length = int(max_length) if max_length is not None else min(int(trained or context), context)
         if not 2 <= self.max_length <= context:
             raise UserError(f"max_length={max_length} must be between 2 and the model's max_seq_len={context}")
         self.batch_size = 8 if batch_size in (None, "auto") or str(batch_size).startswith("auto") else int(batch_size)
@@ -422,23 +426,46 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
         action="store_true",
         help="index only --include_path, not lm_eval's own tasks (saves ~10 s of start-up)",
     )
-    parser.add_argument("--limit", default=None, help="examples per task (a fraction if < 1); for quick checks only")
-    parser.add_argument("--num_fewshot", type=int, default=None)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_length", type=int, default=None, help="default: the model's max_seq_len")
-    parser.add_argument("--max_gen_toks", type=int, default=256)
+    parser.add_argument(
+        "--limit",
+        type=count_or_fraction,
+        default=None,
+        help="examples per task (a fraction if < 1); for quick checks only",
+    )
+    parser.add_argument("--num_fewshot", type=bounded(int, 0), default=None)
+    parser.add_argument("--batch_size", type=bounded(int, 1), default=8)
+    parser.add_argument(
+        "--max_length",
+        type=bounded(int, 2),
+        default=None,
+        help="tokens per scored window (default: the data seq_len the checkpoint was trained at, "
+        "else the model's max_seq_len)",
+    )
+    parser.add_argument("--max_gen_toks", type=bounded(int, 1), default=256)
     parser.add_argument("--tokenizer", default=None, help="default: the one recorded in the checkpoint")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's, float32)")
-    parser.add_argument("--tau", type=float, default=None, help="override the gate's halting threshold")
-    parser.add_argument("--bootstrap_iters", type=int, default=100000, help="0 skips standard errors")
+    parser.add_argument(
+        "--tau", type=bounded(float, 0.0, 1.0), default=None, help="override the gate's halting threshold, in [0, 1]"
+    )
+    parser.add_argument("--bootstrap_iters", type=bounded(int, 0), default=100000, help="0 skips standard errors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write results (scores + compute report) to this JSON file")
     args = parser.parse_args(argv)
 
-    limit = None
-    if args.limit is not None:
-        limit = float(args.limit) if float(args.limit) < 1 else int(float(args.limit))
+    if args.only_include_path and not args.include_path:
+        raise UserError("--only_include_path needs --include_path DIR")
+    task_manager = TaskManager(include_path=args.include_path, include_defaults=not args.only_include_path)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    known = set(task_manager.match_tasks(tasks))
+    unknown = [t for t in tasks if t not in known and "*" not in t and not Path(t).is_file()]
+    if unknown:  # before the model is loaded; lm_eval itself would fail with a KeyError
+        where = args.include_path if args.only_include_path else "lm_eval's tasks"
+        where += f" or {args.include_path}" if args.include_path and not args.only_include_path else ""
+        raise UserError(
+            f"--tasks: no task or group named {', '.join(unknown)} in {where}: check the spelling "
+            "(`lm_eval ls tasks` lists them) or pass --include_path DIR with its YAML"
+        )
     lm = PonderLightningLM(
         checkpoint=args.checkpoint,
         tokenizer=args.tokenizer,
@@ -449,14 +476,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
         dtype=args.dtype,
         tau=args.tau,
     )
-    if args.only_include_path and not args.include_path:
-        raise UserError("--only_include_path needs --include_path DIR")
-    task_manager = (
-        TaskManager(include_path=args.include_path, include_defaults=not args.only_include_path)
-        if args.include_path
-        else None
-    )
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = args.limit
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,

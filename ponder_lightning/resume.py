@@ -5,14 +5,18 @@ Stock LightningCLI silently replaces the configured model (class and arguments) 
 checkpoint's, so `validate --config vanilla.yaml --ckpt_path ada.ckpt` validates an AdaPonderLM and
 `fit --ckpt_path last --model.init_args.lr 3e-4` keeps the old learning rate. Here:
 
-- a missing checkpoint file is an error before anything is built;
+- a missing checkpoint file, or a directory that is no sharded checkpoint, is an error before
+  anything is built; `last` is resolved to the file Lightning would load and checked like one
+  (`cli.PonderCLI._resolve_last`);
 - a different model class is an error (the config and the checkpoint must describe one model);
 - `fit` (a resume) builds the model from the config: changed arguments are listed in one notice,
   and the optimizer settings (lr, weight decay, betas) are applied to the optimizer state restored
   from the checkpoint (`apply_optimizer_changes`) — the standard "rewind and lower the LR";
 - `validate`/`test`/`predict` evaluate the checkpoint's model as trained: its saved arguments
   replace the config's (one notice lists the ones that differed);
-- a saved argument the model class no longer accepts (renamed or removed) is named.
+- a saved argument the model class no longer accepts (renamed or removed) is named;
+- weights of another shape than the model built (another tokenizer, `size`, `n_layer`, gate) are
+  an error naming the settings that differ (`check_weights_fit`), not Lightning's `size mismatch`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.utilities import rank_zero_info
 
 from ponder_lightning.errors import UserError
@@ -34,10 +39,12 @@ _IGNORED = ("tokenizer_vocab_size", "_instantiator", "_class_path")
 
 
 def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
-    """A `--ckpt_path` that names no file or directory is an error now, not a traceback later."""
+    """A `--ckpt_path` that names no file or sharded checkpoint directory is an error now, not a
+    traceback later."""
     if ckpt_path is None or ckpt_path in SPECIAL_CKPT_PATHS or str(ckpt_path).startswith("registry"):
         return
-    if not Path(ckpt_path).expanduser().exists():
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():
         hint = (
             "'last' to resume from the newest last.ckpt under lightning_logs/"
             if subcommand == "fit"
@@ -47,19 +54,33 @@ def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
             f"--ckpt_path {ckpt_path} does not exist: pass an existing .ckpt file (e.g. "
             f"lightning_logs/version_0/checkpoints/last.ckpt) or {hint}"
         )
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        raise UserError(
+            f"--ckpt_path {ckpt_path} is a directory but not an FSDP checkpoint ({_METADATA_FILENAME}): "
+            "pass a .ckpt file in it (e.g. its checkpoints/last.ckpt)"
+        )
 
 
-def saved_hparams(ckpt_path: str | Path) -> dict[str, Any]:
-    """The model's saved init arguments (`_class_path` included), read without loading tensors
-    into memory (the file is memory-mapped)."""
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A directory of shards written under FSDP (`save_distributed_checkpoint`)."""
+    return (Path(path).expanduser() / _METADATA_FILENAME).is_file()
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint file, memory-mapped: its arguments and tensor shapes can be read
+    without loading the weights into memory."""
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"checkpoint {ckpt_path} could not be read ({first}): it is damaged or not a Lightning checkpoint"
         ) from exc
-    return dict(ckpt.get("hyper_parameters") or {})
+
+
+def saved_hparams(ckpt_path: str | Path) -> dict[str, Any]:
+    """The model's saved init arguments (`_class_path` included)."""
+    return dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
 
 
 def short_class(path: str | None) -> str:
@@ -135,6 +156,49 @@ def _short(value: Any) -> str:
         args = value.get("init_args") or {}
         return f"{short_class(value['class_path'])}({', '.join(f'{k}={v}' for k, v in args.items())})"
     return str(value)
+
+
+def check_weights_fit(
+    model: torch.nn.Module, ckpt: dict[str, Any], ckpt_path: str, differences: dict[str, tuple[Any, Any]]
+) -> None:
+    """The checkpoint's tensors must have the names and shapes of the model built for it, or
+    Lightning's load fails with a `size mismatch` / `Missing key(s)` RuntimeError listing every
+    tensor. `differences`: setting -> (checkpoint's, configured) of the settings that may explain
+    it (the tokenizer sets the vocabulary; size, n_layer, ... the shapes; the gate its weights)."""
+    saved = ckpt.get("state_dict")
+    if not isinstance(saved, dict):
+        return  # not a Lightning checkpoint of a LightningModule: Lightning says so itself
+    saved = {k.replace("_orig_mod.", ""): v for k, v in saved.items()}  # torch.compile'd runs
+    built = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    problems = [
+        f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} here"
+        for k, v in built.items()
+        if k in saved and hasattr(v, "shape") and hasattr(saved[k], "shape") and saved[k].shape != v.shape
+    ]
+    missing, unexpected = sorted(set(built) - set(saved)), sorted(set(saved) - set(built))
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"not in this model {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if not problems:
+        return
+    why = (
+        f"settings that differ from the checkpoint's: {describe_changes(differences)}; set them as the checkpoint has "
+        "them (see the config.yaml in its lightning_logs/version_N directory)"
+        if differences
+        else "no setting differs from the checkpoint's: was it written by another version of the code?"
+    )
+    raise UserError(f"--ckpt_path {ckpt_path} does not fit the model built here ({'; '.join(problems[:3])}): {why}")
+
+
+def check_tokenizer_fits(tokenizer: str, tokenizer_vocab: int, model_vocab: int) -> None:
+    """A tokenizer emitting ids beyond the model's vocabulary would index past its embedding table.
+    `tokenizer`: how the user named it (`--tokenizer neox`, `tokenizer=neox`)."""
+    if tokenizer_vocab > model_vocab:
+        raise UserError(
+            f"{tokenizer} has {tokenizer_vocab} tokens but the model's vocabulary has {model_vocab}: "
+            "pass the tokenizer the model was trained with"
+        )
 
 
 def apply_optimizer_changes(checkpoint: dict[str, Any], hparams: dict[str, Any]) -> None:

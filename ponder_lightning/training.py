@@ -11,7 +11,7 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
@@ -29,7 +29,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     Each checkpoint is written under a temporary name next to its final one and renamed into
     place (`os.replace`), so a run killed while saving keeps its previous checkpoint intact. A
     sharded (directory) checkpoint replaces the old directory by two renames. Temporary files left
-    by a run killed while saving are removed when the next run starts.
+    by a run killed while saving are removed when the next run writing to the same directory
+    starts; those next to a resumed checkpoint in another directory are only named (another run
+    may still be writing there).
 
     `--ckpt_path last` also finds the newest `last*.ckpt` of earlier runs under the same log
     directory (`<root>/lightning_logs/version_*/checkpoints/`): a restarted command logs to a new
@@ -62,44 +64,40 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        if trainer.is_global_zero:
-            self._remove_stale_temporaries(trainer)
-        previous = sorted(
-            self._checkpoint_dirs(trainer),
-            key=lambda d: (d / LAST_GOOD).stat().st_mtime if (d / LAST_GOOD).exists() else -1,
-        )
-        if previous and (previous[-1] / LAST_GOOD).exists():  # a resumed run that diverges at once can go back to it
-            self.last_good_path = str(previous[-1] / LAST_GOOD)
-
-    def _checkpoint_dirs(self, trainer: L.Trainer) -> list[Path]:
-        """This run's checkpoint directory and, under the default layout, earlier versions' ones."""
-        dirs = [Path(self.dirpath)] if self.dirpath else []
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
-            dirs += [p for p in root.glob("*/checkpoints") if p.is_dir()]
-        return list(dict.fromkeys(d.resolve() for d in dirs if d.is_dir()))
-
-    def _remove_stale_temporaries(self, trainer: L.Trainer) -> None:
-        stale = [p for d in self._checkpoint_dirs(trainer) for pattern in (".*.tmp", ".*.old") for p in d.glob(pattern)]
-        if not stale:
-            return
-        size = sum(_size(p) for p in stale)
-        for path in stale:
-            _remove(path)
-        rank_zero_info(
-            f"removed {len(stale)} temporary checkpoint file(s) left "
-            f"by a run killed while saving ({size / 2**20:.1f} MiB): " + ", ".join(str(p) for p in stale)
-        )
+        if stage == "fit" and trainer.is_global_zero and self.dirpath:
+            # Only this run's own directory: another run may be writing its temporaries elsewhere.
+            stale = _stale_temporaries(Path(self.dirpath))
+            size = sum(_size(p) for p in stale)
+            for path in stale:
+                _remove(path)
+            if stale:
+                rank_zero_info(
+                    f"removed {len(stale)} temporary checkpoint file(s) left by a run killed while saving "
+                    f"({size / 2**20:.1f} MiB): " + ", ".join(str(p) for p in stale)
+                )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         ckpt_path = getattr(trainer, "ckpt_path", None)
-        if (
-            ckpt_path and Path(ckpt_path).exists()
-        ):  # the first step's loss tells whether the resumed weights are healthy
-            self._candidate = (trainer.global_step, str(ckpt_path))
+        if not ckpt_path or not Path(ckpt_path).exists():
+            return
+        self._candidate = (trainer.global_step, str(ckpt_path))  # the first step's loss tells if it is healthy
+        # Until then, a divergence goes back to the healthy checkpoint of the run resumed (never another run's).
+        good = Path(ckpt_path).with_name(LAST_GOOD)
+        if good.exists():
+            self.last_good_path = str(good)
+        elsewhere = Path(ckpt_path).parent
+        stale = (
+            _stale_temporaries(elsewhere)
+            if self.dirpath and elsewhere.resolve() != Path(self.dirpath).resolve()
+            else []
+        )
+        if stale:
+            rank_zero_info(
+                f"{elsewhere} holds {len(stale)} temporary checkpoint file(s) "
+                f"({sum(_size(p) for p in stale) / 2**20:.1f} MiB), left by a run killed while saving or being "
+                f"written by one still running: delete them once no run writes there: {', '.join(map(str, stale))}"
+            )
 
     def _promotion_target(self, source: str) -> Path:
         return Path(self.dirpath) / LAST_GOOD if self.dirpath else Path(source).with_name(LAST_GOOD)
@@ -177,13 +175,41 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)
-        if self.dirpath is not None or not trainer.loggers:
-            return {p for p in found if Path(p).name != LAST_GOOD}
-        logger = trainer.loggers[0]
-        root = Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
-        pattern = f"*/checkpoints/{self.CHECKPOINT_NAME_LAST}*{self.FILE_EXTENSION}"
-        found = found | {os.path.normpath(p) for p in root.glob(pattern)}
+        if self.dirpath is None and trainer.loggers:
+            pattern = f"*/checkpoints/{self.CHECKPOINT_NAME_LAST}*{self.FILE_EXTENSION}"
+            found |= {os.path.normpath(p) for p in log_root(trainer).glob(pattern)}
         return {p for p in found if Path(p).name != LAST_GOOD}  # 'last' is the newest state, good or not
+
+
+def log_root(trainer: L.Trainer) -> Path:
+    """`<save_dir>/<name>` of the trainer's first logger, whose `version_*` hold the runs' checkpoints."""
+    logger = trainer.loggers[0]
+    return Path(logger.save_dir if logger.save_dir is not None else trainer.default_root_dir) / str(logger.name)
+
+
+def find_last_checkpoint(trainer: L.Trainer) -> str | None:
+    """The checkpoint `ckpt_path="last"` loads, picked as Lightning's checkpoint connector picks it:
+    the newest (by modification time) of the `last*.ckpt` the trainer's checkpoint callbacks find
+    (`AtomicModelCheckpoint._find_last_checkpoints`) and of an `OnExceptionCheckpoint`'s file."""
+    candidates = {getattr(c, "ckpt_path", None) for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            candidates |= callback._find_last_checkpoints(trainer)
+    return max((p for p in candidates if p and os.path.exists(p)), key=os.path.getmtime, default=None)
+
+
+def last_checkpoint_dirs(trainer: L.Trainer) -> list[str]:
+    """Where `find_last_checkpoint` looks, for a message that found nothing."""
+    dirs = []
+    for callback in trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None) or not trainer.loggers:
+            dirs.append(str(callback.dirpath or Path(trainer.default_root_dir) / "checkpoints"))
+        else:  # stock ModelCheckpoint: only the new run's own (empty) version directory
+            version = "version_*" if isinstance(callback, AtomicModelCheckpoint) else trainer.loggers[0].version
+            dirs.append(
+                str(log_root(trainer) / (version if isinstance(version, str) else f"version_{version}") / "checkpoints")
+            )
+    return list(dict.fromkeys(dirs))
 
 
 def resume_hint(trainer: L.Trainer | None) -> str:
@@ -203,6 +229,11 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size if path.exists() else 0
+
+
+def _stale_temporaries(directory: Path) -> list[Path]:
+    """Files and directories `_save_checkpoint` / `_replace` write before renaming into place."""
+    return [p for pattern in (".*.tmp", ".*.old") for p in directory.glob(pattern)]
 
 
 def _temporary_path(filepath: str) -> str:
@@ -231,6 +262,18 @@ def _replace(tmp: str, filepath: str) -> None:
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+def require_trainable_gates(model: L.LightningModule, setting: str, fix: str) -> None:
+    """A stage that trains only the parameters outside the backbone (the gates) needs some: with a
+    gate that has none (AlwaysContinue, FixedRatioGate, ...) the optimizer would get no parameter
+    (or no gradient) at all. Shared by `GateOnlyStage` and the models' `train_only_gates`."""
+    if not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.")):
+        gate = getattr(model, "gate", None)
+        raise UserError(
+            f"{setting}: {type(model).__name__} has no trainable parameters outside the backbone (its gate "
+            f"{type(gate).__name__} has none), so it would train nothing: {fix}"
+        )
 
 
 class GateOnlyStage(Callback):
@@ -263,12 +306,7 @@ class GateOnlyStage(Callback):
             rank_zero_warn(
                 "GateOnlyStage on a randomly initialised backbone: set model.init_args.pretrained to start from Pythia"
             )
-        gates = [n for n, p in pl_module.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-        if not gates:
-            raise UserError(
-                f"GateOnlyStage: {type(pl_module).__name__} has no trainable parameters outside the backbone (its gate "
-                "has none), so the gate-only stage would train nothing: use a learned gate or drop the callback"
-            )
+        require_trainable_gates(pl_module, "GateOnlyStage", "use a learned gate or drop the callback")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
         if trainer.global_step < self.steps:

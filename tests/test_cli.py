@@ -313,3 +313,21 @@ def test_step_bar_flops_summary_and_kept_checkpoints(tmp_path):
     assert re.search(r"\bStep\b[^A-Za-z]*\b10/10\b", shown) and "Epoch" not in shown, shown[-2000:]
     periodic = {name: step for name, step in kept(1).items() if not name.startswith("last")}
     assert periodic == {"epoch=0-step=8.ckpt": 8, "epoch=0-step=10.ckpt": 10}  # every 2nd step from the resumed step 6
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: python -m ponder_lightning COMMAND")
+    for command in ("fit", "validate", "flops", "generate", "evaluate", "study", "prepare", "export", "lm_eval"):
+        assert re.search(rf"^  {command} +\S", printed, re.M), command  # each with its one line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evalute"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown command 'evalute'") and "lm_eval" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m ponder_lightning")  # not __main__.py

@@ -17,6 +17,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from ponder_lightning.checkpoints import load_checkpoint  # noqa: E402
 from ponder_lightning.data import load_tokenizer  # noqa: E402
+from ponder_lightning.errors import UserError  # noqa: E402
 from ponder_lightning.generate import generate  # noqa: E402
 from ponder_lightning.hf_export import export_hf  # noqa: E402
 from ponder_lightning.lm_eval_adapter import PonderLightningLM, format_compute_report, main  # noqa: E402
@@ -217,3 +218,45 @@ def test_latent_models_score_and_report_without_a_gate(tmp_path):
     assert report["model"] == "PonderLM2" and report["tau"] is None
     with pytest.raises(Exception, match="PonderLM2 has no gate with a halting threshold"):
         PonderLightningLM(checkpoint=str(latent), tau=0.5)
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--limit", "ten"), ("--limit", "2.5"), ("--limit", "0"), ("--tau", "7"), ("--batch_size", "0")]
+)
+def test_cli_flags_are_checked_before_loading(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "x.ckpt", "--tasks", "ponder_tiny", flag, value])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}:" in capsys.readouterr().err
+
+
+def test_unknown_task_and_tau_are_one_clear_error(checkpoint, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = ["--checkpoint", "x.ckpt", "--include_path", str(FIXTURES), "--only_include_path"]
+    with pytest.raises(UserError, match="--tasks: no task or group named bogus_task in"):  # was a KeyError
+        main([*args, "--tasks", "ponder_tiny,bogus_task"])
+    with pytest.raises(UserError, match="tau=7 is out of range"):
+        PonderLightningLM(checkpoint=str(checkpoint), tau=7)
+
+
+def test_max_length_defaults_to_the_trained_seq_len(checkpoint, tmp_path):
+    """A Lightning checkpoint records the blocks it was trained on: positions beyond them are
+    untrained, so scoring windows default to that length (an export records none: max_seq_len)."""
+    model = load_checkpoint(checkpoint).model
+    assert PonderLightningLM(checkpoint=str(checkpoint)).max_length == model.config.max_seq_len
+    ckpt = tmp_path / "last.ckpt"
+    torch.save(
+        {
+            "hyper_parameters": {
+                "_class_path": "ponder_lightning.models.AdaPonderLM",
+                "size": "tiny",
+                "vocab_size": 384,
+            },
+            "state_dict": model.state_dict(),
+            "datamodule_hyper_parameters": {"tokenizer": "bytes", "seq_len": 64},
+            "global_step": 0,
+        },
+        ckpt,
+    )
+    assert PonderLightningLM(checkpoint=str(ckpt)).max_length == 64
+    assert PonderLightningLM(checkpoint=str(ckpt), max_length=128).max_length == 128

@@ -155,3 +155,73 @@ def test_checkpoints_replace_the_old_one_atomically(tmp_path, sharded):
     assert content() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert callback._last_global_step_saved == 7
+
+
+# -- a resume keeps the run's data: a changed split or seed is refused ------------------------------
+def test_resume_with_another_data_split_or_seed_is_refused(tmp_path, capsys):
+    import json
+
+    from ponder_lightning.cli import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 6}) + "\n" for i in range(40)))
+    args = [
+        "fit",
+        *tiny_fit("vanilla", seq_len=16, batch_size=2),
+        "--data.data_files",
+        str(docs),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    main([*args, "--trainer.max_steps", "2"])
+    resume = [
+        *args,
+        "--trainer.max_steps",
+        "3",
+        "--ckpt_path",
+        str(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"),
+    ]
+    for change, named in (
+        (["--data.val_fraction", "0.3"], "data.val_fraction changed"),
+        (["--data.seed", "7"], "data.seed=1234 but data.seed=7"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*resume, *change])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error:") and named in line and "start a new run" in line, err[-2000:]
+    main(resume)  # the run's own settings resume
+
+
+def test_a_run_touches_only_its_own_and_its_resumed_checkpoints(tmp_path, caplog):
+    """`last_good.ckpt` of another experiment under the same root is never a fresh run's rewind
+    target, and only the run's own directory is cleaned of temporaries (another run may be
+    writing elsewhere); those next to the resumed checkpoint are named."""
+    import lightning as L
+
+    other = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    other.mkdir(parents=True)
+    for name in ("last.ckpt", "last_good.ckpt", ".last.ckpt.tmp"):
+        (other / name).write_bytes(b"x")
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / ".last.ckpt.tmp").write_bytes(b"x")
+    for dirpath in (None, own):
+        callback = AtomicModelCheckpoint(save_last=True, dirpath=dirpath)
+        trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=True, enable_progress_bar=False)
+        callback.setup(trainer, None, "fit")
+        assert callback.last_good_path is None  # a fresh run: nothing of its own is known to be healthy
+    assert (other / ".last.ckpt.tmp").exists() and not (own / ".last.ckpt.tmp").exists()
+
+    trainer.ckpt_path = str(other / "last.ckpt")  # resumed from version_0
+    with caplog.at_level("INFO"):
+        callback.on_train_start(trainer, None)
+    assert callback.last_good_path == str(other / "last_good.ckpt")
+    assert f"{other} holds 1 temporary checkpoint file(s)" in caplog.text and (other / ".last.ckpt.tmp").exists()

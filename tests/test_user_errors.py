@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ponder_lightning.gates as gates
 import ponder_lightning.models as models
-from ponder_lightning.cli import main
+from ponder_lightning.cli import main, run_lightning_cli
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
 from ponder_lightning.training import AtomicModelCheckpoint, GateOnlyStage
@@ -242,11 +242,109 @@ def test_saved_argument_that_no_longer_validates_is_named_by_every_command(
         (["generate", "--checkpoint", "x.ckpt", "--prompt", "a", "--max_new_tokens", "0"], "--max_new_tokens"),
         (["evaluate", "--checkpoint", "x.ckpt", "--tau", "1e-3,abc"], "--tau"),
         (["evaluate", "--checkpoint", "x.ckpt", "--tau", "1e-3,2"], "--tau"),
+        (["evaluate", "--checkpoint", "x.ckpt", "--out", __file__], "--out"),  # a file, not a directory
+        (["generate", "--checkpoint", "x.ckpt", "--prompt", "a", "--top_k", "5"], "--temperature"),  # greedy
+        (["generate", "--checkpoint", "x.ckpt", "--prompt", "a", "--top_p", "0.9"], "--temperature"),
+        (["flops", "--active", "1,x,1,1"], "--active"),
+        (["flops", "--active", "1,0.5,0.8,1"], "--active"),  # a halted token never comes back
+        (["flops", "--active", "0.9,0.5,0.5,0.5"], "--active"),  # every token runs the first pass
+        (["flops", "--active", "1,1.5,1,1"], "--active"),
+        (["flops", "--context", "0"], "--context"),
+        (["flops", "--context", "-5"], "--context"),
     ],
 )
 def test_entry_point_arguments_are_checked_before_loading(capsys, argv, culprit):
     line = cli_error(capsys, *argv)  # x.ckpt does not exist: the argument is rejected first
     assert culprit in line
+
+
+# -- checkpoints that do not fit the command: named before anything is loaded --------------------
+QUIET = ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+QUIET += ["--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, single_thread) -> dict[str, Path]:
+    """Two-step tiny runs (bytes tokenizer) of a model whose gate halts tokens and of one whose
+    gate never does: config name -> its default_root_dir."""
+    root = tmp_path_factory.mktemp("trained")
+    for config in ("adaponderlm", "vanilla"):
+        main(
+            ["fit", *tiny_fit(config), *QUIET, "--trainer.max_steps", "2", "--data.cache_dir", str(root / "cache")]
+            + ["--trainer.default_root_dir", str(root / config)]
+        )
+    return {config: root / config for config in ("adaponderlm", "vanilla")}
+
+
+def last_ckpt(root: Path) -> Path:
+    return root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_ckpt_path_last_is_checked_like_a_named_file(capsys, trained):
+    root = trained["vanilla"]
+    where = ["--trainer.default_root_dir", str(root), "--data.cache_dir", str(root.parent / "cache")]
+    for sub in ("validate", "fit"):  # was: RuntimeError Missing key(s) in state_dict (fit), or a silent validate
+        line = cli_error(capsys, sub, *tiny_fit("adaponderlm"), *QUIET, *where, "--ckpt_path", "last")
+        assert f"--ckpt_path {last_ckpt(root)} holds a model of class VanillaLM" in line and "AdaPonderLM" in line
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
+    # With the right config, validate evaluates the model as the checkpoint has it (lr 1e-3 there).
+    cli = run_lightning_cli(
+        ["validate", *tiny_fit("vanilla"), *where, "--ckpt_path", "last", "--model.init_args.lr", "0.5"]
+        + ["--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    )
+    assert cli.config.validate.ckpt_path == str(last_ckpt(root)) and cli.model.hparams.lr == 1e-3
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_so_once(capsys, tmp_path):
+    args = [*tiny_fit("vanilla"), *QUIET, "--trainer.default_root_dir", str(tmp_path)]
+    line = cli_error(capsys, "validate", *args, "--ckpt_path", "last")
+    assert "--ckpt_path last: there is no last.ckpt in" in line and str(tmp_path) in line
+    with pytest.warns(UserWarning) as warned:
+        main(["fit", *args, "--ckpt_path", "last", "--trainer.max_steps", "1"])
+    messages = [str(w.message) for w in warned]
+    assert sum("training starts from step 0" in m for m in messages) == 1, messages
+    assert not any("no last checkpoint available" in m for m in messages)  # Lightning's own, replaced
+
+
+def test_ckpt_path_to_a_directory_that_is_no_checkpoint(capsys, tmp_path):
+    line = cli_error(capsys, "validate", *tiny_fit("vanilla"), "--ckpt_path", str(tmp_path))
+    assert f"--ckpt_path {tmp_path} is a directory but not an FSDP checkpoint" in line  # was IsADirectoryError
+
+
+def test_settings_that_change_the_weights_are_named(capsys, trained, tmp_path):
+    ckpt = last_ckpt(trained["vanilla"])
+    args = [*tiny_fit("vanilla"), *QUIET, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)]
+    line = cli_error(capsys, "validate", *args, "--data.tokenizer", "neox")  # was RuntimeError size mismatch
+    assert "does not fit the model built here" in line and "data.tokenizer bytes -> neox" in line
+    line = cli_error(capsys, "fit", *args, "--model.init_args.n_layer", "3")
+    assert "missing backbone.layers.2." in line and "n_layer None -> 3" in line
+    line = cli_error(capsys, "generate", "--checkpoint", str(ckpt), "--prompt", "a", "--tokenizer", "neox")
+    assert "--tokenizer neox has 50277 tokens but the model's vocabulary has 384" in line  # was IndexError
+
+
+def test_train_only_gates_needs_a_gate_with_parameters(capsys):
+    line = cli_error(capsys, "fit", *tiny_fit("ponderlm"), "--model.init_args.train_only_gates", "true")
+    assert "model.init_args.train_only_gates=true: PonderLM has no trainable parameters" in line
+    assert "AlwaysContinue" in line  # was RuntimeError: element 0 of tensors does not require grad
+
+
+def test_evaluate_checks_its_inputs_before_evaluating(capsys, trained, tmp_path):
+    ada, vanilla, out = last_ckpt(trained["adaponderlm"]), last_ckpt(trained["vanilla"]), tmp_path / "out"
+    line = cli_error(capsys, "evaluate", "--checkpoint", str(ada), "--reference", "nope.ckpt", "--out", str(out))
+    assert "nope.ckpt does not exist" in line
+    line = cli_error(capsys, "evaluate", "--checkpoint", str(vanilla), "--reference", str(ada), "--out", str(out))
+    assert "--reference: VanillaLM (gate AlwaysContinue) never halts a token" in line  # was silently ignored
+    assert not out.exists()  # nothing was evaluated
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "too short"}\n')
+    line = cli_error(capsys, "evaluate", "--checkpoint", str(vanilla), "--data_files", str(small), "--out", str(out))
+    assert f"--data_files {small} holds too little text" in line and "lower" not in line
+    # A run trained on pre-tokenised data: --data_files replaces that data too.
+    ckpt = torch.load(vanilla, weights_only=False)
+    ckpt["datamodule_hyper_parameters"].update(data_files=None, tokens=str(tmp_path / "shards"))
+    torch.save(ckpt, tmp_path / "tokens.ckpt")
+    line = cli_error(capsys, "evaluate", "--checkpoint", str(tmp_path / "tokens.ckpt"), "--data_files", str(small))
+    assert "holds too little text" in line and "both set" not in line
 
 
 # -- divergence and resume, end to end ---------------------------------------------------------
@@ -300,8 +398,9 @@ def test_diverged_run_rewinds_to_last_good_with_a_lower_lr(tmp_path):
     good = torch.load(named, weights_only=True)
     assert all(torch.isfinite(t).all() for t in good["state_dict"].values())  # not damaged by the divergence
 
-    # A save killed half-way leaves a temporary file: the next start removes it.
-    stale = first / ".last.ckpt.tmp"
+    # A save killed half-way leaves a temporary file; a run resumed from that directory names it but
+    # leaves it (another run may be writing there; a run removes only its own directory's).
+    stale = named.parent / ".last.ckpt.tmp"
     stale.write_bytes(b"half a checkpoint")
     # Rewind: resume from the named checkpoint with a lower LR.
     rewound = run_fit(
@@ -315,7 +414,7 @@ def test_diverged_run_rewinds_to_last_good_with_a_lower_lr(tmp_path):
         cwd=tmp_path,
     )
     assert rewound.returncode == 0, rewound.stderr[-3000:]
-    assert not stale.exists() and "removed 1 temporary checkpoint" in rewound.stderr
+    assert stale.exists() and f"{named.parent} holds 1 temporary checkpoint file(s)" in rewound.stderr
     assert "not resumable" not in rewound.stderr
     version = sorted((tmp_path / "lightning_logs").iterdir(), key=lambda p: int(p.name.split("_")[1]))[-1]
     lrs, losses = logged(version, "train/lr"), logged(version, "train/loss")

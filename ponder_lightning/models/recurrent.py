@@ -19,6 +19,7 @@ from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
 from ponder_lightning.pretrained import pretrained_extra_state
+from ponder_lightning.training import require_trainable_gates
 from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args
 
 ALWAYS_CONTINUE = AlwaysContinue()
@@ -156,6 +157,9 @@ class RecurrentLM(TokenRecurrentLM):
         self.regularizer = regularizer if regularizer is not None else NoPonderLoss()
         if train_only_gates:
             self.backbone.requires_grad_(False)
+            require_trainable_gates(
+                self, "model.init_args.train_only_gates=true", "use a learned gate or drop train_only_gates"
+            )
         self._collapse_steps = dict.fromkeys(COLLAPSE_WARNINGS, 0)
         self.difficulty_metric = DepthDifficulty()
 
