@@ -257,7 +257,17 @@ def test_lm_eval_subcommand(exported, in_root, tmp_path, capsys):
     assert 1 <= ours["compute"]["mean_depth"] < ours["compute"]["n_iterations"]  # scored at the learned depth
     assert set(ours["results"]) >= {"ponder_tiny_choice", "ponder_tiny_gen", "ponder_tiny_ppl"}
     with pytest.raises(SystemExit) as exit_info:  # a UserError: one line, status 2, as every command
-        main(["lm_eval", "--checkpoint", str(tmp_path / "missing"), "--tasks", "ponder_tiny_choice"])
+        main(
+            [
+                "lm_eval",
+                "--checkpoint",
+                str(tmp_path / "missing"),
+                "--tasks",
+                "ponder_tiny_choice",
+                "--include_path",
+                FIXTURES,
+            ]
+        )
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "does not exist" in err
 
