@@ -233,11 +233,8 @@ def check_model_fits_data(model: CausalLMModule, data: PileDataModule | None) ->
     """What the model and the data must agree on, checked once both are built and before any
     document is tokenised (the model's own `setup` would only see it after tokenising)."""
     seq_len = getattr(data, "seq_len", None)
-    if seq_len is not None and seq_len > model.config.max_seq_len:
-        raise UserError(
-            f"data.seq_len={seq_len} is longer than the model's context max_seq_len={model.config.max_seq_len}: "
-            "lower data.seq_len or raise model.init_args.max_seq_len"
-        )
+    if seq_len is not None:
+        model.check_seq_len(seq_len)
 
 
 def flops_command(argv: list[str]) -> None:

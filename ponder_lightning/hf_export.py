@@ -291,6 +291,7 @@ def export_command(argv: list[str]) -> None:
     import argparse
 
     from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.cli_errors import output_dir
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
     parser.add_argument(
@@ -299,7 +300,10 @@ def export_command(argv: list[str]) -> None:
         help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory",
     )
     parser.add_argument(
-        "--out", required=True, help="output directory (created; the files of an earlier export in it are removed)"
+        "--out",
+        required=True,
+        type=output_dir,
+        help="output directory (created; the files of an earlier export in it are removed)",
     )
     parser.add_argument(
         "--format",

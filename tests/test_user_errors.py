@@ -243,6 +243,7 @@ def test_saved_argument_that_no_longer_validates_is_named_by_every_command(
         (["evaluate", "--checkpoint", "x.ckpt", "--tau", "1e-3,abc"], "--tau"),
         (["evaluate", "--checkpoint", "x.ckpt", "--tau", "1e-3,2"], "--tau"),
         (["evaluate", "--checkpoint", "x.ckpt", "--out", __file__], "--out"),  # a file, not a directory
+        (["export", "--checkpoint", "x.ckpt", "--out", __file__], "--out"),
         (["generate", "--checkpoint", "x.ckpt", "--prompt", "a", "--top_k", "5"], "--temperature"),  # greedy
         (["generate", "--checkpoint", "x.ckpt", "--prompt", "a", "--top_p", "0.9"], "--temperature"),
         (["flops", "--active", "1,x,1,1"], "--active"),

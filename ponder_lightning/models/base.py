@@ -201,6 +201,14 @@ class CausalLMModule(L.LightningModule):
         a gate halts: halting saves inference compute only."""
         return self.full_depth_flops_per_token(context) / flops.vanilla_forward_flops(self.config, context)
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Training or validation blocks of `seq_len` tokens fit the model's context."""
+        if seq_len > self.config.max_seq_len:
+            raise UserError(
+                f"data.seq_len={seq_len} is longer than the model's context max_seq_len={self.config.max_seq_len}: "
+                "lower data.seq_len or raise model.init_args.max_seq_len"
+            )
+
     def check_context(self, max_len: int) -> None:
         """A decoding cache of `max_len` positions (the prompt, and every new token but the last)."""
         if max_len > self.config.max_seq_len:
@@ -227,11 +235,7 @@ class CausalLMModule(L.LightningModule):
         seq_len = getattr(datamodule, "seq_len", None)
         if seq_len is None:
             return
-        if seq_len > self.config.max_seq_len:
-            raise UserError(
-                f"data seq_len={seq_len} is longer than the model's context max_seq_len={self.config.max_seq_len}: "
-                f"lower data.seq_len or raise model.init_args.max_seq_len"
-            )
+        self.check_seq_len(seq_len)
         rows = getattr(datamodule, "batch_size", 1) // max(self.trainer.world_size, 1)
         self.flops_per_batch = flops.training_flops(self.full_depth_flops_per_token(seq_len)) * seq_len * rows
 
