@@ -13,6 +13,7 @@ from pathlib import Path
 import jsonargparse
 import pytest
 import torch
+import yaml
 from fit_helpers import tiny_fit
 from scaleout_helpers import ROOT, run_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -327,6 +328,20 @@ def test_train_only_gates_needs_a_gate_with_parameters(capsys):
     line = cli_error(capsys, "fit", *tiny_fit("ponderlm"), "--model.init_args.train_only_gates", "true")
     assert "model.init_args.train_only_gates=true: PonderLM has no trainable parameters" in line
     assert "AlwaysContinue" in line  # was RuntimeError: element 0 of tensors does not require grad
+
+
+def test_a_ponder_loss_without_scores_to_act_on_is_named():
+    """A regularizer on a gate without scores (AlwaysContinue, FixedRatioGate) would silently do
+    nothing; the shipped fixed-pruning configs say NoPonderLoss."""
+    from ponder_lightning.gates import BottomKPonderLoss, FixedRatioGate
+    from ponder_lightning.models import AdaPonderLM, PonderLM
+
+    with pytest.warns(UserWarning, match="regularizer BottomKPonderLoss acts on gate scores, and the gate AlwaysCont"):
+        PonderLM(size="tiny", vocab_size=256, regularizer=BottomKPonderLoss())
+    with pytest.warns(UserWarning, match="gate FixedRatioGate has none"):
+        AdaPonderLM(size="tiny", vocab_size=256, gate=FixedRatioGate(target_depth=3.0))
+    config = yaml.safe_load((ROOT / "configs" / "gates" / "fixed_geometric.yaml").read_text())
+    assert config["model"]["init_args"]["regularizer"]["class_path"].endswith("NoPonderLoss")
 
 
 def test_evaluate_checks_its_inputs_before_evaluating(capsys, trained, tmp_path):

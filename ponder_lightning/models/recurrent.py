@@ -155,6 +155,11 @@ class RecurrentLM(TokenRecurrentLM):
         if pretrained is not None:
             self._load_pretrained_gates(pretrained)
         self.regularizer = regularizer if regularizer is not None else NoPonderLoss()
+        if not isinstance(self.regularizer, NoPonderLoss) and not any(True for _ in self.gate.parameters()):
+            rank_zero_warn(
+                f"model.init_args.regularizer {type(self.regularizer).__name__} acts on gate scores, and the gate "
+                f"{type(self.gate).__name__} has none: it does nothing here (set NoPonderLoss to say so)"
+            )
         if train_only_gates:
             self.backbone.requires_grad_(False)
             require_trainable_gates(
