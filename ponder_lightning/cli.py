@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from jsonargparse.typing import PositiveInt, import_object
@@ -341,14 +342,13 @@ def evaluate_command(argv: list[str]) -> None:
     whose gate halts tokens, always also the controls on the same weights: full depth (no
     halting), random pruning with the learned per-iteration profile, and depth per difficulty
     decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
-    import inspect
-
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.evaluate import (
         evaluate,
         format_gate_study,
         format_rows,
         gate_study,
+        halting_gate,
         write_curve,
         write_depth_figure,
     )
@@ -379,20 +379,19 @@ def evaluate_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     model, data_args = load_checkpoint(args.checkpoint)
     gate = getattr(model, "gate", None)
-    halts = gate is not None and gate.can_halt
+    halts = halting_gate(model) is not None
     if args.reference and not halts:
         raise UserError(
             f"--reference: {type(model).__name__} (gate {type(gate).__name__ if gate else 'none'}) never halts "
             "a token, so there is no depth to set against a difficulty and no gate study: drop --reference"
         )
     reference = load_checkpoint(args.reference)[0] if args.reference else None  # read now, not after the evaluation
-    accepted = inspect.signature(PileDataModule.__init__).parameters
-    data_args = {k: v for k, v in data_args.items() if k in accepted}
+    overrides: dict[str, Any] = {}
     if args.data_files:  # these files replace the run's data, whether text or pre-tokenised
-        data_args.update(data_files=args.data_files, val_files=args.data_files, tokens=None)
+        overrides.update(data_files=args.data_files, val_files=args.data_files, tokens=None)
     if args.batches:
-        data_args["val_batches"] = args.batches
-    data = PileDataModule(**data_args)
+        overrides["val_batches"] = args.batches
+    data = PileDataModule.from_recorded(data_args, **overrides)
     try:
         data.setup("validate")
     except UserError as err:  # its advice names data.* settings, which evaluate takes from the checkpoint

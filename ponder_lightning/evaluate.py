@@ -155,12 +155,19 @@ def summarise(model, nll: Tensor, depth: Tensor, context: int) -> dict[str, Any]
     }
 
 
+def halting_gate(model) -> Gate | None:
+    """The model's gate if it halts tokens (then the gate study applies), else None."""
+    gate = getattr(model, "gate", None)
+    return gate if gate is not None and gate.can_halt else None
+
+
 def scored_gate(model) -> Gate:
     """The model's trained gate, if it has scores that a counterfactual can keep."""
-    gate = getattr(model, "gate", None)
-    if gate is None or not gate.can_halt:
+    gate = halting_gate(model)
+    if gate is None:
         raise UserError(
-            f"{type(model).__name__} has no gate that halts tokens ({type(gate).__name__}): nothing to compare"
+            f"{type(model).__name__} has no gate that halts tokens "
+            f"({type(getattr(model, 'gate', None)).__name__}): nothing to compare"
         )
     return gate
 

@@ -36,7 +36,6 @@ The study sits below the command line (tests/test_layering.py): it does not impo
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import re
@@ -291,7 +290,7 @@ def evaluate_run(
     checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None, run_dir: Path
 ) -> dict[str, Any]:
     from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.evaluate import gate_study, summarise, token_nll
+    from ponder_lightning.evaluate import gate_study, halting_gate, summarise, token_nll
 
     model, data = load_checkpoint(checkpoint)
     result: dict[str, Any] = {
@@ -299,8 +298,7 @@ def evaluate_run(
         "gate": type(getattr(model, "gate", None)).__name__,
         "train_flops_x_vanilla": model.training_flops_x_vanilla(context, data["global_step"]),
     }
-    gate = getattr(model, "gate", None)
-    if gate is None or not gate.can_halt:
+    if halting_gate(model) is None:
         return result | summarise(model, *token_nll(model, batches), context)
     reference = load_checkpoint(reference_checkpoint)[0] if reference_checkpoint else None
     study = gate_study(model, batches, context, reference=reference)
@@ -327,8 +325,7 @@ def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int
     from ponder_lightning.data import PileDataModule
 
     _, data_args = load_checkpoint(checkpoint)
-    accepted = inspect.signature(PileDataModule.__init__).parameters
-    data = PileDataModule(**({k: v for k, v in data_args.items() if k in accepted} | {"val_batches": n_batches}))
+    data = PileDataModule.from_recorded(data_args, val_batches=n_batches)
     data.setup("validate")
     return list(data.val_dataloader()), data.seq_len, {k: data_args.get(k) for k in VALIDATION_DATA}
 

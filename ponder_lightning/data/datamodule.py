@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from functools import cached_property
+from typing import Any
 
 import lightning as L
 import torch
@@ -110,6 +112,14 @@ class PileDataModule(L.LightningDataModule):
         self.val_fraction, self.val_batches, self.num_workers = val_fraction, val_batches, num_workers
         self.train_dataset: PackedBlocks | None = None
         self.val_dataset: PackedBlocks | None = None
+
+    @classmethod
+    def from_recorded(cls, recorded: dict[str, Any], **overrides: Any) -> PileDataModule:
+        """The data module a checkpoint or export recorded (`load_checkpoint(...).data`, whose
+        other entries, e.g. `global_step`, are not arguments), with `overrides`: how `evaluate`
+        and a study validate on the blocks a run held out."""
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**({k: v for k, v in recorded.items() if k in accepted} | overrides))
 
     @cached_property
     def tokenizer_obj(self) -> Tokenizer:
