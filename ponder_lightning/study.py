@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from ponder_lightning import flops
 from ponder_lightning.errors import UserError, user_error_in
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,6 +298,8 @@ def evaluate_run(
         "model": type(model).__name__,
         "gate": type(getattr(model, "gate", None)).__name__,
         "train_flops_x_vanilla": model.training_flops_x_vanilla(context, data["global_step"]),
+        # the unit of this run's x-vanilla figures: one forward of its own backbone (see `in_study_unit`)
+        "vanilla_flops_per_token": flops.vanilla_forward_flops(model.config, context),
     }
     if halting_gate(model) is None:
         return result | summarise(model, *token_nll(model, batches), context)
@@ -411,6 +414,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
             }
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
+    in_study_unit(study, results)
     table = "\n\n".join(
         [summary_table(study, results), frontier_table(study, results), allocation_table(study, results)]
     )
@@ -425,6 +429,25 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
     return out
 
 
+#: The FLOPs figures a study compares across runs.
+STUDY_FLOPS = ("flops_x_vanilla", "train_flops_x_vanilla")
+
+
+def in_study_unit(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> None:
+    """Put every run's FLOPs per token in one unit: one forward of the reference run's model (of
+    the same seed), else of the smallest model. A run's own figures count forwards of its own
+    backbone, so a vanilla model with 3x the layers would otherwise read 1.0x, like the small one."""
+    for runs in results.values():
+        units = {name: r["vanilla_flops_per_token"] for name, r in runs.items() if "vanilla_flops_per_token" in r}
+        if not units:
+            continue
+        unit = units.get(study.get("reference"), min(units.values()))
+        for name, own in units.items():
+            for field in STUDY_FLOPS:
+                if runs[name].get(field) is not None:
+                    runs[name][field] *= own / unit
+
+
 def mean_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one seed)."""
     mean = sum(values) / len(values)
@@ -435,8 +458,9 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
     seeds = list(results)
     header = "| run | model / gate | " + " | ".join(SUMMARY_FIELDS) + " |"
+    unit = f"the {study['reference']} run's model" if study.get("reference") else "the smallest model"
     lines = [
-        f"Mean ± standard deviation over seeds {seeds} (one value: one seed).",
+        f"Mean ± standard deviation over seeds {seeds} (one value: one seed). FLOPs per token in forwards of {unit}.",
         "",
         header,
         "|---|---|" + "---|" * len(SUMMARY_FIELDS),
@@ -489,8 +513,8 @@ def undominated(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [p for i, p in enumerate(points) if all(q[1] > p[1] for q in points[:i])]
 
 
-def frontier_ppl(points: list[tuple[float, float]], flops: float) -> tuple[float, float, float] | None:
-    """The best perplexity fixed depth reaches with at most `flops`, and the FLOPs of the two
+def frontier_ppl(points: list[tuple[float, float]], budget: float) -> tuple[float, float, float] | None:
+    """The best perplexity fixed depth reaches with at most `budget` FLOPs, and the FLOPs of the two
     fixed-depth runs it comes from: `points` are (FLOPs, ppl) of fixed-depth runs. Runs that
     another beats with no more FLOPs are dropped (a fixed-depth user would not pick them, so
     interpolating towards them would flatter the compared run); between the remaining ones the
@@ -501,12 +525,12 @@ def frontier_ppl(points: list[tuple[float, float]], flops: float) -> tuple[float
     the runs one could train in between: a wide bracket flatters whatever is compared inside it.
     The bracket is returned so that the table can show it."""
     points = sorted(points)
-    if len(points) < 2 or not points[0][0] <= flops <= points[-1][0]:
+    if len(points) < 2 or not points[0][0] <= budget <= points[-1][0]:
         return None
     pareto = undominated(points)
     for (x0, y0), (x1, y1) in zip(pareto, pareto[1:], strict=False):
-        if x0 <= flops <= x1:
-            t = (flops - x0) / (x1 - x0)
+        if x0 <= budget <= x1:
+            t = (budget - x0) / (x1 - x0)
             return math.exp((1 - t) * math.log(y0) + t * math.log(y1)), x0, x1
     return pareto[-1][1], pareto[-1][0], pareto[-1][0]
 

@@ -224,6 +224,27 @@ def test_study_file_mistakes_are_named(tmp_path):
         load_study(write_study(tmp_path, eval_batches=0))
 
 
+def test_runs_of_different_sizes_are_compared_in_one_flops_unit(tmp_path):
+    """A run's own FLOPs count forwards of its own backbone (a deeper vanilla reads 1.0x there);
+    the study puts every run in forwards of the reference run's model."""
+    from ponder_lightning import flops
+    from ponder_lightning.nn import backbone_config
+
+    deeper = {"configs": ["configs/vanilla.yaml"], "args": ["--model.init_args.n_layer", "3"]}
+    path = write_study(tmp_path, seeds=[1], runs={"vanilla": {"configs": ["configs/vanilla.yaml"]}, "deeper": deeper})
+    main(["study", "--config", str(path)])
+    out = tmp_path / "out"
+    own = json.loads((out / "runs" / "deeper" / "seed_1" / "result.json").read_text())
+    study = json.loads((out / "results.json").read_text())["1"]
+    assert own["flops_x_vanilla"] == 1.0 and study["vanilla"]["flops_x_vanilla"] == 1.0
+    ratio = flops.vanilla_forward_flops(backbone_config("tiny", vocab_size=384, n_layer=3), 32) / (
+        flops.vanilla_forward_flops(backbone_config("tiny", vocab_size=384, n_layer=1), 32)
+    )
+    assert ratio > 2 and study["deeper"]["flops_x_vanilla"] == pytest.approx(ratio)
+    assert study["deeper"]["train_flops_x_vanilla"] == pytest.approx(ratio)
+    assert "FLOPs per token in forwards of the vanilla run's model" in (out / "summary.md").read_text()
+
+
 def test_a_finished_run_whose_study_entry_changed_is_not_reported_as_the_new_one(tmp_path, capsys):
     """Editing a run's arguments after it trained would otherwise print the old run's numbers
     under the new definition."""
