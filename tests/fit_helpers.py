@@ -27,6 +27,23 @@ def tiny_fit(config: str, seq_len: int = 32, batch_size: int = 2) -> list[str]:
     ]
 
 
+def quiet_fit_on(data_files: Path, tmp_path: Path) -> list[str]:
+    """Flags of a run on the test's own text files: its own token cache and log root under
+    `tmp_path`, no validation, no progress bar."""
+    return [
+        "--data.data_files",
+        str(data_files),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+
+
 def trainer_overlay(path: Path, max_steps: int, callbacks: list[dict], **settings) -> str:
     """Writes a `trainer:` overlay to `path` and returns it: `max_steps`, `callbacks`, no
     validation unless `settings` ask for it, no sanity check, no progress bar or model summary."""

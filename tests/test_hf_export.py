@@ -338,7 +338,7 @@ def test_exports_keep_the_runs_data_settings(tmp_path, capsys):
     """`evaluate` on an export validates on the blocks the .ckpt's run held out, for both formats."""
     import inspect
 
-    from fit_helpers import tiny_fit
+    from fit_helpers import quiet_fit_on, tiny_fit
 
     from ponder_lightning.data import PileDataModule
 
@@ -348,20 +348,11 @@ def test_exports_keep_the_runs_data_settings(tmp_path, capsys):
         [
             "fit",
             *tiny_fit("adaponderlm", seq_len=24, batch_size=2),
-            "--data.data_files",
-            str(docs),
+            *quiet_fit_on(docs, tmp_path),
             "--data.val_fraction",
             "0.25",
-            "--data.cache_dir",
-            str(tmp_path / "cache"),
             "--trainer.max_steps",
             "2",
-            "--trainer.limit_val_batches",
-            "0",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.default_root_dir",
-            str(tmp_path),
         ]
     )
     ckpt = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"

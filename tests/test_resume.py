@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fit_helpers import tiny_fit, trainer_overlay
+from fit_helpers import quiet_fit_on, tiny_fit, trainer_overlay
 from scaleout_helpers import logged_steps, read_losses, run_fit
 
 from ponder_lightning.training import AtomicModelCheckpoint
@@ -165,20 +165,7 @@ def test_resume_with_another_data_split_or_seed_is_refused(tmp_path, capsys):
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": f"document {i} " * 6}) + "\n" for i in range(40)))
-    args = [
-        "fit",
-        *tiny_fit("vanilla", seq_len=16, batch_size=2),
-        "--data.data_files",
-        str(docs),
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-    ]
+    args = ["fit", *tiny_fit("vanilla", seq_len=16, batch_size=2), *quiet_fit_on(docs, tmp_path)]
     main([*args, "--trainer.max_steps", "2"])
     resume = [
         *args,
