@@ -58,6 +58,7 @@ SUMMARY_FIELDS = [
     "ppl",
     "flops_x_vanilla",
     "train_flops_x_vanilla",
+    "train_compute_x_reference",
     "depth_mean",
     "ppl_full_depth",
     "ppl_random_pruning",
@@ -300,6 +301,7 @@ def evaluate_run(
         "train_flops_x_vanilla": model.training_flops_x_vanilla(context, data["global_step"]),
         # the unit of this run's x-vanilla figures: one forward of its own backbone (see `in_study_unit`)
         "vanilla_flops_per_token": flops.vanilla_forward_flops(model.config, context),
+        "train_tokens": data["global_step"] * data["batch_size"] * data["seq_len"],
     }
     if halting_gate(model) is None:
         return result | summarise(model, *token_nll(model, batches), context)
@@ -436,7 +438,10 @@ STUDY_FLOPS = ("flops_x_vanilla", "train_flops_x_vanilla")
 def in_study_unit(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> None:
     """Put every run's FLOPs per token in one unit: one forward of the reference run's model (of
     the same seed), else of the smallest model. A run's own figures count forwards of its own
-    backbone, so a vanilla model with 3x the layers would otherwise read 1.0x, like the small one."""
+    backbone, so a vanilla model with 3x the layers would otherwise read 1.0x, like the small one.
+    With a reference, also each run's whole training compute (FLOPs per token x tokens) as a
+    multiple of the reference run's (`train_compute_x_reference`): a run trained longer costs
+    more at the same FLOPs per token."""
     for runs in results.values():
         units = {name: r["vanilla_flops_per_token"] for name, r in runs.items() if "vanilla_flops_per_token" in r}
         if not units:
@@ -446,6 +451,15 @@ def in_study_unit(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
             for field in STUDY_FLOPS:
                 if runs[name].get(field) is not None:
                     runs[name][field] *= own / unit
+        reference = runs.get(study.get("reference"), {})
+        if "train_tokens" not in reference:
+            continue
+        reference_compute = reference["train_flops_x_vanilla"] * reference["train_tokens"]
+        for result in runs.values():
+            if "train_tokens" in result:
+                result["train_compute_x_reference"] = (
+                    result["train_flops_x_vanilla"] * result["train_tokens"] / reference_compute
+                )
 
 
 def mean_spread(values: list[float]) -> tuple[float, float]:

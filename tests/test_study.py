@@ -226,12 +226,15 @@ def test_study_file_mistakes_are_named(tmp_path):
 
 def test_runs_of_different_sizes_are_compared_in_one_flops_unit(tmp_path):
     """A run's own FLOPs count forwards of its own backbone (a deeper vanilla reads 1.0x there);
-    the study puts every run in forwards of the reference run's model."""
+    the study puts every run in forwards of the reference run's model, and counts each run's whole
+    training compute against the reference's."""
     from ponder_lightning import flops
     from ponder_lightning.nn import backbone_config
 
     deeper = {"configs": ["configs/vanilla.yaml"], "args": ["--model.init_args.n_layer", "3"]}
-    path = write_study(tmp_path, seeds=[1], runs={"vanilla": {"configs": ["configs/vanilla.yaml"]}, "deeper": deeper})
+    longer = {"configs": ["configs/vanilla.yaml"], "args": ["--trainer.max_steps", "6"]}
+    runs = {"vanilla": {"configs": ["configs/vanilla.yaml"]}, "deeper": deeper, "longer": longer}
+    path = write_study(tmp_path, seeds=[1], runs=runs)
     main(["study", "--config", str(path)])
     out = tmp_path / "out"
     own = json.loads((out / "runs" / "deeper" / "seed_1" / "result.json").read_text())
@@ -242,6 +245,10 @@ def test_runs_of_different_sizes_are_compared_in_one_flops_unit(tmp_path):
     )
     assert ratio > 2 and study["deeper"]["flops_x_vanilla"] == pytest.approx(ratio)
     assert study["deeper"]["train_flops_x_vanilla"] == pytest.approx(ratio)
+    # the whole run's training compute: the same tokens, so the FLOPs-per-token ratio
+    assert study["deeper"]["train_compute_x_reference"] == pytest.approx(ratio)
+    # twice the steps at the same FLOPs per token: twice the compute
+    assert study["longer"]["train_flops_x_vanilla"] == 1.0 and study["longer"]["train_compute_x_reference"] == 2.0
     assert "FLOPs per token in forwards of the vanilla run's model" in (out / "summary.md").read_text()
 
 
