@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file
 
-from ponder_lightning.data.tokenizer import first_line, is_builtin_tokenizer
-from ponder_lightning.errors import UserError
+from ponder_lightning.data.tokenizer import is_builtin_tokenizer
+from ponder_lightning.errors import UserError, first_line
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.pretrained import (
     AUTHORS_UNUSED,

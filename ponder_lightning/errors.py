@@ -20,3 +20,10 @@ def user_error_in(err: BaseException) -> UserError | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when empty): the detail a one-line
+    UserError quotes from a library's multi-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

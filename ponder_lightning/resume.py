@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.utilities import rank_zero_info
 
-from ponder_lightning.errors import UserError
+from ponder_lightning.errors import UserError, first_line
 
 #: `--ckpt_path` values Lightning resolves itself (not file names).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
@@ -72,9 +72,8 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"checkpoint {ckpt_path} could not be read ({first}): it is damaged or not a Lightning checkpoint"
+            f"checkpoint {ckpt_path} could not be read ({first_line(exc)}): it is damaged or not a Lightning checkpoint"
         ) from exc
 
 

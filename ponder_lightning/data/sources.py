@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from ponder_lightning.data.tokenizer import first_line, offline_variable
-from ponder_lightning.errors import UserError
+from ponder_lightning.data.tokenizer import offline_variable
+from ponder_lightning.errors import UserError, first_line
 
 EMBEDDED_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "corpus" / "cpython_docs.jsonl.zst"
 SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")

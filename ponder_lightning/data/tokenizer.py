@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tokenizers
 
-from ponder_lightning.errors import UserError
+from ponder_lightning.errors import UserError, first_line
 
 NEOX_ALIASES = ("neox", "gpt-neox-20b", "pythia")
 BPE4K_ALIASES = ("bpe4k",)
@@ -190,10 +190,3 @@ def is_builtin_tokenizer(spec: str) -> bool:
     """Whether `spec` names one of the library's own tokenizers (`neox` and its aliases, `bpe4k`,
     `bytes`) rather than a path or a hub name."""
     return spec.lower() in (*NEOX_ALIASES, *BPE4K_ALIASES, "bytes")
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type when empty): the detail a one-line
-    UserError quotes from a library's multi-line error."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
