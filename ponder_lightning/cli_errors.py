@@ -188,25 +188,26 @@ def non_empty_text(text: str) -> str:
     return text
 
 
-def tau_list(text: str) -> list[float]:
-    """`--tau 1e-4,1e-3`: comma-separated halting thresholds in [0, 1]."""
+def unit_interval_list(text: str, what: str, example: str) -> list[float]:
+    """Comma-separated numbers in [0, 1]; a bad one is named with the whole list and an example."""
     parse = bounded(float, 0.0, 1.0)
     try:
         return [parse(t.strip()) for t in text.split(",")]
     except argparse.ArgumentTypeError as err:
         raise argparse.ArgumentTypeError(
-            f"{err} (in {text!r}; use comma-separated thresholds in [0, 1], e.g. 1e-4,1e-3)"
+            f"{err} (in {text!r}; use comma-separated {what} in [0, 1], e.g. {example})"
         ) from None
+
+
+def tau_list(text: str) -> list[float]:
+    """`--tau 1e-4,1e-3`: comma-separated halting thresholds in [0, 1]."""
+    return unit_interval_list(text, "thresholds", "1e-4,1e-3")
 
 
 def active_fractions(text: str) -> list[float]:
     """`--active 1,0.9,0.8`: the fraction of tokens active at each iteration; every token runs the
     first, and a token that halts never comes back, so 1 first and never increasing."""
-    parse = bounded(float, 0.0, 1.0)
-    try:
-        fractions = [parse(t.strip()) for t in text.split(",")]
-    except argparse.ArgumentTypeError as err:
-        raise argparse.ArgumentTypeError(f"{err} (in {text!r}; use comma-separated fractions in [0, 1])") from None
+    fractions = unit_interval_list(text, "fractions", "1,0.9,0.7")
     if fractions[0] != 1.0 or any(b > a for a, b in itertools.pairwise(fractions)):
         raise argparse.ArgumentTypeError(
             f"{text!r}: every token runs the first iteration and a halted token never comes back: "
