@@ -289,12 +289,12 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def evaluate_run(
-    checkpoint: Path, batches: list[Any], context: int, reference_checkpoint: Path | None, run_dir: Path
+    model, data: dict[str, Any], batches: list[Any], context: int, reference_checkpoint: Path | None
 ) -> dict[str, Any]:
+    """One run's results: `model` and its recorded `data` settings as `load_checkpoint` gives them."""
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.evaluate import gate_study, halting_gate, summarise, token_nll
 
-    model, data = load_checkpoint(checkpoint)
     result: dict[str, Any] = {
         "model": type(model).__name__,
         "gate": type(getattr(model, "gate", None)).__name__,
@@ -323,13 +323,11 @@ def evaluate_run(
 VALIDATION_DATA = ("data_files", "val_files", "tokens", "tokenizer", "seq_len", "batch_size", "val_fraction")
 
 
-def validation_batches(checkpoint: Path, n_batches: int) -> tuple[list[Any], int, dict[str, Any]]:
-    """The run's validation blocks, read with its own data settings, and those of its settings
+def validation_batches(data_args: dict[str, Any], n_batches: int) -> tuple[list[Any], int, dict[str, Any]]:
+    """A run's validation blocks, read with its recorded data settings, and those of its settings
     that decide the blocks (`run_study` checks that every run of a study has the same)."""
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import PileDataModule
 
-    _, data_args = load_checkpoint(checkpoint)
     data = PileDataModule.from_recorded(data_args, val_batches=n_batches)
     data.setup("validate")
     return list(data.val_dataloader()), data.seq_len, {k: data_args.get(k) for k in VALIDATION_DATA}
@@ -360,6 +358,8 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
     """Train and evaluate the runs not finished yet; `reevaluate`: also evaluate the finished runs
     again from their last checkpoints, without training them again (after the evaluation gained a
     control)."""
+    from ponder_lightning.checkpoints import load_checkpoint
+
     study = load_study(path)
     out = Path(study["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -398,7 +398,8 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
                     f"run {name} seed {seed} wrote no checkpoints/last.ckpt under {run_dir}: a study evaluates the "
                     "last checkpoint, so keep the configs' AtomicModelCheckpoint (save_last: true)"
                 )
-            batches, context, settings = validation_batches(checkpoint, study["eval_batches"])
+            model, data_args = load_checkpoint(checkpoint)  # once: its data settings give the blocks
+            batches, context, settings = validation_batches(data_args, study["eval_batches"])
             blocks = first_blocks(blocks, name, settings)
             if problem := other_blocks(blocks, settings):
                 print(f"[study] {name} seed {seed}: not evaluated: {problem}")
@@ -408,7 +409,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
             reference_checkpoint = (
                 last_checkpoint(out / "runs" / reference / f"seed_{seed}") if reference and reference != name else None
             )
-            result = evaluate_run(checkpoint, batches, context, reference_checkpoint, run_dir) | {
+            result = evaluate_run(model, data_args, batches, context, reference_checkpoint) | {
                 "train_minutes": minutes,
                 "seed": seed,
                 "checkpoint": str(checkpoint),
