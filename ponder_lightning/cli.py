@@ -495,6 +495,7 @@ def close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears its connections down while another still talks on them
         dist.destroy_process_group()
 
 
