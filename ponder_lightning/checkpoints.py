@@ -36,6 +36,7 @@ from ponder_lightning.pretrained import (
     is_ponderlm_authors_dir,
     is_transformers_export,
 )
+from ponder_lightning.safe_load import torch_load, verify_sharded
 
 # Init args that only matter while building a model for training, never when rebuilding one.
 _BUILD_ONLY_ARGS = ("pretrained",)
@@ -51,12 +52,15 @@ class LoadedCheckpoint(NamedTuple):
     data: dict[str, Any]
 
 
-def load_checkpoint(path: str | Path, model_class: type[CausalLMModule] | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, model_class: type[CausalLMModule] | None = None, trusted: bool = False
+) -> LoadedCheckpoint:
     """Rebuild the model saved at `path` (see the module docstring for the accepted forms):
     `model, data = load_checkpoint("last.ckpt")`.
 
     `model_class` is only needed for checkpoints of models built in Python rather than by the
-    CLI (those record no class path). Checkpoints are pickles: load only files you trust.
+    CLI (those record no class path). Reading runs no code (`ponder_lightning.safe_load`): a
+    checkpoint holding more than tensors and plain data is refused unless `trusted=True`.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -66,7 +70,7 @@ def load_checkpoint(path: str | Path, model_class: type[CausalLMModule] | None =
         )
     if path.is_dir() and (path / "config.json").is_file():
         return _load_hf_dir(path)
-    ckpt = _read_lightning_checkpoint(path)
+    ckpt = _read_lightning_checkpoint(path, trusted)
     hparams = dict(ckpt.get("hyper_parameters") or {})
     model = build_model(hparams, model_class, source=str(path))
     state = ckpt.get("state_dict")
@@ -98,7 +102,13 @@ def build_model(
             "pass model_class=<the LightningModule class> to load_checkpoint"
         )
     try:
-        check_saved_args(hparams, model_class if class_path is None else _import(class_path), source)
+        cls = model_class if class_path is None else _import(class_path)
+        if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
+            raise UserError(
+                f"{source} records the class {class_path or cls}, but {class_path or cls} is not a ponder_lightning "
+                "model (a CausalLMModule): it was not written by this library"
+            )
+        check_saved_args(hparams, cls, source)
         if class_path is None:
             return model_class(**hparams)
         # As LightningCLI does: the model's hparams stay this plain dict (gates as class_path +
@@ -150,7 +160,7 @@ def invalid_saved_args(source: str, class_name: str, exc: BaseException) -> User
     )
 
 
-def _read_lightning_checkpoint(path: Path) -> dict[str, Any]:
+def _read_lightning_checkpoint(path: Path, trusted: bool) -> dict[str, Any]:
     if path.is_dir():
         from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
 
@@ -159,13 +169,10 @@ def _read_lightning_checkpoint(path: Path) -> dict[str, Any]:
                 f"{path} is a directory but neither an FSDP checkpoint "
                 f"({_METADATA_FILENAME}) nor an exported model (config.json)"
             )
+        if not trusted:
+            verify_sharded(path)
         return _load_distributed_checkpoint(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
-        raise UserError(
-            f"checkpoint {path} could not be read ({first_line(exc)}): it is damaged or not a PyTorch checkpoint"
-        ) from exc
+    return torch_load(path, trusted=trusted)
 
 
 def _load_state(model: CausalLMModule, state: dict[str, torch.Tensor], source: str) -> None:

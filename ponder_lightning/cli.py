@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,14 @@ import lightning as L
 from jsonargparse.typing import PositiveInt, import_object
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, TokenThroughput
 from ponder_lightning.checkpoints import check_saved_args, invalid_saved_args
 from ponder_lightning.cli_errors import (
     active_fractions,
+    add_trust_flag,
     bounded,
     non_empty_text,
     output_dir,
@@ -45,7 +46,7 @@ from ponder_lightning.resume import (
     short_class,
     unknown_saved_args,
 )
-from ponder_lightning.training import find_last_checkpoint, last_checkpoint_dirs
+from ponder_lightning.training import SIGTERM_EXIT_CODE, find_last_checkpoint, last_checkpoint_dirs
 
 
 class PonderCLI(LightningCLI):
@@ -299,13 +300,14 @@ def generate_command(argv: list[str]) -> None:
         help="compile the attention of rows at different iterations (faster batched adaptive decoding; "
         "compiling takes seconds)",
     )
+    add_trust_flag(parser)
     args = parser.parse_args(argv)
     if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
         raise UserError(
             "--top_k/--top_p filter what is sampled, but --temperature 0 (the default) decodes greedily: "
             "set a --temperature above 0 (e.g. 0.8) or drop them"
         )
-    model, data_args = load_checkpoint(args.checkpoint)
+    model, data_args = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
     spec = args.tokenizer or data_args.get("tokenizer", "neox")
     tokenizer = load_tokenizer(spec)
     named = f"--tokenizer {spec}" if args.tokenizer else f"the checkpoint's tokenizer {spec}"
@@ -333,6 +335,9 @@ def generate_command(argv: list[str]) -> None:
         f"{s['prefill_seconds']:.2f}s, decode {s['decode_seconds']:.2f}s in {s['decode_passes']} backbone passes), "
         f"mean depth {s['mean_depth']:.2f} of {model.n_iterations}, {s['flops_x_vanilla']:.2f}x vanilla FLOPs per token"
     )
+    if result.interrupted:
+        print("--- interrupted (Ctrl-C): the text above is what was generated before it")
+        raise SystemExit(INTERRUPTED_EXIT_CODE)
 
 
 def evaluate_command(argv: list[str]) -> None:
@@ -373,11 +378,18 @@ def evaluate_command(argv: list[str]) -> None:
     parser.add_argument(
         "--out",
         type=output_dir,
-        default="evaluation",
-        help="directory for evaluation.json, gate_study.json and the figures",
+        default=None,
+        help="directory for evaluation.json, gate_study.json and the figures (default: evaluation; created and "
+        "checked first)",
     )
+    add_trust_flag(parser)
     args = parser.parse_args(argv)
-    model, data_args = load_checkpoint(args.checkpoint)
+    if args.out is None:  # not at parse time: a command line that fails to parse creates nothing
+        try:
+            args.out = output_dir("evaluation")
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument --out: {err}")
+    model, data_args = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
     gate = getattr(model, "gate", None)
     halts = halting_gate(model) is not None
     if args.reference and not halts:
@@ -385,7 +397,8 @@ def evaluate_command(argv: list[str]) -> None:
             f"--reference: {type(model).__name__} (gate {type(gate).__name__ if gate else 'none'}) never halts "
             "a token, so there is no depth to set against a difficulty and no gate study: drop --reference"
         )
-    reference = load_checkpoint(args.reference)[0] if args.reference else None  # read now, not after the evaluation
+    # read now, not after the evaluation
+    reference = load_checkpoint(args.reference, trusted=args.trust_checkpoint)[0] if args.reference else None
     overrides: dict[str, Any] = {}
     if args.data_files:  # these files replace the run's data, whether text or pre-tokenised
         overrides.update(data_files=args.data_files, val_files=args.data_files, tokens=None)
@@ -424,7 +437,29 @@ def evaluate_command(argv: list[str]) -> None:
 def study_command(argv: list[str]) -> None:
     from ponder_lightning.study import study_command as run
 
-    run(argv, fit=run_lightning_cli)
+    run(argv, fit=run_lightning_cli, check=check_fit_args)
+
+
+class _ParseOnlyCLI(PonderCLI):
+    def instantiate_classes(self) -> None:
+        """Nothing is built: `check_fit_args` only parses."""
+
+
+def check_fit_args(argv: list[str]) -> None:
+    """Parse `fit` arguments (`["fit", "--config", ...]`) as `fit` would, building nothing: a
+    `UserError` naming the field for a bad one."""
+    try:
+        _ParseOnlyCLI(
+            CausalLMModule,
+            PileDataModule,
+            subclass_mode_model=True,
+            run=False,
+            args=[a for a in argv if a != "fit"],
+            save_config_callback=None,
+            trainer_defaults={"use_distributed_sampler": False},
+        )
+    except argparse.ArgumentError as err:
+        raise UserError(parser_error_message(str(err), argv)) from None
 
 
 def prepare_command(argv: list[str]) -> None:
@@ -450,6 +485,8 @@ def lm_eval_command(argv: list[str]) -> None:
 
 
 PROG = "python -m ponder_lightning"
+#: Exit status after Ctrl-C (128 + SIGINT, the shell's convention).
+INTERRUPTED_EXIT_CODE = 130
 #: LightningCLI's commands (`--config configs/<model>.yaml`), one line each for `--help`.
 LIGHTNING_COMMANDS = {
     "fit": "train a model from a config, or resume a run with --ckpt_path last",
@@ -499,6 +536,12 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (Lightning's record of the rank: it reads RANK,
+    LOCAL_RANK and SLURM_PROCID, which is what the processes its launcher starts have)."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if not argv or argv[0] in ("-h", "--help"):
@@ -514,14 +557,20 @@ def main(args: list[str] | None = None) -> None:
         else:
             run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
         close_process_group()
+    except SIGTERMException as stop:  # AtomicModelCheckpoint saved and said so; every rank stops here
+        close_process_group()
+        raise SystemExit(stop.code if isinstance(stop.code, int) else SIGTERM_EXIT_CODE) from None
+    except KeyboardInterrupt:  # Ctrl-C outside fit (Lightning handles it there): no traceback
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     except argparse.ArgumentError as err:  # from the config parser (exit_on_error=False)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_rank_zero():
             print(f"error: {parser_error_message(str(err), argv)}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:
         cause = user_error_in(err)
         if cause is None:
             raise
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank raises it; one line is enough
+        if is_rank_zero():  # every rank raises it; one line is enough
             print(f"error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None

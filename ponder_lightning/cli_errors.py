@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+from ponder_lightning.safe_load import TRUST_FLAG
+from ponder_lightning.validation import check_writable_dir
+
 _KEY = re.compile(r'^(\s*)(?:- )?Parser key "([^"]+)":\s*(.*)$')
 _CLASS = re.compile(r"^(\s*)- Problem with given class_path '([^']+)':\s*$")
 _NOISE = (
@@ -217,11 +220,35 @@ def active_fractions(text: str) -> list[float]:
 
 
 def output_dir(text: str) -> str:
-    """A directory to write into (created when missing): refused up front when a file has its name,
-    not after the work whose results it would hold."""
-    if Path(text).expanduser().exists() and not Path(text).expanduser().is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a file, not a directory: pass a directory to write into")
+    """A directory to write into, created now (`check_writable_dir`): refused up front, not after
+    the work whose results it would hold."""
+    try:
+        check_writable_dir(Path(text).expanduser())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def output_file(text: str) -> str:
+    """A file to write: its directory created and writable now, and the name not a directory."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory: pass a file name to write, e.g. {text}/results.json")
+    try:
+        check_writable_dir(path.parent)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """`--trust_checkpoint`, for every command that opens a checkpoint (`safe_load`)."""
+    parser.add_argument(
+        TRUST_FLAG,
+        action="store_true",
+        help="read a checkpoint that holds more than tensors and plain data with the unrestricted "
+        "unpickler (it can run code): only for a file from a trusted source",
+    )
 
 
 def count_or_fraction(text: str) -> int | float:

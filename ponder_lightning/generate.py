@@ -33,6 +33,8 @@ class Generation:
     stats: dict[str, float] = field(default_factory=dict)
     #: backbone token-evaluations per iteration (or slot), for the prompt and for the new tokens
     evaluations: dict[str, list[int]] = field(default_factory=dict)
+    #: decoding was stopped by Ctrl-C (KeyboardInterrupt): `tokens` are those made before it
+    interrupted: bool = False
 
 
 def sample(
@@ -142,9 +144,15 @@ def generate(
 
     start = time.perf_counter()
     decoder = model.row_decoder(cache)
-    passes = decode_rows(
-        decoder, *emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1]), emit
-    )
+    interrupted, passes = False, 0
+    try:  # Ctrl-C keeps what was generated so far
+        passes = decode_rows(
+            decoder, *emit(torch.arange(b, device=device), model.backbone.logits(hidden[:, -1]), depth[:, -1]), emit
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+    if not any(depths):
+        raise KeyboardInterrupt  # interrupted before the first token: nothing to report
     _wait_for(device)
     decode_seconds = time.perf_counter() - start
     n_generated = sum(len(t) for t in new_tokens)
@@ -170,4 +178,5 @@ def generate(
         texts=texts,
         stats=stats,
         evaluations={"prefill": prefill_counts, "decode": decoder.evaluations},
+        interrupted=interrupted,
     )

@@ -21,7 +21,8 @@ parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
   local tokenizer file/directory, so that `AutoTokenizer.from_pretrained(out)` works.
 
 The data settings are recorded so that `evaluate` on an export validates on the blocks its run
-held out. Either export first removes the files of an earlier export from `out` (EXPORT_FILES).
+held out. Either export first removes the files an earlier export wrote in `out` (EXPORT_MARKER
+lists them) and refuses to replace any other file (the user's) without `overwrite`.
 Both directories, and the PonderLM authors' GPT-NeoX directories, are read back by
 `ponder_lightning.checkpoints.load_checkpoint`; the file and field names are
 `ponder_lightning.pretrained`'s.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +54,12 @@ if TYPE_CHECKING:
     from ponder_lightning.models import CausalLMModule
 
 MODELING_FILE = "modeling_ponder_lightning.py"
+#: What an export leaves in its directory: the files it wrote, with their size and modification time.
+EXPORT_MARKER = ".ponder_lightning_export.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
-#: Every file either format writes. An export first removes them from `out`, so that nothing of an
-#: earlier export there (of the other format, or with a tokenizer) is read back with the new one.
+#: Every file either format writes. An export first removes those an earlier export wrote in `out`
+#: (listed in EXPORT_MARKER), so that nothing of it (of the other format, or with a tokenizer) is read
+#: back with the new one; any other file of these names is the user's, and is never touched.
 EXPORT_FILES = (
     "config.json",
     WEIGHTS_FILE,
@@ -67,7 +72,12 @@ EXPORT_FILES = (
 
 
 def export_transformers(
-    model, out: str | Path, tokenizer: str | None = None, global_step: int = 0, data: dict[str, Any] | None = None
+    model,
+    out: str | Path,
+    tokenizer: str | None = None,
+    global_step: int = 0,
+    data: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` (any CausalLMModule) as a transformers directory (see the module docstring).
     `data`: the data module's arguments as `load_checkpoint` returns them, recorded so that
@@ -75,7 +85,7 @@ def export_transformers(
     from ponder_lightning import __version__
     from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
 
-    out = _fresh_out(out, tokenizer)
+    out = _fresh_out(out, tokenizer, overwrite)
     cfg = model.config
     tokenizer_vocab, eos = _tokenizer_facts(tokenizer)
     init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS}
@@ -116,11 +126,48 @@ def export_transformers(
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
         write_tokenizer(tokenizer, out, cfg.max_seq_len)
-    return out
+    return _finish(out)
 
 
-def _fresh_out(out: str | Path, tokenizer: str | None) -> Path:
-    """`out`, created, without the files of an earlier export (see EXPORT_FILES)."""
+def check_export_dir(out: str | Path, overwrite: bool = False) -> list[str]:
+    """The files of an earlier export in `out` that a new export replaces; refuses (one line naming
+    them) when `out` holds a file an export would write but did not (the user's), unless
+    `overwrite`. Called before the model is loaded; `out` is created."""
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    written = _written_by_export(out)
+    clash = sorted(n for n in EXPORT_FILES if (out / n).exists() and n not in written)
+    if clash and not overwrite:
+        raise UserError(
+            f"--out {out} holds {', '.join(clash)}, not written by an export (or changed since): they would be "
+            "replaced or removed. Export to a new or empty directory, or pass --overwrite to replace them"
+        )
+    return sorted({*written, *clash})
+
+
+def _written_by_export(out: Path) -> set[str]:
+    """The files the export marker in `out` lists, as long as each is unchanged since (same size
+    and modification time): those an export may remove."""
+    try:
+        record = json.loads((out / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return set()
+    files = record.get("files") if isinstance(record, dict) else None
+    kept = set()
+    for name, stamp in (files or {}).items():
+        path = out / str(name)
+        if name in EXPORT_FILES and path.is_file() and list(stamp) == _stamp(path):
+            kept.add(str(name))
+    return kept
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _fresh_out(out: str | Path, tokenizer: str | None, overwrite: bool = False) -> Path:
+    """`out`, created, without the files of an earlier export (see `check_export_dir`)."""
     out = Path(out).expanduser()
     source = Path(tokenizer).expanduser() if tokenizer is not None else None
     if source is not None and source.is_dir() and out.is_dir() and source.samefile(out):
@@ -128,9 +175,25 @@ def _fresh_out(out: str | Path, tokenizer: str | None) -> Path:
             f"the tokenizer to export is the directory --out {out} itself (an export being re-exported in place): "
             "export to another directory"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_FILES:
+    for name in check_export_dir(out, overwrite):
         (out / name).unlink(missing_ok=True)
+    (out / EXPORT_MARKER).unlink(missing_ok=True)
+    return out
+
+
+def _finish(out: Path) -> Path:
+    """Give the written files the user's umask (safetensors writes 0600) and record them in the
+    marker, so that the next export into `out` removes these and nothing else."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = {}
+    for name in EXPORT_FILES:
+        path = out / name
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+            files[name] = _stamp(path)
+    (out / EXPORT_MARKER).write_text(json.dumps({"files": files}, indent=2) + "\n")
+    (out / EXPORT_MARKER).chmod(0o666 & ~mask)
     return out
 
 
@@ -227,6 +290,7 @@ def export_hf(
     tokenizer: str | None = None,
     global_step: int = 0,
     data: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` as a Hugging Face GPT-NeoX directory (see the module docstring).
     `global_step` is recorded for models whose behaviour depends on it (gate_start_step), `data`
@@ -235,7 +299,7 @@ def export_hf(
     from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
     from ponder_lightning.nn.hf import save_hf_backbone
 
-    out = _fresh_out(out, tokenizer)
+    out = _fresh_out(out, tokenizer, overwrite)
     save_hf_backbone(model.backbone, out)
     extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     data_args = _data_args(data)
@@ -260,7 +324,7 @@ def export_hf(
             save_file(extra, str(out / EXPORT_EXTRA_WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
         write_tokenizer(tokenizer, out, model.config.max_seq_len)
-    return out
+    return _finish(out)
 
 
 def _data_args(data: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -291,7 +355,7 @@ def export_command(argv: list[str]) -> None:
     import argparse
 
     from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.cli_errors import output_dir
+    from ponder_lightning.cli_errors import add_trust_flag, output_dir
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
     parser.add_argument(
@@ -303,7 +367,12 @@ def export_command(argv: list[str]) -> None:
         "--out",
         required=True,
         type=output_dir,
-        help="output directory (created; the files of an earlier export in it are removed)",
+        help="output directory (created; an earlier export's files in it are replaced, nobody else's)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in --out that an export would write but did not (e.g. your own config.json)",
     )
     parser.add_argument(
         "--format",
@@ -312,17 +381,21 @@ def export_command(argv: list[str]) -> None:
         help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; "
         "transformers: the whole model with remote code",
     )
+    add_trust_flag(parser)
     args = parser.parse_args(argv)
-    model, data = load_checkpoint(args.checkpoint)
+    check_export_dir(args.out, args.overwrite)  # before the model is loaded
+    model, data = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
     if args.format == "transformers":
-        out = export_transformers(model, args.out, data.get("tokenizer"), data.get("global_step", 0), data)
+        out = export_transformers(
+            model, args.out, data.get("tokenizer"), data.get("global_step", 0), data, args.overwrite
+        )
         note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
         print(
             f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
             f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}"
         )
         return
-    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0), data)
+    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0), data, args.overwrite)
     kind = (
         "GPT-NeoX checkpoint"
         if not (out / EXPORT_CONFIG).exists()

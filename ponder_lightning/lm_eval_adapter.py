@@ -60,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "(or pip install 'lm-eval>=0.4')"
     ) from exc
 
-from ponder_lightning.cli_errors import bounded, count_or_fraction
+from ponder_lightning.cli_errors import add_trust_flag, bounded, count_or_fraction, output_file
 from ponder_lightning.errors import UserError
 from ponder_lightning.resume import check_tokenizer_fits
 
@@ -120,6 +120,7 @@ class PonderLightningLM(LM):
         tau: float | None = None,
         model: Any = None,
         max_batch_size: int | None = None,  # passed by simple_evaluate; batch sizes are fixed here
+        trust_checkpoint: bool = False,
         **unused: Any,
     ) -> None:
         super().__init__()
@@ -136,7 +137,7 @@ class PonderLightningLM(LM):
         if checkpoint is not None:
             from ponder_lightning.checkpoints import load_checkpoint
 
-            model, data_args = load_checkpoint(str(checkpoint))
+            model, data_args = load_checkpoint(str(checkpoint), trusted=trust_checkpoint)
         if tokenizer is None:
             tokenizer = data_args.get("tokenizer")
             if tokenizer is None:
@@ -450,7 +451,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
     )
     parser.add_argument("--bootstrap_iters", type=bounded(int, 0), default=100000, help="0 skips standard errors")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="write results (scores + compute report) to this JSON file")
+    parser.add_argument(
+        "--output",
+        type=output_file,
+        default=None,
+        help="write results (scores + compute report) to this JSON file (its directory is checked first)",
+    )
+    add_trust_flag(parser)
     args = parser.parse_args(argv)
 
     if args.only_include_path and not args.include_path:
@@ -475,6 +482,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m ponder_lightning.
         device=args.device,
         dtype=args.dtype,
         tau=args.tau,
+        trust_checkpoint=args.trust_checkpoint,
     )
     limit = args.limit
     results = lm_eval.simple_evaluate(

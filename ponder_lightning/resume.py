@@ -28,7 +28,8 @@ import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.utilities import rank_zero_info
 
-from ponder_lightning.errors import UserError, first_line
+from ponder_lightning.errors import UserError
+from ponder_lightning.safe_load import torch_load, verify_sharded
 
 #: `--ckpt_path` values Lightning resolves itself (not file names).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
@@ -59,6 +60,8 @@ def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
             f"--ckpt_path {ckpt_path} is a directory but not an FSDP checkpoint ({_METADATA_FILENAME}): "
             "pass a .ckpt file in it (e.g. its checkpoints/last.ckpt)"
         )
+    if path.is_dir():
+        verify_sharded(path)  # Lightning reads it with torch.distributed.checkpoint's unrestricted unpickler
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -69,12 +72,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint file, memory-mapped: its arguments and tensor shapes can be read
     without loading the weights into memory."""
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
-        raise UserError(
-            f"checkpoint {ckpt_path} could not be read ({first_line(exc)}): it is damaged or not a Lightning checkpoint"
-        ) from exc
+    return torch_load(ckpt_path, mmap=True, what="checkpoint")
 
 
 def saved_hparams(ckpt_path: str | Path) -> dict[str, Any]:

@@ -48,6 +48,7 @@ import yaml
 
 from ponder_lightning import flops
 from ponder_lightning.errors import UserError, user_error_in
+from ponder_lightning.validation import check_writable_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 #: `{run:field}` in a run's args: another run's result of the same seed (any run name, dots included)
@@ -177,17 +178,48 @@ Fit = Callable[[list[str]], Any]
 """The command line's `fit` entry: `fit(["fit", "--config", ...])` trains one run."""
 
 
+def check_runs(study: dict[str, Any], check: Fit) -> None:
+    """Every run's configs exist and its `fit` arguments parse (`check` parses without building),
+    before the first run trains: a broken run is found in seconds, not after the others trained.
+    References to other runs' results stand in as placeholders of the same kind."""
+
+    def placeholder(match: re.Match[str]) -> str:
+        if match.group(2) == "export":
+            return str(Path(study["out"]) / "runs" / match.group(1) / "export")
+        return "1"
+
+    for name, run in study["runs"].items():
+        for config in [*(run or {}).get("configs", []), *study.get("base", [])]:
+            if not Path(config).exists() and not (ROOT / config).exists():
+                raise UserError(f"run {name}: config file {config} does not exist (nor under {ROOT})")
+        argv = fit_argv(study, name, study["seeds"][0], Path(study["out"]) / "runs" / name, {}, placeholder)
+        try:
+            check(argv)
+        except Exception as err:  # noqa: BLE001 - the parser's and the configs' errors alike
+            cause = user_error_in(err)
+            if cause is None:
+                raise
+            raise UserError(f"run {name}: {cause}") from None
+
+
 def fit_argv(
-    study: dict[str, Any], name: str, seed: int, run_dir: Path, results: dict[str, dict[str, Any]]
+    study: dict[str, Any],
+    name: str,
+    seed: int,
+    run_dir: Path,
+    results: dict[str, dict[str, Any]],
+    placeholder: Callable[[re.Match[str]], str] | None = None,
 ) -> list[str]:
     """The `fit` arguments that define a run: its own configs first (they choose the model
-    class), the study's base after, then the study's and the run's args with references resolved."""
+    class), the study's base after, then the study's and the run's args with references resolved
+    (or, with `placeholder`, replaced by what it returns for each)."""
     run = study["runs"][name] or {}
     configs = [*run.get("configs", []), *study.get("base", [])]
     argv = ["fit"]
     for config in configs:  # relative to the working directory, else to the repository
         argv += ["--config", str(config if Path(config).exists() else ROOT / config)]
-    argv += [resolve(a, results) for a in [*study.get("args", []), *run.get("args", [])]]
+    args = [*study.get("args", []), *run.get("args", [])]
+    argv += [REFERENCE.sub(placeholder, str(a)) if placeholder else resolve(a, results) for a in args]
     argv += [
         "--seed_everything",
         str(seed),
@@ -354,15 +386,20 @@ def other_blocks(first: tuple[str, dict[str, Any]] | None, settings: dict[str, A
     )
 
 
-def run_study(path: str | Path, fit: Fit, reevaluate: bool = False) -> Path:
+def run_study(path: str | Path, fit: Fit, reevaluate: bool = False, check: Fit | None = None) -> Path:
     """Train and evaluate the runs not finished yet; `reevaluate`: also evaluate the finished runs
     again from their last checkpoints, without training them again (after the evaluation gained a
-    control)."""
+    control). `check(argv)`: parses a run's `fit` arguments without building it (`check_runs`)."""
     from ponder_lightning.checkpoints import load_checkpoint
 
     study = load_study(path)
     out = Path(study["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_writable_dir(out)
+    except ValueError as err:
+        raise UserError(f"{path}: out: {err}") from None
+    if check is not None:
+        check_runs(study, check)
     results: dict[int, dict[str, dict[str, Any]]] = {}
     blocks: tuple[str, dict[str, Any]] | None = None  # the first run with known validation settings, and those
     for seed in study["seeds"]:
@@ -662,7 +699,7 @@ def write_figure(study: dict[str, Any], results: dict[int, dict[str, dict[str, A
     plt.close(fig)
 
 
-def study_command(argv: list[str], fit: Fit) -> None:
+def study_command(argv: list[str], fit: Fit, check: Fit | None = None) -> None:
     """`study --config STUDY.yaml`: train, evaluate and compare every run of an ablation study
     (see ponder_lightning/study.py and studies/*.yaml); rerun the same command to resume."""
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning study", description=study_command.__doc__)
@@ -674,4 +711,4 @@ def study_command(argv: list[str], fit: Fit) -> None:
         "after an upgrade); runs not finished yet are trained as usual",
     )
     args = parser.parse_args(argv)
-    run_study(args.config, fit, reevaluate=args.reevaluate)
+    run_study(args.config, fit, reevaluate=args.reevaluate, check=check)

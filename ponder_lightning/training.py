@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from weakref import proxy
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from ponder_lightning.errors import UserError
@@ -20,6 +24,8 @@ from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveI
 
 #: File name of the newest checkpoint whose weights gave a finite, non-spiking training loss.
 LAST_GOOD = "last_good.ckpt"
+#: Exit status of a fit stopped by SIGTERM (128 + 15, the shell's convention).
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -78,6 +84,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._take_sigterm()  # Lightning installs its handlers after on_fit_start, before this hook
         ckpt_path = getattr(trainer, "ckpt_path", None)
         if not ckpt_path or not Path(ckpt_path).exists():
             return
@@ -113,6 +120,60 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if self.last_good:
             self._judge_loss(trainer, outputs)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._stop_requested(trainer):
+            self._stop(trainer)
+
+    def _take_sigterm(self) -> None:
+        """Take SIGTERM over from Lightning while training (its handler sets a flag on which the run
+        exits 0 without a checkpoint: a preempted job would lose up to every_n_train_steps steps
+        and report success). Its handler is put back when training ends."""
+        self._sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._restore_handler()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handler()
+        if not isinstance(exception, SIGTERMException):  # saved already: `_stop`
+            super().on_exception(trainer, pl_module, exception)
+
+    def _restore_handler(self) -> None:
+        previous = getattr(self, "_previous_handler", None)
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+        self._previous_handler = None
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._sigterm = signum  # acted on after the current optimizer step (`on_train_batch_end`)
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        """Whether any rank was sent SIGTERM: every rank asks after every optimizer step, so all
+        stop after the same one (one all-reduce of one number per step under DDP/FSDP, as
+        Lightning's own check)."""
+        local = getattr(self, "_sigterm", None) is not None
+        if trainer.world_size == 1:
+            return local
+        import torch
+
+        flag = torch.tensor(float(local), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
+
+    def _stop(self, trainer: L.Trainer) -> None:
+        """Save last.ckpt (atomically) unless this step's is saved, say so, and exit 143."""
+        step = trainer.global_step
+        if self.save_last:
+            if not (self._last_global_step_saved == step and self.last_model_path):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            saved = f"saved {self.last_model_path}; resume with --ckpt_path last"
+        else:
+            saved = "no checkpoint saved (the checkpoint callback's save_last is off)"
+        total = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
+        if trainer.is_global_zero:
+            print(f"stopped by SIGTERM at step {step}{total}: {saved}", file=sys.stderr, flush=True)
+        raise SIGTERMException(SIGTERM_EXIT_CODE)
 
     def _judge_loss(self, trainer: L.Trainer, outputs: Any) -> None:
         """Promote the newest checkpoint to last_good.ckpt when the loss on its weights is healthy."""

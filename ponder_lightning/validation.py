@@ -21,9 +21,11 @@ from __future__ import annotations
 import inspect
 import math
 import operator
+import tempfile
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from jsonargparse.typing import (
@@ -127,3 +129,18 @@ def check_init_args(cls: type, values: Mapping[str, Any]) -> None:
             reason = _violation(values[name], hints[name])
             if reason is not None:
                 raise UserError(f"{owner}: {name}={values[name]!r} is invalid: it {reason}; set {name} to such a value")
+
+
+def check_writable_dir(path: Path) -> None:
+    """Create `path` (and its parents) and check a file can be written in it; `ValueError` naming
+    the path and the fix otherwise. Every command that writes checks its output this way before it
+    loads a model or reads data."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file, not a directory: pass a directory to write into")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_")
+        probe.close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"{path} cannot be written ({reason}): pass a directory you can write to") from None

@@ -68,6 +68,20 @@ class KillAtStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SigtermAtStep(Callback):
+    """Sends SIGTERM to this process (rank 0 only, as a scheduler that signals one process might)
+    once `step` optimizer steps are done: what a preemption notice looks like."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class PoisonAtStep(Callback):
     """Fills one weight with NaN at the start of optimizer step `step` (the loss becomes NaN)."""
 

@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from fit_helpers import tiny_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ponder_lightning.cli import main
+from ponder_lightning.cli import main, run_lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,9 +26,19 @@ def scalars(logdir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def fast_dev_run(tmp_path: Path, *extra: str, config: str = "vanilla") -> None:
+    """Two training steps through the CLI: both ran, and the last loss is finite."""
+    cli = run_lightning_cli(
+        ["fit", *tiny_fit(config, seq_len=64, batch_size=4), "--trainer.default_root_dir", str(tmp_path), *extra]
+        + ["--trainer.fast_dev_run", "2"]
+    )
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
 @pytest.mark.parametrize("config", ["vanilla", "ponderlm", "loop", "adaponderlm"])
 def test_every_config_fits_with_fast_dev_run(tmp_path, config):
-    fit(tmp_path, "--trainer.fast_dev_run", "2", config=config)
+    fast_dev_run(tmp_path, config=config)
 
 
 def test_short_run_learns_and_logs_to_tensorboard(tmp_path):
@@ -154,7 +165,7 @@ def test_pile_jsonl_files_train_with_no_other_change(tmp_path):
         for i in range(40)
     ]
     (docs / "00.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    fit(tmp_path, "--data.data_files", str(docs / "*.jsonl"), "--trainer.fast_dev_run", "2")
+    fast_dev_run(tmp_path, "--data.data_files", str(docs / "*.jsonl"))
 
 
 def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):

@@ -254,27 +254,31 @@ def test_active_fractions_schedule(schedule, target):
         assert max(ratios) - min(ratios) < 1e-9
 
 
-@pytest.mark.parametrize("target", [1.0, 1.5, 2.0])
-def test_uniform_schedule_low_target_is_valid_or_rejected(target):
-    """target_depth is accepted anywhere in [1, N]; a linear schedule starting at 1 can only reach
-    a mean depth below (N+1)/2 by going negative. Either the schedule must be rejected
-    (ValueError) or its fractions must stay in [0, 1], be non-increasing and sum to target_depth."""
-    try:
-        fr = active_fractions("uniform", 4, target)
-    except ValueError:
+@pytest.mark.parametrize("target", [1.0, 1.5, 2.0, 2.5, 3.0])
+def test_uniform_schedule_below_its_reach_is_rejected_and_within_it_realised(target):
+    """A linear schedule over N = 4 iterations starting at 1 reaches a mean depth of (N+1)/2 = 2.5
+    at the least (below, its last fraction would be negative): lower targets are refused with the
+    fix (the geometric schedule), reachable ones give fractions in [0, 1], non-increasing, that sum
+    to the target."""
+    if target < 2.5:
+        with pytest.raises(ValueError, match="2.5 at the least.*geometric"):
+            active_fractions("uniform", 4, target)
         return
-    assert all(-1e-12 <= f <= 1.0 for f in fr), fr
+    fr = active_fractions("uniform", 4, target)
+    assert all(0.0 <= f <= 1.0 for f in fr) and fr == sorted(fr, reverse=True), fr
     assert sum(fr) == pytest.approx(target, abs=1e-6)
 
 
-@pytest.mark.parametrize("target", [1.0, 1.5])
-def test_fixed_ratio_gate_uniform_low_target_realises_target_or_rejects(target):
-    """Through the gate: a FixedRatioGate that accepts target_depth must realise that mean depth."""
+@pytest.mark.parametrize("target", [1.0, 1.5, 2.5, 3.0])
+def test_fixed_ratio_gate_uniform_realises_its_target_or_rejects_it(target):
+    """Through the gate: a FixedRatioGate refuses a uniform target below its reach when bound, and
+    realises the mean depth of one it accepts."""
     g = FixedRatioGate(target_depth=target, schedule="uniform")
-    try:
-        g.bind(D, 3)
-    except ValueError:
+    if target < 2.5:
+        with pytest.raises(ValueError, match="geometric"):
+            g.bind(D, 3)
         return
+    g.bind(D, 3)
     b, t = 64, 256
     tokens, pos, active = torch.randint(0, 50304, (b, t)), positions(b, t), all_active(b, t)
     depth = active.long()

@@ -380,20 +380,20 @@ def test_exports_keep_the_runs_data_settings(tmp_path, capsys):
 
 
 def test_an_export_leaves_nothing_of_an_earlier_one_in_out(tmp_path):
-    from ponder_lightning.hf_export import export_hf
+    from ponder_lightning.hf_export import EXPORT_MARKER, export_hf
     from ponder_lightning.pretrained import EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS
 
     model, out = tiny_model("adaponderlm"), tmp_path / "out"
     export_transformers(model, out, tokenizer="bytes")
     export_hf(model, out)  # the backbone format, without a tokenizer
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS]
+        ["config.json", "model.safetensors", EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS, EXPORT_MARKER]
     )
     again, data = load_checkpoint(out)
     assert type(again) is AdaPonderLM and "tokenizer" not in data  # no stale tokenizer read back
     export_transformers(model, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", MODELING_FILE, "generation_config.json"]
+        ["config.json", "model.safetensors", MODELING_FILE, "generation_config.json", EXPORT_MARKER]
     )
     (out / "notes.txt").write_text("mine")  # files of others are kept
     export_hf(model, out, tokenizer="bytes")

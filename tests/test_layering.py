@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "validation", PACKAGE], 0),
     "nn": 1,
-    **dict.fromkeys(["gates", "data", "flops", "parallel", "resume", "training", "pretrained"], 2),
+    **dict.fromkeys(["gates", "data", "flops", "parallel", "resume", "safe_load", "training", "pretrained"], 2),
     "models": 3,
     **dict.fromkeys(
         [

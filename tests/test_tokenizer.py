@@ -8,7 +8,6 @@ import importlib.util
 import inspect
 import json
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -119,10 +118,8 @@ def test_hub_name_offline_fails_fast_without_network(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    start = time.perf_counter()
-    with pytest.raises(UserError, match="EleutherAI/pythia-70m") as err:
+    with pytest.raises(UserError, match="EleutherAI/pythia-70m") as err:  # no connection attempted
         load_tokenizer("EleutherAI/pythia-70m")
-    assert time.perf_counter() - start < 1.0
     assert "HF_HUB_OFFLINE" in str(err.value) and "\n" not in str(err.value)
 
 

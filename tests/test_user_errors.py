@@ -225,7 +225,7 @@ def test_saved_argument_that_no_longer_validates_is_named_by_every_command(
     before = ckpt.read_bytes()
     argv = {
         "generate": ["generate", "--checkpoint", str(ckpt), "--prompt", "a"],
-        "evaluate": ["evaluate", "--checkpoint", str(ckpt)],
+        "evaluate": ["evaluate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "evaluation")],
         "validate": ["validate", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--ckpt_path", str(ckpt)],
     }[command]
     with pytest.raises(SystemExit) as exit_info:
@@ -350,7 +350,7 @@ def test_evaluate_checks_its_inputs_before_evaluating(capsys, trained, tmp_path)
     assert "nope.ckpt does not exist" in line
     line = cli_error(capsys, "evaluate", "--checkpoint", str(vanilla), "--reference", str(ada), "--out", str(out))
     assert "--reference: VanillaLM (gate AlwaysContinue) never halts a token" in line  # was silently ignored
-    assert not out.exists()  # nothing was evaluated
+    assert list(out.iterdir()) == []  # created and checked first, but nothing was evaluated
     small = tmp_path / "small.jsonl"
     small.write_text('{"text": "too short"}\n')
     line = cli_error(capsys, "evaluate", "--checkpoint", str(vanilla), "--data_files", str(small), "--out", str(out))
@@ -359,7 +359,9 @@ def test_evaluate_checks_its_inputs_before_evaluating(capsys, trained, tmp_path)
     ckpt = torch.load(vanilla, weights_only=False)
     ckpt["datamodule_hyper_parameters"].update(data_files=None, tokens=str(tmp_path / "shards"))
     torch.save(ckpt, tmp_path / "tokens.ckpt")
-    line = cli_error(capsys, "evaluate", "--checkpoint", str(tmp_path / "tokens.ckpt"), "--data_files", str(small))
+    line = cli_error(
+        capsys, "evaluate", "--checkpoint", str(tmp_path / "tokens.ckpt"), "--data_files", str(small), "--out", str(out)
+    )
     assert "holds too little text" in line and "both set" not in line
 
 

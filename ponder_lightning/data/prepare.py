@@ -35,6 +35,7 @@ from ponder_lightning.data.sources import FileSource, resolve_sources
 from ponder_lightning.data.tokenized import encode_documents
 from ponder_lightning.data.tokenizer import load_tokenizer
 from ponder_lightning.errors import UserError
+from ponder_lightning.validation import check_writable_dir
 
 PREPARE_FILE = "prepare.json"
 PARTS = "parts"
@@ -110,6 +111,10 @@ def prepare_command(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers={args.workers} is invalid: use at least 1")
+    try:  # before any file is read
+        check_writable_dir(Path(args.out).expanduser())
+    except ValueError as err:
+        raise UserError(f"--out {args.out}: {err}") from None
     meta = prepare_tokens(
         args.data_files, args.out, args.tokenizer, args.text_field, args.workers, not args.no_progress
     )

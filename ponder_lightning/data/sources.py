@@ -55,7 +55,7 @@ class FileSource:
 
     def _read_txt(self) -> str:
         try:
-            return self.path.read_text(encoding="utf-8")
+            return self.path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text (as for .jsonl)
         except UnicodeDecodeError as exc:
             raise UserError(
                 f"{self.path} is not valid UTF-8 text ({exc.reason} at byte {exc.start}): re-encode it as UTF-8"

@@ -157,15 +157,40 @@ def _from_hub(name: str) -> Tokenizer:
             f"tokenizer '{name}' is not a local path and HF_HUB_OFFLINE=1: download it to a local "
             "directory and pass that path, or use 'neox' / 'bpe4k' / 'bytes'"
         )
+    try:  # a download made earlier loads without the network
+        return _from_transformers(name, f"hub tokenizer '{name}'", local_files_only=True)
+    except UserError:
+        pass
+    if not hub_reachable():  # else transformers retries for about a minute before failing
+        raise UserError(
+            f"tokenizer '{name}' is not a local path, not in the local Hugging Face cache, and the hub cannot be "
+            "reached: download it to a local directory and pass that path, or use 'neox' / 'bpe4k' / 'bytes' "
+            "(HF_HUB_OFFLINE=1 says so at once)"
+        )
     return _from_transformers(name, f"hub tokenizer '{name}'")
 
 
-def _from_transformers(source: str, what: str) -> Tokenizer:
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _from_transformers(source: str, what: str, local_files_only: bool = False) -> Tokenizer:
     """Any tokenizer transformers can load, used through its fast (``tokenizers``) backend."""
     from transformers import AutoTokenizer  # heavy import, only needed for these specs
 
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     except Exception as exc:  # noqa: BLE001 - transformers raises many unrelated types
         raise UserError(f"{what} could not be loaded ({first_line(exc)}): check the name or path") from exc
     backend = getattr(tok, "backend_tokenizer", None)
