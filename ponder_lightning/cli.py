@@ -348,12 +348,15 @@ def evaluate_command(argv: list[str]) -> None:
     halting), random pruning with the learned per-iteration profile, and depth per difficulty
     decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
     from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.data.synthetic import is_synthetic, label_block
     from ponder_lightning.evaluate import (
         evaluate,
         format_gate_study,
+        format_label_report,
         format_rows,
         gate_study,
         halting_gate,
+        label_report,
         write_curve,
         write_depth_figure,
     )
@@ -422,6 +425,12 @@ def evaluate_command(argv: list[str]) -> None:
     print(format_rows(rows))
     json_path, png_path = write_curve(rows, args.out)
     print(f"wrote {json_path} and {png_path}")
+    if is_synthetic(args.data_files or data.data_files):  # tokens labelled by the steps they take
+        report = label_report(model, batches, lambda batch: [label_block(row)[1:] for row in batch.tolist()])
+        print("\nper label (data.synthetic):")
+        print(format_label_report(report))
+        (Path(args.out) / "labels.json").write_text(json.dumps(report, indent=2))
+        print(f"wrote {Path(args.out) / 'labels.json'}")
     if not halts:
         return
     study = gate_study(model, batches, data.seq_len, reference=reference)

@@ -73,6 +73,59 @@ def token_entropy(model, batches: Iterable[Any], gate: Gate | None = None) -> Te
     return torch.cat(entropies)
 
 
+@torch.no_grad()
+def label_report(model, batches: Iterable[Any], labels_of: Any, gate: Gate | None = None) -> dict[str, Any]:
+    """Accuracy (argmax = target), NLL and mean depth per label of the target tokens, for data
+    whose tokens carry labels (`labels_of(batch)`: LongTensor [B, T] of the targets' labels, as
+    `data.synthetic.label_block` gives them; negative = unlabelled); and how well depth separates
+    the tokens that need more than one sequential step from those that need one
+    (`auroc_depth_multi_step`: 0.5 = not at all, 1 = every multi-step token ran deeper).
+    Measured without the model's depth: the labels come from the text."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    from ponder_lightning.data.synthetic import STEPS, label_name
+
+    model.eval()
+    labels, nlls, depths, correct = [], [], [], []
+    for batch in batches:
+        inputs, targets, valid = split_batch(batch)
+        hidden, trace = model.hidden_states(inputs, valid, gate=gate)
+        logits = model.backbone.logits(hidden)
+        logits = logits.to(softmax_dtype(logits.dtype))
+        keep = targets != IGNORE_INDEX
+        nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+        labels.append(torch.as_tensor(labels_of(batch))[keep])
+        nlls.append(nll)
+        depths.append(trace.depth()[keep])
+        correct.append(logits[keep].argmax(-1) == targets[keep])
+    label, nll, depth, right = torch.cat(labels), torch.cat(nlls), torch.cat(depths), torch.cat(correct)
+    rows = {
+        label_name(int(value)): {
+            "tokens": int((label == value).sum()),
+            "accuracy": float(right[label == value].double().mean()),
+            "nll": float(nll[label == value].double().mean()),
+            "depth_mean": float(depth[label == value].double().mean()),
+        }
+        for value in sorted(label.unique().tolist())
+        if value >= 0
+    }
+    multi, single = label > STEPS + 1, label == STEPS + 1
+    both = multi | single
+    auroc = float(binary_auroc(depth[both].double(), multi[both].long())) if multi.any() and single.any() else None
+    return {"labels": rows, "auroc_depth_multi_step": auroc}
+
+
+def format_label_report(report: dict[str, Any]) -> str:
+    lines = ["| label | tokens | accuracy | NLL | mean depth |", "|---|---|---|---|---|"]
+    for name, row in report["labels"].items():
+        lines.append(
+            f"| {name} | {row['tokens']} | {row['accuracy']:.3f} | {row['nll']:.4f} | {row['depth_mean']:.3f} |"
+        )
+    auroc = report["auroc_depth_multi_step"]
+    lines.append(f"AUROC of depth, k >= 2 vs k = 1 tokens: {'n/a' if auroc is None else f'{auroc:.3f}'}")
+    return "\n".join(lines)
+
+
 def counted(batch: Any) -> Tensor:
     """Bool [B, T]: the positions whose target counts (what `token_nll` returns, in this order)."""
     return split_batch(batch)[1] != IGNORE_INDEX

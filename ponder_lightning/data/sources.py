@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from ponder_lightning.data.synthetic import PREFIX as SYNTHETIC_PREFIX
+from ponder_lightning.data.synthetic import PointerChase, synthetic_source
 from ponder_lightning.data.tokenizer import offline_variable
 from ponder_lightning.errors import UserError, first_line
 
@@ -82,7 +84,7 @@ class HubSource:
             yield from batch[text_field]
 
 
-Source = FileSource | HubSource
+Source = FileSource | HubSource | PointerChase
 
 
 def embedded_corpus() -> list[Source]:
@@ -122,11 +124,16 @@ def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[
 
 def describe(sources: list[Source]) -> str:
     """A short human description for error messages."""
-    names = [str(s.path) if isinstance(s, FileSource) else f"hub:{s.name}" for s in sources]
+    names = [
+        str(s.path) if isinstance(s, FileSource) else s.name if isinstance(s, PointerChase) else f"hub:{s.name}"
+        for s in sources
+    ]
     return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
 
 
 def _resolve_one(spec: str) -> list[Source]:
+    if spec.startswith(SYNTHETIC_PREFIX):  # generated documents with known difficulty (data/synthetic.py)
+        return [synthetic_source(spec)]
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))

@@ -1,0 +1,135 @@
+"""The synthetic pointer-chase task (data/synthetic.py): documents follow their own table, the
+labels say what each token takes (checked here by an independent parse), blocks cut anywhere
+label only what they can, and the task trains through `fit` like any data."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+from fit_helpers import tiny_fit
+
+from ponder_lightning.cli import run_lightning_cli
+from ponder_lightning.data import PileDataModule
+from ponder_lightning.data.synthetic import ALEATORIC, FORMAT, STEPS, UNKNOWN, PointerChase, label_block, label_text
+from ponder_lightning.errors import UserError
+
+
+def independent_answers(doc: str) -> list[tuple[int, int]]:
+    """(position of each answer, hops), with every answer checked by following the table here."""
+    table_text, queries = doc.split("|")
+    table = dict(pair.split(">") for pair in table_text.split())
+    out = []
+    for match in re.finditer(r"(\d)([a-z])=([a-z]) ", queries):
+        node = match.group(2)
+        for _ in range(int(match.group(1))):
+            node = table[node]
+        assert node == match.group(3), match.group(0)
+        out.append((len(table_text) + 1 + match.start(3), int(match.group(1))))
+    return out
+
+
+def test_documents_follow_their_tables_and_every_token_is_labelled():
+    task = PointerChase(symbols=6, max_hops=4, queries=40, n_docs=50, seed=3)
+    hops = Counter()
+    for doc in task.documents_text():
+        labels = label_text(doc)
+        answers = independent_answers(doc)
+        assert UNKNOWN not in labels and len(answers) == 40
+        assert {i for i, label in enumerate(labels) if label > ALEATORIC} == {i for i, _ in answers}
+        assert all(labels[i] == STEPS + k for i, k in answers)
+        assert labels[doc.index("|")] == FORMAT and labels[doc.index(">")] == FORMAT
+        hops.update(k for _, k in answers)
+    assert set(hops) == {1, 2, 3, 4} and min(hops.values()) > 0.2 * sum(hops.values()) / 4
+
+
+def test_same_seed_same_documents_another_seed_others():
+    a, b = PointerChase(n_docs=5, seed=1), PointerChase(n_docs=5, seed=2)
+    assert list(a.documents_text()) == list(PointerChase(n_docs=5, seed=1).documents_text())
+    assert list(a.documents_text()) != list(b.documents_text())
+
+
+def test_a_block_cut_inside_a_table_labels_no_answer_it_cannot_check():
+    doc = next(PointerChase(symbols=8, queries=6, n_docs=1).documents_text())
+    cut = doc[9:]  # the table without its first pairs
+    labels = label_text(cut)
+    assert not any(label > ALEATORIC for label in labels)  # answers need the whole table
+    assert labels[cut.index("|") + 1] == ALEATORIC  # the queries' hop counts are still random
+
+
+def test_a_text_whose_answer_does_not_follow_its_table_is_refused():
+    with pytest.raises(ValueError, match="does not follow"):
+        label_text("a>b b>a |1a=a ")
+
+
+@pytest.mark.parametrize(
+    "spec", ["synthetic:addition", "synthetic:pointer_chase:hops=3", "synthetic:pointer_chase:symbols=40"]
+)
+def test_bad_synthetic_specs_are_named(spec):
+    with pytest.raises(UserError, match="pointer_chase"):
+        PileDataModule(data_files=spec, tokenizer="bytes")._streams()
+
+
+def test_the_task_trains_through_fit_and_its_blocks_are_labelled(tmp_path, single_thread):
+    spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=400"
+    cli = run_lightning_cli(
+        ["fit", *tiny_fit("vanilla", seq_len=64, batch_size=4), "--data.data_files", spec]
+        + ["--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path)]
+        + ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+    )
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    block = next(iter(cli.datamodule.val_dataloader()))[0].tolist()
+    labels = label_block(block)[1:]  # the targets' labels
+    assert len(labels) == 64 and any(label > ALEATORIC for label in labels) and FORMAT in labels
+
+
+def test_label_report_counts_each_label_and_auroc_reads_depth(tmp_path, single_thread):
+    """On a fixed-ratio AdaPonderLM (depth drawn independently of the labels) the per-label rows
+    agree with the per-token results, and AUROC equals the rank statistic computed here."""
+    from ponder_lightning.evaluate import label_report, token_nll
+    from ponder_lightning.gates import FixedRatioGate, NoPonderLoss
+    from ponder_lightning.models import AdaPonderLM
+
+    model = AdaPonderLM(
+        size="tiny",
+        tokenizer_vocab_size=257,
+        gate=FixedRatioGate(target_depth=2.0, schedule="geometric"),
+        regularizer=NoPonderLoss(),
+    )
+    docs = list(PointerChase(symbols=6, queries=8, n_docs=8, seed=5).documents_text())
+    ids = [[256, *map(ord, doc)] for doc in docs]
+    length = min(map(len, ids))
+    batch = torch.tensor([row[:length] for row in ids])
+    labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()])
+    report = label_report(model, [batch], lambda b: labels)
+    nll, depth = token_nll(model, [batch])
+    flat = labels.flatten()
+    for value, name in [(FORMAT, "format"), (ALEATORIC, "aleatoric"), (STEPS + 2, "k=2")]:
+        row = report["labels"][name]
+        assert row["tokens"] == int((flat == value).sum())
+        assert row["nll"] == pytest.approx(float(nll[flat == value].double().mean()), rel=1e-6)
+        assert row["depth_mean"] == pytest.approx(float(depth[flat == value].double().mean()))
+    multi, single = depth[flat > STEPS + 1].double(), depth[flat == STEPS + 1].double()
+    assert len(torch.cat([multi, single]).unique()) > 1  # depth varies, so the AUROC is not 0.5 by ties alone
+    pairs = (multi[:, None] > single[None, :]).double() + 0.5 * (multi[:, None] == single[None, :]).double()
+    assert report["auroc_depth_multi_step"] == pytest.approx(float(pairs.mean()), abs=1e-6)
+
+
+def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single_thread):
+    import json
+
+    from ponder_lightning.cli import main
+
+    spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=400"
+    main(
+        ["fit", *tiny_fit("adaponderlm", seq_len=64, batch_size=4), "--data.data_files", spec]
+        + ["--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path)]
+        + ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+    )
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["evaluate", "--checkpoint", str(ckpt), "--batches", "2", "--out", str(tmp_path / "eval")])
+    report = json.loads((tmp_path / "eval" / "labels.json").read_text())
+    assert {"format", "aleatoric", "k=1"} <= set(report["labels"]) and "AUROC of depth" in capsys.readouterr().out
+    assert sum(row["tokens"] for row in report["labels"].values()) <= 2 * 4 * 64
