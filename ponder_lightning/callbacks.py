@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelSummary, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
@@ -208,6 +209,70 @@ class DepthMonitor(Callback):
         writer = _tensorboard(trainer)
         if report.table and writer is not None:
             writer.add_figure("val/depth_vs_nll", depth_figure(report.table, report.deciles), trainer.global_step)
+
+
+class LabelMonitor(Callback):
+    """On a synthetic task whose tokens are labelled by the steps they take (`data.synthetic`):
+    at each validation, the mean depth and NLL of each label's tokens (`val/label_depth/<label>`,
+    `val/label_nll/<label>`) and the AUROC of depth for tokens needing two or more steps against
+    those needing one (`val/auroc_depth_multi_step`). Read from what the validation step returns,
+    so it costs no extra forward; silent on other data. Depth is a whole number of passes, so the
+    AUROC is computed exactly from per-depth counts, which add up over ranks."""
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ponder_lightning.data.synthetic import is_synthetic
+
+        self._counts = self._nll = None
+        self._active = is_synthetic(getattr(trainer.datamodule, "data_files", None))
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        from ponder_lightning.data.synthetic import STEPS, label_block
+
+        if not self._active or not isinstance(outputs, dict) or isinstance(batch, dict):
+            return
+        labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()]).flatten()
+        depth, nll = outputs["depth"].long().cpu(), outputs["nll"].double().cpu()
+        if self._counts is None:  # [label + 1 (unknown = -1 at 0), depth]
+            self._counts = torch.zeros(STEPS + 11, pl_module.n_iterations + 1, dtype=torch.float64)
+            self._nll = torch.zeros(STEPS + 11, dtype=torch.float64)
+        rows = labels + 1
+        self._counts.index_put_((rows, depth), torch.ones_like(nll), accumulate=True)
+        self._nll.index_add_(0, rows, nll)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ponder_lightning.data.synthetic import STEPS, label_name
+
+        if not self._active or self._counts is None or trainer.sanity_checking:
+            return
+        device = pl_module.device
+        counts = trainer.strategy.reduce(self._counts.to(device), reduce_op="sum").cpu()
+        nll = trainer.strategy.reduce(self._nll.to(device), reduce_op="sum").cpu()
+        depths = torch.arange(counts.shape[1], dtype=torch.float64)
+        for row in range(1, counts.shape[0]):  # row 0: unlabelled tokens
+            tokens = counts[row].sum()
+            if tokens > 0:
+                name = label_name(row - 1)
+                pl_module.log(f"val/label_depth/{name}", float((counts[row] * depths).sum() / tokens))
+                pl_module.log(f"val/label_nll/{name}", float(nll[row] / tokens))
+        single, multi = counts[STEPS + 2], counts[STEPS + 3 :].sum(0)
+        if single.sum() > 0 and multi.sum() > 0:
+            pl_module.log("val/auroc_depth_multi_step", depth_auroc(multi, single))
+
+
+def depth_auroc(positive: Any, negative: Any) -> float:
+    """AUROC of depth from per-depth counts of two classes: the chance that a random positive ran
+    deeper than a random negative, ties counted half."""
+    p, n = positive / positive.sum(), negative / negative.sum()
+    below = n.cumsum(0) - n  # P(negative < d)
+    return float((p * (below + 0.5 * n)).sum())
 
 
 def _tensorboard(trainer: L.Trainer) -> Any:

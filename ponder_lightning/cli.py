@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, TokenThroughput
+from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, LabelMonitor, TokenThroughput
 from ponder_lightning.checkpoints import check_saved_args, invalid_saved_args
 from ponder_lightning.cli_errors import (
     active_fractions,
@@ -224,7 +224,7 @@ def run_lightning_cli(args: list[str] | None = None) -> PonderCLI:
         # seed, step and rank), so Lightning must not wrap its sampler.
         trainer_defaults={
             "use_distributed_sampler": False,
-            "callbacks": [TokenThroughput(), DepthMonitor(), FitSummary()],
+            "callbacks": [TokenThroughput(), DepthMonitor(), LabelMonitor(), FitSummary()],
         },
         parser_kwargs={"prog": PROG, "description": "Train and evaluate pondering language models (LightningCLI)."},
         args=args,

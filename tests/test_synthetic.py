@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from fit_helpers import tiny_fit
+from fit_helpers import ROOT, tiny_fit
 
 from ponder_lightning.cli import run_lightning_cli
 from ponder_lightning.data import PileDataModule
@@ -133,3 +133,30 @@ def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single
     report = json.loads((tmp_path / "eval" / "labels.json").read_text())
     assert {"format", "aleatoric", "k=1"} <= set(report["labels"]) and "AUROC of depth" in capsys.readouterr().out
     assert sum(row["tokens"] for row in report["labels"].values()) <= 2 * 4 * 64
+
+
+def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(tmp_path, single_thread):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.evaluate import label_report
+
+    spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=400"
+    cli = run_lightning_cli(
+        ["fit", *tiny_fit("adaponderlm", seq_len=64, batch_size=4), "--data.data_files", spec]
+        + ["--config", str(ROOT / "configs" / "gates" / "fixed_geometric.yaml")]
+        + ["--model.init_args.gate.init_args.target_depth", "2.0"]
+        + ["--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path)]
+        + ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2"]
+        + ["--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false"]
+    )
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    events.Reload()
+    logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    model, _ = load_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    batches = list(cli.datamodule.val_dataloader())[:2]
+    report = label_report(model, batches, lambda b: [label_block(row)[1:] for row in b.tolist()])
+    assert logged["val/auroc_depth_multi_step"] == pytest.approx(report["auroc_depth_multi_step"], abs=1e-5)
+    for name, row in report["labels"].items():
+        assert logged[f"val/label_depth/{name}"] == pytest.approx(row["depth_mean"], abs=1e-5), name
+        assert logged[f"val/label_nll/{name}"] == pytest.approx(row["nll"], rel=1e-4), name
