@@ -12,6 +12,7 @@ import yaml
 from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
 from ponder_lightning.study import (
+    ROOT,
     frontier_ppl,
     frontier_table,
     load_study,
@@ -333,3 +334,14 @@ def test_the_summary_says_when_runs_average_different_seeds():
     assert "| a | PonderLM / AlwaysContinue | 103.667 ± " in table
     same = summary_table(study, {s: results[s] for s in (1, 2)})
     assert "different seeds" not in same and "| b | PonderLM / AlwaysContinue | 99.500 ± " in same
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in (ROOT / "studies").glob("*.yaml") if "runs:" in p.read_text()), ids=lambda p: p.stem
+)
+def test_every_shipped_study_parses_every_run(path):
+    """What `study` checks before its first run trains (`check_runs`): configs exist, arguments parse."""
+    from ponder_lightning.cli import check_fit_args
+    from ponder_lightning.study import check_runs
+
+    check_runs(load_study(path), check_fit_args)
