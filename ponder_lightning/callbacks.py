@@ -234,15 +234,15 @@ class LabelMonitor(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        from ponder_lightning.data.synthetic import STEPS, label_block
+        from ponder_lightning.data.synthetic import MAX_LABEL, target_labels
 
         if not self._active or not isinstance(outputs, dict) or isinstance(batch, dict):
             return
-        labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()]).flatten()
+        labels = torch.tensor(target_labels(batch)).flatten()
         depth, nll = outputs["depth"].long().cpu(), outputs["nll"].double().cpu()
         if self._counts is None:  # [label + 1 (unknown = -1 at 0), depth]
-            self._counts = torch.zeros(STEPS + 11, pl_module.n_iterations + 1, dtype=torch.float64)
-            self._nll = torch.zeros(STEPS + 11, dtype=torch.float64)
+            self._counts = torch.zeros(MAX_LABEL + 2, pl_module.n_iterations + 1, dtype=torch.float64)
+            self._nll = torch.zeros(MAX_LABEL + 2, dtype=torch.float64)
         rows = labels + 1
         self._counts.index_put_((rows, depth), torch.ones_like(nll), accumulate=True)
         self._nll.index_add_(0, rows, nll)

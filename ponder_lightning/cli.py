@@ -348,7 +348,7 @@ def evaluate_command(argv: list[str]) -> None:
     halting), random pruning with the learned per-iteration profile, and depth per difficulty
     decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
     from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.data.synthetic import is_synthetic, label_block
+    from ponder_lightning.data.synthetic import is_synthetic, target_labels
     from ponder_lightning.evaluate import (
         evaluate,
         format_gate_study,
@@ -425,8 +425,8 @@ def evaluate_command(argv: list[str]) -> None:
     print(format_rows(rows))
     json_path, png_path = write_curve(rows, args.out)
     print(f"wrote {json_path} and {png_path}")
-    if is_synthetic(args.data_files or data.data_files):  # tokens labelled by the steps they take
-        report = label_report(model, batches, lambda batch: [label_block(row)[1:] for row in batch.tolist()])
+    if is_synthetic(data.data_files):  # tokens labelled by the steps they take
+        report = label_report(model, batches, target_labels)
         print("\nper label (data.synthetic):")
         print(format_label_report(report))
         (Path(args.out) / "labels.json").write_text(json.dumps(report, indent=2))
@@ -463,7 +463,7 @@ def check_fit_args(argv: list[str]) -> None:
             PileDataModule,
             subclass_mode_model=True,
             run=False,
-            args=[a for a in argv if a != "fit"],
+            args=argv[1:] if argv[:1] == ["fit"] else argv,
             save_config_callback=None,
             trainer_defaults={"use_distributed_sampler": False},
         )

@@ -72,7 +72,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint file, memory-mapped: its arguments and tensor shapes can be read
     without loading the weights into memory."""
-    return torch_load(ckpt_path, mmap=True, what="checkpoint")
+    return torch_load(ckpt_path, mmap=True)
 
 
 def saved_hparams(ckpt_path: str | Path) -> dict[str, Any]:

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from ponder_lightning.errors import UserError, first_line
+from ponder_lightning.training import LAST_GOOD
 
 #: The flag that opts in to reading a checkpoint with the unrestricted unpickler.
 TRUST_FLAG = "--trust_checkpoint"
@@ -46,7 +48,7 @@ class UnsafeCheckpoint(UserError):
     """A checkpoint whose pickle names objects beyond tensors and plain data."""
 
 
-def torch_load(path: str | Path, *, trusted: bool = False, what: str = "checkpoint", **kwargs: Any) -> Any:
+def torch_load(path: str | Path, *, trusted: bool = False, **kwargs: Any) -> Any:
     """`torch.load(path, weights_only=True)`, with one clear error for a file that needs more (and
     for a damaged one); `trusted=True` reads it with the unrestricted unpickler, after a warning."""
     if trusted:
@@ -61,10 +63,10 @@ def torch_load(path: str | Path, *, trusted: bool = False, what: str = "checkpoi
     except Exception as exc:  # noqa: BLE001 - unpickling raises many types for a damaged file
         if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
             raise unsafe(path, _weights_only_reason(exc)) from None
-        good = Path(path).with_name("last_good.ckpt")  # training.LAST_GOOD, kept next to last.ckpt
+        good = Path(path).with_name(LAST_GOOD)
         hint = f": resume from the healthy one beside it, --ckpt_path {good}" if good.is_file() else ""
         raise UserError(
-            f"{what} {path} could not be read ({first_line(exc)}): it is damaged or not a PyTorch checkpoint{hint}"
+            f"checkpoint {path} could not be read ({first_line(exc)}): it is damaged or not a PyTorch checkpoint{hint}"
         ) from exc
 
 
@@ -106,8 +108,7 @@ def verify_sharded(path: str | Path) -> None:
     except Exception as exc:  # noqa: BLE001 - a damaged file
         raise UserError(f"checkpoint {path} could not be read ({first_line(exc)}): it is damaged") from exc
     for index, info in (getattr(metadata, "storage_data", None) or {}).items():
-        item = metadata.state_dict_metadata.get(index.fqn)
-        if type(item).__name__ != "BytesStorageMetadata":
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             continue
         if getattr(info, "transform_descriptors", None):
             raise unsafe(path, f"{index.fqn} is stored with transforms this check cannot read")

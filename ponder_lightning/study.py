@@ -190,7 +190,7 @@ def check_runs(study: dict[str, Any], check: Fit) -> None:
 
     for name, run in study["runs"].items():
         for config in [*(run or {}).get("configs", []), *study.get("base", [])]:
-            if not Path(config).exists() and not (ROOT / config).exists():
+            if not config_path(config).exists():
                 raise UserError(f"run {name}: config file {config} does not exist (nor under {ROOT})")
         argv = fit_argv(study, name, study["seeds"][0], Path(study["out"]) / "runs" / name, {}, placeholder)
         try:
@@ -200,6 +200,11 @@ def check_runs(study: dict[str, Any], check: Fit) -> None:
             if cause is None:
                 raise
             raise UserError(f"run {name}: {cause}") from None
+
+
+def config_path(config: str) -> Path:
+    """A run's config file: relative to the working directory, else to the repository."""
+    return Path(config) if Path(config).exists() else ROOT / config
 
 
 def fit_argv(
@@ -216,8 +221,8 @@ def fit_argv(
     run = study["runs"][name] or {}
     configs = [*run.get("configs", []), *study.get("base", [])]
     argv = ["fit"]
-    for config in configs:  # relative to the working directory, else to the repository
-        argv += ["--config", str(config if Path(config).exists() else ROOT / config)]
+    for config in configs:
+        argv += ["--config", str(config_path(config))]
     args = [*study.get("args", []), *run.get("args", [])]
     argv += [REFERENCE.sub(placeholder, str(a)) if placeholder else resolve(a, results) for a in args]
     argv += [

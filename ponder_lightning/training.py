@@ -14,6 +14,7 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -156,8 +157,6 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         local = getattr(self, "_sigterm", None) is not None
         if trainer.world_size == 1:
             return local
-        import torch
-
         flag = torch.tensor(float(local), device=trainer.strategy.root_device)
         return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() > 0)
 

@@ -33,6 +33,8 @@ from ponder_lightning.errors import UserError
 
 #: Labels of target tokens.
 UNKNOWN, FORMAT, ALEATORIC, STEPS = -1, 0, 1, 1  # STEPS + k for an answer needing k lookups (k >= 1)
+#: The largest label: an answer of the most hops a query can ask (one digit).
+MAX_LABEL = STEPS + 9
 PREFIX = "synthetic:"
 _QUERY = re.compile(r"(?<![0-9])([1-9])([a-z])=([a-z]) ")
 
@@ -64,7 +66,7 @@ class PointerChase:
     def __post_init__(self) -> None:
         if not 2 <= self.symbols <= 26:
             raise UserError(f"pointer_chase symbols={self.symbols}: use 2 to 26 letters")
-        if not 1 <= self.max_hops <= 9:
+        if not 1 <= self.max_hops <= MAX_LABEL - STEPS:
             raise UserError(f"pointer_chase max_hops={self.max_hops}: use 1 to 9 (one digit)")
         if self.queries < 1 or self.n_docs < 1:
             raise UserError("pointer_chase queries and n_docs must be at least 1")
@@ -102,6 +104,12 @@ def follow(table: dict[str, str], start: str, hops: int) -> str:
 def label_block(ids: list[int]) -> list[int]:
     """Labels of a block of `bytes`-tokenizer ids (EOS and other non-ASCII ids stand apart)."""
     return label_text("".join(chr(i) if i < 128 else "\x00" for i in ids))
+
+
+def target_labels(batch: Any) -> list[list[int]]:
+    """Labels of the targets of each block of a batch (LongTensor [B, T+1]): a block's first token
+    is only an input, so each row's labels are those of its tokens from the second on."""
+    return [label_block(row)[1:] for row in batch.tolist()]
 
 
 def label_text(text: str) -> list[int]:
