@@ -348,15 +348,15 @@ def evaluate_command(argv: list[str]) -> None:
     halting), random pruning with the learned per-iteration profile, and depth per difficulty
     decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
     from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.data.synthetic import is_synthetic, target_labels
+    from ponder_lightning.data.synthetic import is_synthetic
     from ponder_lightning.evaluate import (
         evaluate,
         format_gate_study,
-        format_label_report,
+        format_label_study,
         format_rows,
         gate_study,
         halting_gate,
-        label_report,
+        label_study,
         write_curve,
         write_depth_figure,
     )
@@ -426,9 +426,9 @@ def evaluate_command(argv: list[str]) -> None:
     json_path, png_path = write_curve(rows, args.out)
     print(f"wrote {json_path} and {png_path}")
     if is_synthetic(data.data_files):  # tokens labelled by the steps they take
-        report = label_report(model, batches, target_labels)
-        print("\nper label (data.synthetic):")
-        print(format_label_report(report))
+        report = label_study(model, batches, data.seq_len)
+        print("\nper label (data.synthetic), as trained and, on the same weights, at other depths:")
+        print(format_label_study(report))
         (Path(args.out) / "labels.json").write_text(json.dumps(report, indent=2))
         print(f"wrote {Path(args.out) / 'labels.json'}")
     if not halts:

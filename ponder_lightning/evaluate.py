@@ -38,13 +38,16 @@ from ponder_lightning.errors import UserError
 from ponder_lightning.gates import (
     AtThreshold,
     FirstPassOnly,
+    FullDepth,
     Gate,
     MatchedRandomPruning,
+    OracleDepth,
     RankedPruning,
     RecordingFullDepth,
 )
 from ponder_lightning.models.base import split_batch
 from ponder_lightning.models.metrics import depth_by_decile, spearman
+from ponder_lightning.models.recurrent import TokenRecurrentLM
 from ponder_lightning.nn.backbone import softmax_dtype
 from ponder_lightning.nn.loss import IGNORE_INDEX
 
@@ -74,12 +77,16 @@ def token_entropy(model, batches: Iterable[Any], gate: Gate | None = None) -> Te
 
 
 @torch.no_grad()
-def label_report(model, batches: Iterable[Any], labels_of: Any, gate: Gate | None = None) -> dict[str, Any]:
+def label_report(
+    model, batches: Iterable[Any], labels_of: Any, context: int, gate: Gate | None = None
+) -> dict[str, Any]:
     """Accuracy (argmax = target), NLL and mean depth per label of the target tokens, for data
     whose tokens carry labels (`labels_of(batch)`: LongTensor [B, T] of the targets' labels, as
-    `data.synthetic.label_block` gives them; negative = unlabelled); and how well depth separates
+    `data.synthetic.label_block` gives them; negative = unlabelled); how well depth separates
     the tokens that need more than one sequential step from those that need one
-    (`auroc_depth_multi_step`: 0.5 = not at all, 1 = every multi-step token ran deeper).
+    (`auroc_depth_multi_step`: 0.5 = not at all, 1 = every multi-step token ran deeper; None when
+    every such token ran the same depth); and the
+    mean depth and FLOPs per token (x vanilla, at `context` tokens) over every scored token.
     Measured without the model's depth: the labels come from the text."""
     from torchmetrics.functional.classification import binary_auroc
 
@@ -111,18 +118,61 @@ def label_report(model, batches: Iterable[Any], labels_of: Any, gate: Gate | Non
     }
     multi, single = label > STEPS + 1, label == STEPS + 1
     both = multi | single
-    auroc = float(binary_auroc(depth[both].double(), multi[both].long())) if multi.any() and single.any() else None
-    return {"labels": rows, "auroc_depth_multi_step": auroc}
+    separable = multi.any() and single.any() and len(depth[both].unique()) > 1  # else 0.5 by ties alone
+    auroc = float(binary_auroc(depth[both].double(), multi[both].long())) if separable else None
+    fractions = [float((depth > i).double().mean()) for i in range(model.n_iterations)]
+    return {
+        "labels": rows,
+        "auroc_depth_multi_step": auroc,
+        "depth_mean": float(depth.double().mean()),
+        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
+    }
 
 
-def format_label_report(report: dict[str, Any]) -> str:
-    lines = ["| label | tokens | accuracy | NLL | mean depth |", "|---|---|---|---|---|"]
-    for name, row in report["labels"].items():
+def label_study(model, batches: list[Any], context: int) -> dict[str, dict[str, Any]]:
+    """`label_report` of the model as it runs and, for a model of several passes, on the same
+    weights: every token at full depth (for a gate that halts) and at the oracle's depth (each
+    token halts after the passes its label needs, `OracleDepth`): the mechanism check, where a
+    model whose passes do what the labels say matches full depth at fewer FLOPs."""
+    from ponder_lightning.data.synthetic import passes_needed, target_labels
+
+    reports = {"as_trained": label_report(model, batches, target_labels, context)}
+    if model.n_iterations < 2 or not isinstance(model, TokenRecurrentLM):  # latent models have no token gate
+        return reports
+    if model.gate.can_halt:
+        reports["full_depth"] = label_report(model, batches, target_labels, context, FullDepth(model.gate))
+    oracle = OracleDepth(model.gate)
+
+    def with_needs() -> Iterable[Any]:
+        """Each batch, after setting the passes its tokens need on the oracle."""
+        for batch in batches:
+            oracle.needs = passes_needed(target_labels(batch)).clamp(max=model.n_iterations)
+            yield batch
+
+    reports["oracle_depth"] = label_report(model, with_needs(), target_labels, context, oracle)
+    return reports
+
+
+def format_label_study(reports: dict[str, dict[str, Any]]) -> str:
+    """One column group per way of running the model (accuracy / mean depth per label)."""
+    names = list(reports)
+    labels = list(reports[names[0]]["labels"])
+    lines = [
+        "| label | tokens | " + " | ".join(f"{n} accuracy | {n} NLL | {n} depth" for n in names) + " |",
+        "|---|---|" + "---|---|---|" * len(names),
+    ]
+    for label in labels:
+        cells = []
+        for name in names:
+            row = reports[name]["labels"][label]
+            cells.append(f"{row['accuracy']:.3f} | {row['nll']:.4f} | {row['depth_mean']:.2f}")
+        lines.append(f"| {label} | {reports[names[0]]['labels'][label]['tokens']} | " + " | ".join(cells) + " |")
+    for name in names:
+        auroc = reports[name]["auroc_depth_multi_step"]
         lines.append(
-            f"| {name} | {row['tokens']} | {row['accuracy']:.3f} | {row['nll']:.4f} | {row['depth_mean']:.3f} |"
+            f"{name}: mean depth {reports[name]['depth_mean']:.3f}, {reports[name]['flops_x_vanilla']:.3f}x vanilla "
+            f"FLOPs, AUROC of depth (k >= 2 vs k = 1) {'n/a' if auroc is None else f'{auroc:.3f}'}"
         )
-    auroc = report["auroc_depth_multi_step"]
-    lines.append(f"AUROC of depth, k >= 2 vs k = 1 tokens: {'n/a' if auroc is None else f'{auroc:.3f}'}")
     return "\n".join(lines)
 
 

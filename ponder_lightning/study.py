@@ -330,7 +330,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """One run's results: `model` and its recorded `data` settings as `load_checkpoint` gives them."""
     from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.evaluate import gate_study, halting_gate, summarise, token_nll
+    from ponder_lightning.data.synthetic import is_synthetic
+    from ponder_lightning.evaluate import gate_study, halting_gate, label_study, summarise, token_nll
 
     result: dict[str, Any] = {
         "model": type(model).__name__,
@@ -340,6 +341,8 @@ def evaluate_run(
         "vanilla_flops_per_token": flops.vanilla_forward_flops(model.config, context),
         "train_tokens": data["global_step"] * data["batch_size"] * data["seq_len"],
     }
+    if is_synthetic(data.get("data_files")):  # tokens labelled by the steps they take
+        result["labels"] = label_study(model, batches, context)
     if halting_gate(model) is None:
         return result | summarise(model, *token_nll(model, batches), context)
     reference = load_checkpoint(reference_checkpoint)[0] if reference_checkpoint else None
@@ -460,9 +463,8 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False, check: Fit |
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
     in_study_unit(study, results)
-    table = "\n\n".join(
-        [summary_table(study, results), frontier_table(study, results), allocation_table(study, results)]
-    )
+    tables = [summary_table(study, results), label_table(study, results)]
+    table = "\n\n".join([*filter(None, tables), frontier_table(study, results), allocation_table(study, results)])
     (out / "summary.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
     write_figure(study, results, out / "ppl_vs_flops.png")
@@ -674,6 +676,62 @@ def allocation_table(study: dict[str, Any], results: dict[int, dict[str, dict[st
             lines.append(
                 f"| {name} | mean | | " + " | ".join(f"{m[0]:+.2%} ± {m[1]:.2%}" if m else "" for m in means) + " |"
             )
+    return "\n".join(lines)
+
+
+#: How `label_table` names the ways `evaluate.label_study` ran each model.
+LABEL_VARIANTS = {"as_trained": "as trained", "full_depth": "full depth", "oracle_depth": "oracle depth"}
+
+
+def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """On a synthetic task (`data.synthetic`): accuracy per label of every run, as trained and,
+    on the same weights, at full depth and at the oracle's depth (each token halts after the
+    steps its label needs), with the mean depth, FLOPs per token and AUROC of depth for k >= 2
+    vs k = 1 tokens; mean ± standard deviation over the seeds each run finished. Empty for
+    other data."""
+    variants = [
+        (name, variant)
+        for name in study["runs"]
+        for variant in LABEL_VARIANTS
+        if any(variant in results[s].get(name, {}).get("labels", {}) for s in results)
+    ]
+    if not variants:
+        return ""
+    first = next(
+        results[s][variants[0][0]]["labels"]["as_trained"]
+        for s in results
+        if "labels" in results[s].get(variants[0][0], {})
+    )
+    labels = list(first["labels"])
+    lines = [
+        "Per label of the synthetic task: accuracy (argmax = target) as trained and, on the same weights, at "
+        "full depth and at the oracle's depth (each token halts after the steps its label needs); mean ± "
+        "standard deviation over seeds. FLOPs per token in forwards of each run's own backbone.",
+        "",
+        "| run | depth | " + " | ".join(labels) + " | mean depth | FLOPs x vanilla | AUROC depth k>=2 vs k=1 |",
+        "|---|---|" + "---|" * (len(labels) + 3),
+    ]
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return ""
+        mean, spread = mean_spread(values)
+        return f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+    for name, variant in variants:
+        reports = [
+            results[s][name]["labels"][variant]
+            for s in results
+            if variant in results[s].get(name, {}).get("labels", {})
+        ]
+        accuracy = [cell([r["labels"][label]["accuracy"] for r in reports if label in r["labels"]]) for label in labels]
+        aurocs = [r["auroc_depth_multi_step"] for r in reports if r["auroc_depth_multi_step"] is not None]
+        lines.append(
+            f"| {name} | {LABEL_VARIANTS[variant]} | "
+            + " | ".join(accuracy)
+            + f" | {cell([r['depth_mean'] for r in reports])} | {cell([r['flops_x_vanilla'] for r in reports])} "
+            + f"| {cell(aurocs)} |"
+        )
     return "\n".join(lines)
 
 

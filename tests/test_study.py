@@ -345,3 +345,32 @@ def test_every_shipped_study_parses_every_run(path):
     from ponder_lightning.study import check_runs
 
     check_runs(load_study(path), check_fit_args)
+
+
+def test_a_study_on_a_synthetic_task_tables_each_label_as_trained_and_at_the_oracles_depth(tmp_path):
+    from ponder_lightning.study import label_table
+
+    spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=300"
+    args = [*TINY, "--data.data_files", spec, "--data.cache_dir", str(tmp_path / "cache"), "--data.seq_len", "64"]
+    path = write_study(
+        tmp_path,
+        seeds=[1, 2],
+        args=args,
+        reference=None,
+        runs={
+            "vanilla": {"configs": ["configs/vanilla.yaml"]},
+            "ponderlm_2": {"configs": ["configs/ponderlm.yaml"], "args": ["--model.init_args.pondering_steps", "1"]},
+        },
+    )
+    main(["study", "--config", str(path)])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    reports = results["1"]["ponderlm_2"]["labels"]
+    assert set(reports) == {"as_trained", "oracle_depth"} and set(results["1"]["vanilla"]["labels"]) == {"as_trained"}
+    assert reports["oracle_depth"]["labels"]["format"]["depth_mean"] == 1.0
+    assert reports["oracle_depth"]["flops_x_vanilla"] < reports["as_trained"]["flops_x_vanilla"]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    table = label_table(load_study(path), {int(k): v for k, v in results.items()})
+    assert table and table in summary
+    accuracies = [results[s]["ponderlm_2"]["labels"]["oracle_depth"]["labels"]["k=1"]["accuracy"] for s in ("1", "2")]
+    mean, spread = mean_spread(accuracies)
+    assert "| ponderlm_2 | oracle depth | " in summary and f"{mean:.3f} ± {spread:.3f}" in summary

@@ -13,7 +13,16 @@ from fit_helpers import ROOT, tiny_fit
 
 from ponder_lightning.cli import run_lightning_cli
 from ponder_lightning.data import PileDataModule
-from ponder_lightning.data.synthetic import ALEATORIC, FORMAT, STEPS, UNKNOWN, PointerChase, label_block, label_text
+from ponder_lightning.data.synthetic import (
+    ALEATORIC,
+    FORMAT,
+    STEPS,
+    UNKNOWN,
+    Compose,
+    PointerChase,
+    label_block,
+    label_text,
+)
 from ponder_lightning.errors import UserError
 
 
@@ -64,6 +73,53 @@ def test_a_text_whose_answer_does_not_follow_its_table_is_refused():
         label_text("a>b b>a |1a=a ")
 
 
+def independent_compositions(doc: str) -> list[tuple[int, int]]:
+    """(position of each answer, functions applied) of a compose document, each answer checked
+    by applying the tables parsed here."""
+    tables_text, queries = doc.split("|")
+    tables = {}
+    for block in tables_text.rstrip(";").split(";"):
+        name, body = block.split(":")
+        tables[name] = {pair[0]: pair[1] for pair in body.split()}
+    out = []
+    for match in re.finditer(r"([A-Z]+)([a-z])=([a-z]) ", queries):
+        node = match.group(2)
+        for name in match.group(1):
+            node = tables[name][node]
+        assert node == match.group(3), match.group(0)
+        out.append((len(tables_text) + 1 + match.start(3), len(match.group(1))))
+    return out
+
+
+def test_compose_documents_follow_their_tables_and_every_token_is_labelled():
+    task = Compose(symbols=5, functions=3, max_steps=4, queries=30, n_docs=40, seed=4)
+    steps = Counter()
+    for doc in task.documents_text():
+        labels = label_text(doc)
+        answers = independent_compositions(doc)
+        assert UNKNOWN not in labels and len(answers) == 30
+        assert {i for i, label in enumerate(labels) if label > ALEATORIC} == {i for i, _ in answers}
+        assert all(labels[i] == STEPS + k for i, k in answers)
+        assert labels[doc.index("|")] == FORMAT and labels[doc.index(":")] == FORMAT
+        steps.update(k for _, k in answers)
+    assert set(steps) == {1, 2, 3, 4} and min(steps.values()) > 0.2 * sum(steps.values()) / 4
+
+
+def test_a_compose_block_cut_inside_a_table_labels_only_answers_it_can_check():
+    docs = list(Compose(symbols=4, functions=2, max_steps=2, queries=12, n_docs=2, seed=1).documents_text())
+    second = docs[1]
+    cut = docs[0][5:] + "\x00" + second  # the first document's table A without its first pair
+    labels = label_text(cut)
+    for i, name_and_chain in ((m.start(3), m.group(1)) for m in re.finditer(r"([A-Z]+)([a-z])=([a-z]) ", cut)):
+        in_first = i < len(docs[0]) - 5
+        if in_first and "A" in name_and_chain:
+            assert labels[i] == UNKNOWN  # needs the cut table
+        else:
+            assert labels[i] == STEPS + len(name_and_chain)
+    with pytest.raises(ValueError, match="does not follow"):
+        label_text("A:ab ba;|Aa=a ")
+
+
 @pytest.mark.parametrize(
     "spec", ["synthetic:addition", "synthetic:pointer_chase:hops=3", "synthetic:pointer_chase:symbols=40"]
 )
@@ -103,7 +159,7 @@ def test_label_report_counts_each_label_and_auroc_reads_depth(tmp_path, single_t
     length = min(map(len, ids))
     batch = torch.tensor([row[:length] for row in ids])
     labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()])
-    report = label_report(model, [batch], lambda b: labels)
+    report = label_report(model, [batch], lambda b: labels, context=batch.shape[1] - 1)
     nll, depth = token_nll(model, [batch])
     flat = labels.flatten()
     for value, name in [(FORMAT, "format"), (ALEATORIC, "aleatoric"), (STEPS + 2, "k=2")]:
@@ -130,9 +186,12 @@ def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single
     )
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     main(["evaluate", "--checkpoint", str(ckpt), "--batches", "2", "--out", str(tmp_path / "eval")])
-    report = json.loads((tmp_path / "eval" / "labels.json").read_text())
+    study = json.loads((tmp_path / "eval" / "labels.json").read_text())
+    assert set(study) == {"as_trained", "full_depth", "oracle_depth"}
+    report = study["as_trained"]
     assert {"format", "aleatoric", "k=1"} <= set(report["labels"]) and "AUROC of depth" in capsys.readouterr().out
     assert sum(row["tokens"] for row in report["labels"].values()) <= 2 * 4 * 64
+    assert study["oracle_depth"]["labels"]["format"]["depth_mean"] == 1.0
 
 
 def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(tmp_path, single_thread):
@@ -155,7 +214,7 @@ def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(
     logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     model, _ = load_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
     batches = list(cli.datamodule.val_dataloader())[:2]
-    report = label_report(model, batches, lambda b: [label_block(row)[1:] for row in b.tolist()])
+    report = label_report(model, batches, lambda b: [label_block(row)[1:] for row in b.tolist()], context=64)
     assert logged["val/auroc_depth_multi_step"] == pytest.approx(report["auroc_depth_multi_step"], abs=1e-5)
     for name, row in report["labels"].items():
         assert logged[f"val/label_depth/{name}"] == pytest.approx(row["depth_mean"], abs=1e-5), name

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from ponder_lightning.data.synthetic import PREFIX as SYNTHETIC_PREFIX
-from ponder_lightning.data.synthetic import PointerChase, synthetic_source
+from ponder_lightning.data.synthetic import Compose, PointerChase, synthetic_source
 from ponder_lightning.data.tokenizer import offline_variable
 from ponder_lightning.errors import UserError, first_line
 
@@ -84,7 +84,7 @@ class HubSource:
             yield from batch[text_field]
 
 
-Source = FileSource | HubSource | PointerChase
+Source = FileSource | HubSource | PointerChase | Compose
 
 
 def embedded_corpus() -> list[Source]:
@@ -125,7 +125,11 @@ def iter_documents(sources: list[Source], text_field: str = "text") -> Iterator[
 def describe(sources: list[Source]) -> str:
     """A short human description for error messages."""
     names = [
-        str(s.path) if isinstance(s, FileSource) else s.name if isinstance(s, PointerChase) else f"hub:{s.name}"
+        str(s.path)
+        if isinstance(s, FileSource)
+        else s.name
+        if isinstance(s, PointerChase | Compose)
+        else f"hub:{s.name}"
         for s in sources
     ]
     return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")

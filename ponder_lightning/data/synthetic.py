@@ -15,9 +15,19 @@ One character is one token under the `bytes` tokenizer. Every target token carri
   the table's last values are partly predictable by elimination, which a study should keep in mind),
 - `STEPS + k` (the answer: k lookups in the table, done in sequence).
 
+`compose` (`synthetic:compose`): each document defines `functions` random permutations named
+A, B, ... over the alphabet, then queries that apply k = 1..max_steps of them in reading order::
+
+    A:ac bd ca db;B:ab bc cd da;C:ad bb cc da;|CAb=a Ba=b ABCc=b ...
+
+(`CAb=a`: C(b) = c, then A(c) = a). Its answers are `STEPS + k` as well. It has no shortcut that
+pointer_chase's short cycles give (a composition of distinct random permutations is a random
+permutation), so one pass's accuracy on k >= 2 is at chance unless the model composes.
+
 `label_text` labels a target only when everything it depends on is in the same block; a token
 whose table entry or query start lies before the block's first token is `UNKNOWN` (blocks are cut
-from the packed stream without regard to documents).
+from the packed stream without regard to documents). The two families' texts never match each
+other's patterns, so one `label_text` reads both.
 """
 
 from __future__ import annotations
@@ -95,6 +105,81 @@ class PointerChase:
         return self.documents_text()
 
 
+@dataclass(frozen=True)
+class Compose:
+    """The composition generator (see the module docstring): `functions` permutations of
+    `symbols` letters, queries of 1..`max_steps` functions, `queries` per document."""
+
+    symbols: int = 6
+    functions: int = 4
+    max_steps: int = 4
+    queries: int = 16
+    n_docs: int = 20000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.symbols <= 26:
+            raise UserError(f"compose symbols={self.symbols}: use 2 to 26 letters")
+        if not 1 <= self.functions <= 26:
+            raise UserError(f"compose functions={self.functions}: use 1 to 26 (named A..Z)")
+        if not 1 <= self.max_steps <= MAX_LABEL - STEPS:
+            raise UserError(f"compose max_steps={self.max_steps}: use 1 to 9")
+        if self.queries < 1 or self.n_docs < 1:
+            raise UserError("compose queries and n_docs must be at least 1")
+
+    @property
+    def name(self) -> str:
+        return "synthetic:compose"
+
+    def fingerprint(self) -> list[Any]:
+        return [
+            "synthetic",
+            "compose",
+            self.symbols,
+            self.functions,
+            self.max_steps,
+            self.queries,
+            self.n_docs,
+            self.seed,
+        ]
+
+    def documents_text(self) -> Iterator[str]:
+        rng = random.Random(self.seed)
+        letters, names = string.ascii_lowercase[: self.symbols], string.ascii_uppercase[: self.functions]
+        for _ in range(self.n_docs):
+            tables = {name: dict(zip(letters, rng.sample(letters, len(letters)), strict=True)) for name in names}
+            parts = [f"{name}:" + " ".join(k + v for k, v in table.items()) + ";" for name, table in tables.items()]
+            parts.append("|")
+            for _ in range(self.queries):
+                chain = "".join(rng.choice(names) for _ in range(rng.randint(1, self.max_steps)))
+                start = rng.choice(letters)
+                parts.append(f"{chain}{start}={apply_chain(tables, chain, start)} ")
+            yield "".join(parts)
+
+    def documents(self, text_field: str = "text") -> Iterator[str]:  # the `Source` protocol
+        return self.documents_text()
+
+
+#: The synthetic tasks by name, with their settings' defaults.
+TASKS: dict[str, type[PointerChase] | type[Compose]] = {"pointer_chase": PointerChase, "compose": Compose}
+
+
+def apply_chain(tables: dict[str, dict[str, str]], chain: str, start: str) -> str:
+    for name in chain:
+        start = tables[name][start]
+    return start
+
+
+def passes_needed(labels: Any) -> Any:
+    """Passes each target needs (LongTensor like `labels`): k for an answer of k steps, 1 for
+    every other token (format and aleatoric tokens gain nothing from a second pass; unlabelled
+    ones are not scored). What `gates.OracleDepth` halts by."""
+    import torch
+
+    labels = torch.as_tensor(labels)
+    return torch.where(labels > STEPS, labels - STEPS, torch.ones_like(labels))
+
+
 def follow(table: dict[str, str], start: str, hops: int) -> str:
     for _ in range(hops):
         start = table[start]
@@ -113,10 +198,63 @@ def target_labels(batch: Any) -> list[list[int]]:
 
 
 def label_text(text: str) -> list[int]:
-    """One label per character of `text` (one token each; any part of a pointer_chase stream):
+    """One label per character of `text` (one token each; any part of a synthetic stream):
     what predicting that character takes, from the text alone. Labels of a block's targets are
     those of its characters from the second on."""
     labels = [UNKNOWN] * len(text)
+    _label_pointer_chase(text, labels)
+    _label_compose(text, labels)
+    return labels
+
+
+_FUNCTION = re.compile(r"([A-Z]):((?:[a-z]{2} )*[a-z]{2});")
+_CHAIN = re.compile(r"(?<![A-Za-z:])([A-Z]+)([a-z])=([a-z]) ")
+
+
+def _label_compose(text: str, labels: list[int]) -> None:
+    """Labels of compose documents (see the module docstring) in place."""
+    tables: dict[str, dict[str, str]] = {}
+    previous_end = -1
+    for match in _FUNCTION.finditer(text):
+        name, body, at = match.group(1), match.group(2), match.start()
+        pairs = body.split(" ")
+        # A table is known when its keys come in order from `a` (a cut one starts later).
+        complete = "".join(p[0] for p in pairs) == string.ascii_lowercase[: len(pairs)]
+        if name == "A":  # a new document
+            tables = {}
+        # The first name follows the end of a document, the others the previous table.
+        labels[at] = FORMAT if name == "A" or previous_end == at else UNKNOWN
+        labels[at + 1] = FORMAT  # `:`
+        for i in range(len(pairs)):
+            key = match.start(2) + 3 * i
+            labels[key] = FORMAT if complete else UNKNOWN
+            labels[key + 1] = ALEATORIC
+            labels[key + 2] = FORMAT  # the space, or `;` after the last pair
+        if complete:
+            tables[name] = {p[0]: p[1] for p in pairs}
+        previous_end = match.end()
+        if text.startswith("|", previous_end):
+            labels[previous_end] = FORMAT  # `|` after the last table
+            _label_chains(text, labels, tables, previous_end + 1)
+
+
+def _label_chains(text: str, labels: list[int], tables: dict[str, dict[str, str]], start: int) -> None:
+    end = _FUNCTION.search(text, start)
+    for query in _CHAIN.finditer(text, start, len(text) if end is None else end.start()):
+        chain, begin, answer = query.group(1), query.group(2), query.group(3)
+        at = query.start()
+        for i in range(len(chain) + 1):
+            labels[at + i] = ALEATORIC  # each function (and whether another comes), the start
+        labels[query.start(3) - 1] = FORMAT  # `=`
+        if all(name in tables for name in chain) and begin in tables[chain[0]]:
+            if apply_chain(tables, chain, begin) != answer:
+                raise ValueError(f"not a compose text: {query.group(0)!r} does not follow its tables")
+            labels[query.start(3)] = STEPS + len(chain)
+        labels[query.end() - 1] = FORMAT  # space
+
+
+def _label_pointer_chase(text: str, labels: list[int]) -> None:
+    """Labels of pointer_chase documents (see the module docstring) in place."""
     for table_match in re.finditer(r"((?:[a-z]>[a-z] )+)\|", text):
         body, start = table_match.group(1), table_match.start(1)
         pairs = [body[i : i + 3] for i in range(0, len(body), 4)]
@@ -142,7 +280,6 @@ def label_text(text: str) -> list[int]:
                     raise ValueError(f"not a pointer_chase text: {query.group(0)!r} does not follow its table")
                 labels[at + 3] = STEPS + hops
             labels[at + 4] = FORMAT  # space
-    return labels
 
 
 def _next_table(text: str, after: int) -> int:
@@ -150,18 +287,19 @@ def _next_table(text: str, after: int) -> int:
     return len(text) if match is None else after + match.start()
 
 
-def synthetic_source(spec: str) -> PointerChase:
-    """`synthetic:pointer_chase` or `synthetic:pointer_chase:symbols=8,max_hops=4,...`."""
+def synthetic_source(spec: str) -> PointerChase | Compose:
+    """`synthetic:<task>` or `synthetic:<task>:setting=value,...`, a task of `TASKS`."""
     name, _, options = spec.removeprefix(PREFIX).partition(":")
-    if name != "pointer_chase":
-        raise UserError(f"data_files {spec}: the synthetic tasks are: synthetic:pointer_chase")
+    if name not in TASKS:
+        raise UserError(f"data_files {spec}: the synthetic tasks are: {', '.join(PREFIX + task for task in TASKS)}")
+    task = TASKS[name]
     settings: dict[str, int] = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
-        if key not in PointerChase.__dataclass_fields__ or not value.lstrip("-").isdigit():
+        if key not in task.__dataclass_fields__ or not value.lstrip("-").isdigit():
+            example = ",".join(f"{field}={getattr(task(), field)}" for field in task.__dataclass_fields__)
             raise UserError(
-                f"data_files {spec}: {item!r} is not a setting: use e.g. "
-                "synthetic:pointer_chase:symbols=8,max_hops=4,queries=16,n_docs=20000,seed=0"
+                f"data_files {spec}: {item!r} is not a setting of {name}: use e.g. {PREFIX}{name}:{example}"
             )
         settings[key] = int(value)
-    return PointerChase(**settings)
+    return task(**settings)

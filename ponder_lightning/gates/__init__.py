@@ -7,12 +7,14 @@ from ponder_lightning.gates.controls import (
     FirstPassOnly,
     FullDepth,
     MatchedRandomPruning,
+    OracleDepth,
     RankedPruning,
     RecordingFullDepth,
 )
 from ponder_lightning.gates.fixed import FixedRatioGate
 from ponder_lightning.gates.mlp import PerIterationMLPGate, SingleMLPGate
 from ponder_lightning.gates.regularizers import BottomKPonderLoss, NoPonderLoss, PonderRegularizer
+from ponder_lightning.gates.shuffled import ShuffledHalting
 from ponder_lightning.nn.gate import AlwaysContinue, Gate, GateDecision
 
 __all__ = [
@@ -27,9 +29,11 @@ __all__ = [
     "GateDecision",
     "MatchedRandomPruning",
     "NoPonderLoss",
+    "OracleDepth",
     "PonderRegularizer",
     "PerIterationMLPGate",
     "RankedPruning",
     "RecordingFullDepth",
+    "ShuffledHalting",
     "SingleMLPGate",
 ]

@@ -149,3 +149,31 @@ class RankedPruning(GateControl):
                 f"RankedPruning needs a priority of the batch's shape {tuple(active.shape)} set before each forward"
             )
         return active & (self.priority.to(active.device) >= self.cutoffs[iteration])
+
+
+class OracleDepth(GateControl):
+    """Halts each token once it has run the number of passes it is known to need: the mechanism
+    check of adaptive depth with no gate learning (on a synthetic task whose tokens' steps are
+    known by construction, `data.synthetic.passes_needed`). If the model's passes do what they
+    are meant to, accuracy here equals full depth's at the oracle's FLOPs; if it does not, KV
+    reuse (halted tokens are attended with the K/V of their last pass), the readout or the
+    feedback is wrong for halted tokens' neighbours. Continuing tokens keep the wrapped gate's
+    feedback weights (weight 1 for a model without a gate).
+
+    `needs` [B, T] (passes, >= 1) belongs to one batch, indexed by row and rotary position; the
+    caller sets it before each forward. A gate sees no row identity when decoding, so decode one
+    sequence at a time (`needs` [1, T]).
+    """
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(gate)
+        self.needs: Tensor | None = None
+
+    def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        if self.needs is None or self.needs.shape[0] != active.shape[0]:
+            raise ValueError(
+                f"OracleDepth needs passes per token for all {active.shape[0]} rows set before each forward "
+                f"(got {None if self.needs is None else tuple(self.needs.shape)}); decode one sequence at a time"
+            )
+        needs = self.needs.to(positions.device).gather(1, positions.long())
+        return active & (needs > iteration + 1)

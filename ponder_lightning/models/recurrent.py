@@ -5,6 +5,8 @@ regulariser, embedding scaling and a gate-only stage."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -81,6 +83,18 @@ class TokenRecurrentLM(CausalLMModule):
     def effective_gate(self) -> Gate:
         """The gate in force now (a model may bypass its gate early in training)."""
         return self.gate
+
+    @contextmanager
+    def with_gate(self, gate: Gate) -> Iterator[None]:
+        """Run every form (training forward, prefill, decoding) with `gate` in place of the
+        model's own, which is back on exit: a counterfactual (`gates.controls`) in `generate`,
+        where no gate argument reaches the decoder. The model's own gate is not changed."""
+        own = self.gate
+        self.gate = gate
+        try:
+            yield
+        finally:
+            self.gate = own
 
     def hidden_states(
         self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None
