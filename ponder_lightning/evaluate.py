@@ -87,13 +87,17 @@ def label_report(
     (`auroc_depth_multi_step`: 0.5 = not at all, 1 = every multi-step token ran deeper; None when
     every such token ran the same depth); and the
     mean depth and FLOPs per token (x vanilla, at `context` tokens) over every scored token.
+    `auroc_score_multi_step[i]`: the same AUROC for decision i's gate score, over the tokens
+    still active at it (None without scores): does the gate *see* need, whether or not it halts by it.
     Measured without the model's depth: the labels come from the text."""
     from torchmetrics.functional.classification import binary_auroc
 
     from ponder_lightning.data.synthetic import STEPS, label_name
 
     model.eval()
-    labels, nlls, depths, correct = [], [], [], []
+    labels, nlls, depths, correct, blocks = [], [], [], [], []
+    decision_scores: list[list[Tensor]] = []
+    block_rows: list[Tensor] = []  # one id per validation block (row of a batch), in order
     for batch in batches:
         inputs, targets, valid = split_batch(batch)
         hidden, trace = model.hidden_states(inputs, valid, gate=gate)
@@ -104,14 +108,34 @@ def label_report(
         labels.append(torch.as_tensor(labels_of(batch))[keep])
         nlls.append(nll)
         depths.append(trace.depth()[keep])
+        # each decision's score where the token was still active at it (NaN: halted, or no score)
+        decision_scores.append(
+            [
+                torch.full_like(nll, math.nan) if s is None else s.detach().float().where(a, math.nan)[keep]
+                for s, a in zip(trace.scores, trace.active, strict=False)
+            ]
+        )
         correct.append(logits[keep].argmax(-1) == targets[keep])
+        rows_so_far = sum(int(b.shape[0]) for b in block_rows)
+        block_rows.append(torch.arange(rows_so_far, rows_so_far + keep.shape[0]))
+        blocks.append(block_rows[-1].unsqueeze(1).expand(keep.shape)[keep])
     label, nll, depth, right = torch.cat(labels), torch.cat(nlls), torch.cat(depths), torch.cat(correct)
+    block = torch.cat(blocks)
+    n_blocks = sum(int(b.shape[0]) for b in block_rows)
+
+    def per_block(mask: Tensor) -> list[list[int]]:
+        """[correct, tokens] of one label in every block: what a paired bootstrap resamples."""
+        hits = torch.bincount(block[mask], weights=right[mask].double(), minlength=n_blocks)
+        counts = torch.bincount(block[mask], minlength=n_blocks)
+        return [[int(h), int(c)] for h, c in zip(hits.tolist(), counts.tolist(), strict=True)]
+
     rows = {
         label_name(int(value)): {
             "tokens": int((label == value).sum()),
             "accuracy": float(right[label == value].double().mean()),
             "nll": float(nll[label == value].double().mean()),
             "depth_mean": float(depth[label == value].double().mean()),
+            "per_block": per_block(label == value),
         }
         for value in sorted(label.unique().tolist())
         if value >= 0
@@ -120,13 +144,46 @@ def label_report(
     both = multi | single
     separable = multi.any() and single.any() and len(depth[both].unique()) > 1  # else 0.5 by ties alone
     auroc = float(binary_auroc(depth[both].double(), multi[both].long())) if separable else None
+    score_aurocs = []  # per decision, over the k >= 1 tokens active at it that have a score
+    for i in range(len(decision_scores[0]) if decision_scores else 0):
+        score = torch.cat([d[i] for d in decision_scores])
+        at = both & ~score.isnan()
+        known = at.any() and multi[at].any() and single[at].any()
+        score_aurocs.append(float(binary_auroc(score[at].double(), multi[at].long())) if known else None)
     fractions = [float((depth > i).double().mean()) for i in range(model.n_iterations)]
     return {
         "labels": rows,
         "auroc_depth_multi_step": auroc,
+        "auroc_score_multi_step": score_aurocs,
         "depth_mean": float(depth.double().mean()),
         "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
     }
+
+
+def paired_bootstrap(
+    a: list[list[list[int]]], b: list[list[list[int]]], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Accuracy of `a` minus accuracy of `b` and its 95% interval, resampling validation blocks
+    with replacement. `a[g][i]`, `b[g][i]`: [correct, tokens] of block i in group g (a seed);
+    both were scored on the same blocks, so each resample keeps a block's pair together, and
+    groups are resampled within themselves (a seed's blocks stand for that seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = [torch.tensor(group, dtype=torch.float64) for group in a]
+    y = [torch.tensor(group, dtype=torch.float64) for group in b]
+    if any(gx.shape != gy.shape for gx, gy in zip(x, y, strict=True)):
+        raise ValueError("a paired bootstrap needs both sides scored on the same blocks")
+
+    def difference(picks: list[Tensor]) -> Tensor:
+        sa = sum(gx[p].sum(-2) for gx, p in zip(x, picks, strict=True))
+        sb = sum(gy[p].sum(-2) for gy, p in zip(y, picks, strict=True))
+        return sa[..., 0] / sa[..., 1] - sb[..., 0] / sb[..., 1]
+
+    point = float(difference([torch.arange(len(g)) for g in x]))
+    picks = [torch.randint(len(g), (resamples, len(g)), generator=generator) for g in x]
+    draws = difference(picks)
+    draws = draws[~draws.isnan()]  # a resample without a token of this label
+    low, high = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, low, high
 
 
 def label_study(model, batches: list[Any], context: int) -> dict[str, dict[str, Any]]:
@@ -172,6 +229,11 @@ def format_label_study(reports: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"{name}: mean depth {reports[name]['depth_mean']:.3f}, {reports[name]['flops_x_vanilla']:.3f}x vanilla "
             f"FLOPs, AUROC of depth (k >= 2 vs k = 1) {'n/a' if auroc is None else f'{auroc:.3f}'}"
+            + "".join(
+                f", of decision {i}'s score {value:.3f}"
+                for i, value in enumerate(reports[name].get("auroc_score_multi_step", []))
+                if value is not None
+            )
         )
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ The study sits below the command line (tests/test_layering.py): it does not impo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -463,7 +464,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False, check: Fit |
             done.write_text(json.dumps(result, indent=2))
             results[seed][name] = result
     in_study_unit(study, results)
-    tables = [summary_table(study, results), label_table(study, results)]
+    tables = [summary_table(study, results), label_table(study, results), label_differences(study, results)]
     table = "\n\n".join([*filter(None, tables), frontier_table(study, results), allocation_table(study, results)])
     (out / "summary.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=2))
@@ -708,8 +709,10 @@ def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, An
         "full depth and at the oracle's depth (each token halts after the steps its label needs); mean ± "
         "standard deviation over seeds. FLOPs per token in forwards of each run's own backbone.",
         "",
-        "| run | depth | " + " | ".join(labels) + " | mean depth | FLOPs x vanilla | AUROC depth k>=2 vs k=1 |",
-        "|---|---|" + "---|" * (len(labels) + 3),
+        "| run | depth | "
+        + " | ".join(labels)
+        + " | mean depth | FLOPs x vanilla | AUROC depth k>=2 vs k=1 | AUROC first score k>=2 vs k=1 |",
+        "|---|---|" + "---|" * (len(labels) + 4),
     ]
 
     def cell(values: list[float]) -> str:
@@ -726,12 +729,67 @@ def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, An
         ]
         accuracy = [cell([r["labels"][label]["accuracy"] for r in reports if label in r["labels"]]) for label in labels]
         aurocs = [r["auroc_depth_multi_step"] for r in reports if r["auroc_depth_multi_step"] is not None]
+        first_scores = [
+            r["auroc_score_multi_step"][0]
+            for r in reports
+            if (r.get("auroc_score_multi_step") or [None])[0] is not None
+        ]
         lines.append(
             f"| {name} | {LABEL_VARIANTS[variant]} | "
             + " | ".join(accuracy)
             + f" | {cell([r['depth_mean'] for r in reports])} | {cell([r['flops_x_vanilla'] for r in reports])} "
-            + f"| {cell(aurocs)} |"
+            + f"| {cell(aurocs)} | {cell(first_scores)} |"
         )
+    return "\n".join(lines)
+
+
+def label_pairs(study: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(title, run a, variant a, run b, variant b) of `label_differences`: each fixed-depth
+    frontier run against the one before it, and on each run's own weights the oracle's depth and
+    the learned depth against the model run at full depth."""
+    frontier = study.get("frontier") or []
+    pairs = [(f"{b} - {a}", b, "as_trained", a, "as_trained") for a, b in itertools.pairwise(frontier)]
+    for name in study["runs"]:
+        pairs.append((f"{name}: oracle depth - as trained", name, "oracle_depth", name, "as_trained"))
+        pairs.append((f"{name}: as trained - full depth", name, "as_trained", name, "full_depth"))
+    return pairs
+
+
+def label_differences(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
+    """Accuracy differences per label of the synthetic task, each with a 95% paired bootstrap
+    interval over the validation blocks (every run is scored on the same blocks; the blocks of
+    every seed both sides finished are resampled, each seed within itself). Empty for other data."""
+    from ponder_lightning.evaluate import paired_bootstrap
+
+    lines: list[str] = []
+    for title, run_a, variant_a, run_b, variant_b in label_pairs(study):
+        sides = [
+            (results[s][run_a]["labels"][variant_a], results[s][run_b]["labels"][variant_b])
+            for s in results
+            if variant_a in results[s].get(run_a, {}).get("labels", {})
+            and variant_b in results[s].get(run_b, {}).get("labels", {})
+        ]
+        if not sides:
+            continue
+        if not lines:
+            labels = list(sides[0][0]["labels"])
+            lines = [
+                "Accuracy differences per label, with 95% paired bootstrap intervals over the validation blocks "
+                "(pooled over the seeds both sides finished; each seed's blocks resampled within it).",
+                "",
+                "| difference | seeds | " + " | ".join(labels) + " |",
+                "|---|---|" + "---|" * len(labels),
+            ]
+        cells = []
+        for label in labels:
+            if not all(label in a["labels"] and label in b["labels"] for a, b in sides):
+                cells.append("")
+                continue
+            point, low, high = paired_bootstrap(
+                [a["labels"][label]["per_block"] for a, _ in sides], [b["labels"][label]["per_block"] for _, b in sides]
+            )
+            cells.append(f"{point:+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| {title} | {len(sides)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

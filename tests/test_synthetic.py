@@ -219,3 +219,50 @@ def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(
     for name, row in report["labels"].items():
         assert logged[f"val/label_depth/{name}"] == pytest.approx(row["depth_mean"], abs=1e-5), name
         assert logged[f"val/label_nll/{name}"] == pytest.approx(row["nll"], rel=1e-4), name
+
+
+def test_the_paired_bootstrap_keeps_each_blocks_pair_together():
+    from ponder_lightning.evaluate import paired_bootstrap
+
+    generator = torch.Generator().manual_seed(0)
+    hits = torch.randint(0, 5, (40,), generator=generator)
+    same = [[[int(h), 5] for h in hits]]
+    assert paired_bootstrap(same, same) == (0.0, 0.0, 0.0)  # identical sides: every resample differs by 0
+    better = [[[min(int(h) + 1, 5), 5] for h in hits]]  # one more right in most blocks
+    point, low, high = paired_bootstrap(better, same)
+    exact = (sum(min(int(h) + 1, 5) for h in hits) - int(hits.sum())) / 200
+    assert point == pytest.approx(exact) and 0 < low < point < high
+    unpaired_spread = float(hits.double().std() / 5 / 40**0.5)  # the spread an unpaired comparison would see
+    assert high - low < 2 * unpaired_spread  # pairing removes the blocks' own spread
+    with pytest.raises(ValueError, match="same blocks"):
+        paired_bootstrap(same, [same[0][:-1]])
+
+
+def test_each_decisions_score_auroc_reads_the_scores_of_the_tokens_active_at_it(single_thread):
+    from torchmetrics.functional.classification import binary_auroc
+
+    from ponder_lightning.evaluate import label_report
+    from ponder_lightning.gates import PerIterationMLPGate
+    from ponder_lightning.models import AdaPonderLM
+
+    torch.manual_seed(0)
+    model = AdaPonderLM(size="tiny", tokenizer_vocab_size=257, gate=PerIterationMLPGate(init_bias=0.0, tau=0.45))
+    docs = list(PointerChase(symbols=6, queries=8, n_docs=8, seed=5).documents_text())
+    ids = [[256, *map(ord, doc)] for doc in docs]
+    batch = torch.tensor([row[: min(map(len, ids))] for row in ids])
+    labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()])
+    report = label_report(model, [batch], lambda b: labels, context=batch.shape[1] - 1)
+    with torch.no_grad():
+        _, trace = model.hidden_states(batch[:, :-1])
+    assert len(report["auroc_score_multi_step"]) == model.n_iterations - 1
+    checked = 0
+    for i, value in enumerate(report["auroc_score_multi_step"]):
+        at = (labels > STEPS) & trace.active[i]
+        multi = labels[at] > STEPS + 1
+        if not (multi.any() and (~multi).any()):
+            assert value is None  # no pair of classes to rank at this decision
+            continue
+        expected = binary_auroc(trace.scores[i][at].double(), multi.long())
+        assert value == pytest.approx(float(expected), abs=1e-6)
+        checked += 1
+    assert checked >= 1
