@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run lint test bench
+.PHONY: install browser run lint test bench
 
 install: $(STAMP)
 
@@ -19,7 +19,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e .[dev]
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# Debian's chromium, for the test that renders `inspect`'s page in a real browser: installed when
+# apt-get can (as root); otherwise that one test is skipped and says why. Never fails the install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium not installed (needs apt-get as root): tests/test_depth_map.py's browser test will be skipped"
 
 run: $(STAMP)
 	$(BIN)/python -m ponder_lightning fit --config configs/adaponderlm.yaml --config configs/demo.yaml

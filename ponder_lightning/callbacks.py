@@ -211,6 +211,48 @@ class DepthMonitor(Callback):
             writer.add_figure("val/depth_vs_nll", depth_figure(report.table, report.deciles), trainer.global_step)
 
 
+class DepthMapMonitor(Callback):
+    """Opt-in (`--trainer.callbacks+=ponder_lightning.callbacks.DepthMapMonitor`): at each
+    validation, the depth map of the first `blocks` validation blocks as a TensorBoard image
+    (`val/depth_map`: tokens coloured by the passes they ran, `depth_map.py`). One extra forward
+    per block on rank 0; silent without a TensorBoard logger or for one-pass models."""
+
+    def __init__(self, blocks: int = 2, tokens_per_line: int = 32) -> None:
+        if blocks < 1 or tokens_per_line < 1:
+            raise ValueError(
+                f"DepthMapMonitor blocks and tokens_per_line must be >= 1, got {blocks}, {tokens_per_line}"
+            )
+        self.blocks, self.tokens_per_line = blocks, tokens_per_line
+        self._rows: Any = None
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == 0 and not isinstance(batch, dict):
+            self._rows = batch[: self.blocks].detach()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from ponder_lightning.depth_map import depth_figure_of_tokens, pass_report, token_decoder
+
+        writer = _tensorboard(trainer)
+        rows, self._rows = self._rows, None
+        if rows is None or writer is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if getattr(pl_module, "n_iterations", 1) < 2:
+            return
+        decode = token_decoder(trainer.datamodule.tokenizer_obj)
+        reports = [pass_report(pl_module, row[:-1], row[1:].tolist()) for row in rows]
+        writer.add_figure(
+            "val/depth_map", depth_figure_of_tokens(reports, decode, self.tokens_per_line), trainer.global_step
+        )
+
+
 class LabelMonitor(Callback):
     """On a synthetic task whose tokens are labelled by the steps they take (`data.synthetic`):
     at each validation, the mean depth and NLL of each label's tokens (`val/label_depth/<label>`,

@@ -26,6 +26,7 @@ from ponder_lightning.cli_errors import (
     bounded,
     non_empty_text,
     output_dir,
+    output_file,
     parser_error_message,
     tau_list,
 )
@@ -493,6 +494,85 @@ def lm_eval_command(argv: list[str]) -> None:
     run(argv, prog="python -m ponder_lightning lm_eval")
 
 
+def inspect_command(argv: list[str]) -> None:
+    """`inspect --checkpoint CKPT (--text TEXT | --blocks N [--data_files ...] | --prompt TEXT
+    --max_new_tokens N) [--format html|ansi] [--out page.html]`: where the model ponders. Every
+    token coloured by the passes it ran; in the page, on click, its gate scores, what each pass
+    would have predicted and the target's NLL after each; the summary with the full-depth
+    counterfactual. For a synthetic task's blocks, each token's label and the per-label table."""
+    import html
+
+    from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.data import load_tokenizer
+    from ponder_lightning.data.synthetic import is_synthetic, label_block
+    from ponder_lightning.depth_map import pass_report, render_ansi, render_html, token_decoder
+    from ponder_lightning.evaluate import format_label_study, label_study
+    from ponder_lightning.generate import generate
+
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning inspect", description=inspect_command.__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", type=non_empty_text, help="text to run teacher-forced")
+    source.add_argument(
+        "--blocks", type=bounded(int, 1), help="this many validation blocks of the run's data (or --data_files)"
+    )
+    source.add_argument("--prompt", type=non_empty_text, help="a prompt to continue; the page shows the continuation")
+    parser.add_argument("--data_files", default=None, help="with --blocks: these files instead of the run's data")
+    parser.add_argument("--max_new_tokens", type=bounded(int, 1), default=32, help="with --prompt")
+    parser.add_argument("--format", choices=["html", "ansi"], default="html")
+    parser.add_argument("--out", type=output_file, default=None, help="the page (default: depth_map.html)")
+    parser.add_argument("--top_k", type=bounded(int, 1), default=5, help="predictions shown per pass")
+    add_trust_flag(parser)
+    args = parser.parse_args(argv)
+    if args.data_files and args.blocks is None:
+        parser.error("argument --data_files: only with --blocks")
+    if args.format == "html" and args.out is None:
+        try:
+            args.out = output_file("depth_map.html")
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"argument --out: {err}")
+    model, data_args = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
+    tokenizer = load_tokenizer(data_args.get("tokenizer", "neox"))
+    check_tokenizer_fits(
+        f"the checkpoint's tokenizer {data_args.get('tokenizer')}", tokenizer.vocab_size, model.config.vocab_size
+    )
+    extra, labelled = "", False
+    if args.blocks is not None:
+        overrides: dict[str, Any] = {"val_batches": 1}
+        if args.data_files:
+            overrides.update(data_files=args.data_files, val_files=args.data_files, tokens=None)
+        data = PileDataModule.from_recorded(data_args, **overrides)
+        data.setup("validate")
+        batch = next(iter(data.val_dataloader()))
+        rows = batch[: args.blocks]
+        labelled = is_synthetic(data.data_files)
+        reports = [
+            pass_report(model, row[:-1], row[1:].tolist(), label_block(row.tolist())[1:] if labelled else None)
+            for row in rows
+        ]
+        if labelled:
+            table = format_label_study(label_study(model, [rows], data.seq_len))
+            extra = "<h2>Per label (these blocks)</h2><pre>" + html.escape(table) + "</pre>"
+        title = f"{type(model).__name__}: {len(reports)} validation block(s) of {data.seq_len + 1} tokens"
+    elif args.text is not None:
+        ids = tokenizer.encode(args.text)
+        reports = [pass_report(model, ids)]
+        title = f"{type(model).__name__} on the given text"
+    else:
+        result = generate(model, [args.prompt], tokenizer=tokenizer, max_new_tokens=args.max_new_tokens)
+        ids = tokenizer.encode(args.prompt) + result.tokens[0]
+        reports = [pass_report(model, ids)]
+        title = f"{type(model).__name__}: the prompt and {len(result.tokens[0])} generated tokens (greedy)"
+    decode = token_decoder(tokenizer)
+    if args.format == "ansi":
+        print(render_ansi(model, reports, decode))
+        if labelled:
+            print(table)
+        return
+    Path(args.out).write_text(render_html(model, reports, decode, title, top_k=args.top_k, extra_html=extra))
+    print(f"wrote {args.out} ({sum(len(r.tokens) for r in reports)} tokens); open it in a browser")
+
+
 PROG = "python -m ponder_lightning"
 #: Exit status after Ctrl-C (128 + SIGINT, the shell's convention).
 INTERRUPTED_EXIT_CODE = 130
@@ -508,6 +588,7 @@ COMMANDS = {
     "flops": flops_command,
     "generate": generate_command,
     "evaluate": evaluate_command,
+    "inspect": inspect_command,
     "study": study_command,
     "prepare": prepare_command,
     "export": export_command,
@@ -518,6 +599,7 @@ DESCRIPTIONS = {
     "flops": "inference FLOPs per token of a configured model, at full depth and given active fractions",
     "generate": "adaptive-depth decoding from a checkpoint, with the depth of every token",
     "evaluate": "perplexity, depth and FLOPs of a checkpoint, a halting-threshold sweep, the gate controls",
+    "inspect": "where a model ponders: tokens coloured by depth, each pass's predictions (HTML page or terminal)",
     "study": "train and evaluate a set of runs (models x seeds) and tabulate them",
     "prepare": "tokenise text files once into shards that data.tokens reads",
     "export": "write a checkpoint as a Hugging Face directory",

@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
             "callbacks",
             "checkpoints",
             "cli_errors",
+            "depth_map",
             "evaluate",
             "generate",
             "hf_export",

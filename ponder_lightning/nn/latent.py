@@ -112,6 +112,13 @@ class LatentRecurrence:
     def __call__(self, tokens: Tensor, valid: Tensor | None, jacobi_passes: int) -> tuple[Tensor, Trace]:
         """Hidden states [B, T, d] that predict the next tokens, and the trace: `active[k]` = the
         tokens that run slot k at inference (all of them without a router), `scores[k-1]` = w_k."""
+        out, _, trace = self.slot_outputs(tokens, valid, jacobi_passes)
+        return out, trace
+
+    def slot_outputs(self, tokens: Tensor, valid: Tensor | None, jacobi_passes: int) -> tuple[Tensor, Tensor, Trace]:
+        """The training form's readout [B, T, d] and trace (see `__call__`), and every slot's output
+        of the final pass [B, T, K+1, d] (after the final norm): what each latent step of a token
+        would predict (a logit lens over the slots, `depth_map.pass_report`)."""
         b, t = tokens.shape
         k_max = self.latent_steps
         embeds = self.backbone.embed(tokens).unsqueeze(2)  # the token slots, [B, T, 1, d]
@@ -129,14 +136,14 @@ class LatentRecurrence:
             slots = torch.cat([embeds, h[:, :, : widths[n + 1] - 1]], dim=2)
         real = torch.ones(b, t, dtype=torch.bool, device=tokens.device) if valid is None else valid.bool()
         if probs is None:
-            return h[:, :, k_max], Trace(active=[real] * (k_max + 1), scores=[None] * k_max)
+            return h[:, :, k_max], h, Trace(active=[real] * (k_max + 1), scores=[None] * k_max)
         w = tail_weights(probs)
         out = (probs.unsqueeze(-1).to(h.dtype) * h).sum(2)
         trace = Trace(
             active=[real] + [real & (w[..., k] >= self.tau) for k in range(1, k_max + 1)],
             scores=list(w[..., 1:].unbind(-1)),
         )
-        return out, trace
+        return out, h, trace
 
     @staticmethod
     def _key_bias(probs: Tensor, valid: Tensor | None) -> Tensor:

@@ -1,0 +1,378 @@
+"""Where a model ponders: per token, the passes it ran, the gate's score at each decision, what
+each pass would have predicted (a logit lens over the passes) and the target's NLL after each,
+as data (`pass_report`), a self-contained HTML page (`render_html`), terminal colours
+(`render_ansi`) and a figure for TensorBoard (`depth_figure_of_tokens`).
+
+The unit of pondering is the model's: a pass of the token recurrence (PonderLM, LoopTransformer,
+AdaPonderLM; vanilla has one), or a latent slot of PonderLM-2/3, whose router weight w_k stands
+where a gate's score does. What a pass "would have predicted" is the LM head on that pass's
+readout (after the final norm), so the last pass a token ran is exactly the model's prediction.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ponder_lightning.gates import FullDepth, Gate, GateDecision
+from ponder_lightning.gates.controls import GateControl
+from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.models.ponder2 import PonderLM2
+from ponder_lightning.models.recurrent import TokenRecurrentLM
+from ponder_lightning.nn.backbone import softmax_dtype
+
+
+@dataclass
+class PassReport:
+    """One sequence, token by token (input position t predicts `targets[t]`).
+
+    `readout_logits[t, p]`: logits [V] of pass (or slot) p's readout of token t, for p < depth[t];
+    `logits[t]` the model's own prediction (its last pass's, PonderLM-3's weighted readout);
+    `scores[t][i]`: the gate's score at decision i (router weight w_{i+1} for PonderLM-3), None
+    where the token did not reach it or the model has no scores; `nll[t][p]`: the target's NLL
+    after pass p; `nll_full_depth[t]`: with no token halting (same weights), None when the model
+    cannot halt a token."""
+
+    unit: str
+    tokens: list[int]
+    targets: list[int | None]
+    depth: list[int]
+    scores: list[list[float | None]]
+    logits: Tensor
+    readout_logits: Tensor
+    nll: list[list[float | None]]
+    nll_full_depth: list[float | None]
+    n_passes: int
+    labels: list[int] | None = None
+
+    def top(self, t: int, p: int, k: int = 5) -> list[tuple[int, float]]:
+        """Pass p's k most probable next tokens for position t, with their probabilities."""
+        probs = self.readout_logits[t, p].float().softmax(-1)
+        values, ids = probs.topk(min(k, probs.numel()))
+        return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+class PassRecorder(GateControl):
+    """The model's own gate, recording what each decision saw (the pass's readout) and decided."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(gate)
+        self.readouts: list[Tensor] = []
+        self.scores: list[Tensor | None] = []
+
+    @property
+    def can_halt(self) -> bool:  # type: ignore[override]
+        return self.base.can_halt
+
+    def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        return decision.active
+
+    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
+        decision = self.base(h, iteration, active, tokens, positions)
+        self.readouts.append(h.detach())
+        self.scores.append(None if decision.scores is None else decision.scores.detach())
+        return decision
+
+
+def _nll(logits: Tensor, target: int | None) -> float | None:
+    if target is None:
+        return None
+    return float(-logits.to(softmax_dtype(logits.dtype)).log_softmax(-1)[target])
+
+
+@torch.no_grad()
+def pass_report(
+    model: CausalLMModule, ids: Tensor | list[int], targets: list[int | None] | None = None, labels: Any = None
+) -> PassReport:
+    """Run `ids` [T] (one sequence) through the model's training forward and read every pass.
+    `targets[t]`: the token that follows position t (default: the next id, None for the last)."""
+    model.eval()
+    ids = torch.as_tensor(ids, dtype=torch.long).view(1, -1).to(model.device)
+    t = ids.shape[1]
+    if targets is None:
+        targets = [*ids[0, 1:].tolist(), None]
+    if isinstance(model, PonderLM2):
+        out, slots, trace = model.latent.slot_outputs(ids, None, model.jacobi_passes())
+        readouts = [slots[:, :, k] for k in range(slots.shape[2])]
+        scores = [s for s in trace.scores]
+        unit, full = "latent slot", None
+    elif isinstance(model, TokenRecurrentLM):
+        recorder = PassRecorder(model.effective_gate())
+        out, trace = model.hidden_states(ids, gate=recorder)
+        readouts = [*recorder.readouts, out]  # the last pass's readout is the output where it ran
+        scores = recorder.scores
+        unit = "pass"
+        full = None
+        if model.effective_gate().can_halt:
+            hidden, _ = model.hidden_states(ids, gate=FullDepth(model.effective_gate()))
+            full = model.backbone.logits(hidden)[0]
+    else:
+        raise TypeError(f"pass_report does not know how {type(model).__name__} ponders")
+    depth = trace.depth()[0].tolist()
+    logits = model.backbone.logits(out)[0]
+    readout_logits = torch.stack([model.backbone.logits(r)[0] for r in readouts], dim=1)  # [T, P, V]
+    n_passes = readout_logits.shape[1]
+    report_scores = [
+        [None if s is None or not bool(trace.active[i][0, pos]) else float(s[0, pos]) for i, s in enumerate(scores)]
+        for pos in range(t)
+    ]
+    return PassReport(
+        unit=unit,
+        tokens=ids[0].tolist(),
+        targets=list(targets),
+        depth=depth,
+        scores=report_scores,
+        logits=logits,
+        readout_logits=readout_logits,
+        nll=[
+            [_nll(readout_logits[pos, p], targets[pos]) if p < depth[pos] else None for p in range(n_passes)]
+            for pos in range(t)
+        ],
+        nll_full_depth=[None if full is None else _nll(full[pos], targets[pos]) for pos in range(t)],
+        n_passes=n_passes,
+        labels=None if labels is None else [int(x) for x in labels],
+    )
+
+
+def token_decoder(tokenizer: Any) -> Callable[[int], str]:
+    """One token's text; ids the tokenizer has no text for (EOS, the padded vocabulary) as <id>."""
+
+    def decode(token: int) -> str:
+        if token == getattr(tokenizer, "eos_id", None) or token >= tokenizer.vocab_size:
+            return f"<{token}>"
+        try:
+            return tokenizer.decode([token])
+        except ValueError:
+            return f"<{token}>"
+
+    return decode
+
+
+#: Background colours per depth (1 = lightest), from ColorBrewer's sequential Blues.
+PALETTE = ["#eff3ff", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b"]
+#: xterm-256 background codes per depth, light to dark.
+ANSI_PALETTE = [255, 153, 117, 75, 33, 27, 19, 17]
+
+
+def depth_colour(depth: int, n_passes: int, palette: list[Any] = PALETTE) -> Any:
+    """The colour of `depth` passes out of `n_passes`: evenly spread over the palette."""
+    if n_passes <= 1:
+        return palette[0]
+    return palette[round((min(max(depth, 1), n_passes) - 1) * (len(palette) - 1) / (n_passes - 1))]
+
+
+def summary(model: CausalLMModule, reports: list[PassReport]) -> dict[str, Any]:
+    """Mean depth, FLOPs per token x vanilla at that depth, and mean NLL as run and at full depth,
+    over every position with a target (what `evaluate` reports for the same blocks)."""
+    depths = [d for r in reports for d, y in zip(r.depth, r.targets, strict=True) if y is not None]
+    nlls = [r.nll[i][r.depth[i] - 1] for r in reports for i, y in enumerate(r.targets) if y is not None]
+    full = [r.nll_full_depth[i] for r in reports for i, y in enumerate(r.targets) if y is not None]
+    fractions = [sum(d > i for d in depths) / len(depths) for i in range(model.n_iterations)]
+    context = max(len(r.tokens) for r in reports)
+    return {
+        "tokens": len(depths),
+        "depth_mean": sum(depths) / len(depths),
+        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
+        "nll": sum(nlls) / len(nlls),
+        "nll_full_depth": None if None in full else sum(full) / len(full),
+        "passes": reports[0].n_passes,
+        "unit": reports[0].unit,
+    }
+
+
+def _token_data(report: PassReport, decode: Any, top_k: int) -> list[dict[str, Any]]:
+    from ponder_lightning.data.synthetic import label_name
+
+    rows = []
+    for t, token in enumerate(report.tokens):
+        rows.append(
+            {
+                "text": decode(token),
+                "depth": report.depth[t],
+                "target": None if report.targets[t] is None else decode(report.targets[t]),
+                "scores": report.scores[t],
+                "nll": report.nll[t],
+                "nll_full_depth": report.nll_full_depth[t],
+                "label": None if report.labels is None else label_name(report.labels[t]),
+                "top": [
+                    [[decode(i), p] for i, p in report.top(t, p, top_k)] if p < report.depth[t] else []
+                    for p in range(report.n_passes)
+                ],
+            }
+        )
+    return rows
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+.block {{ font-family: monospace; font-size: 120%; white-space: pre-wrap; line-height: 1.9; border: 1px solid #ccc;
+  padding: .6em; margin: .6em 0; }}
+.tok {{ cursor: pointer; border-radius: 2px; padding: 1px 0; }}
+.tok.selected {{ outline: 2px solid #d62728; }}
+.legend span {{ display: inline-block; padding: 2px 8px; margin-right: 4px; font-family: monospace; }}
+#detail {{ border: 1px solid #ccc; padding: .6em; min-height: 4em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; font-size: 90%; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<p id="summary"></p>
+<p class="legend" id="legend"></p>
+<div id="blocks"></div>
+<h2>Token</h2>
+<div id="detail">Click a token: its gate scores, each pass's top predictions and the target's NLL after each.</div>
+{extra}
+<script>
+window.pageErrors = [];
+window.addEventListener("error", function (e) {{
+  window.pageErrors.push(String(e.message));
+  document.body.dataset.errors = window.pageErrors.length;
+}});
+const DATA = {data};
+function fmt(x, d) {{ return x === null || x === undefined ? "-" : Number(x).toFixed(d); }}
+function show(token) {{
+  const rows = [];
+  for (let p = 0; p < DATA.passes; p++) {{
+    const top = token.top[p].map(function (t) {{
+      return JSON.stringify(t[0]) + " " + fmt(t[1], 3);
+    }}).join(", ");
+    rows.push("<tr><td>" + (p + 1) + "</td><td>" + (p > 0 ? fmt(token.scores[p - 1], 4) : "") + "</td><td>"
+      + fmt(token.nll[p], 3) + "</td><td>" + (top || "(not run)") + "</td></tr>");
+  }}
+  const detail = document.getElementById("detail");
+  detail.innerHTML = "<b>" + JSON.stringify(token.text) + "</b> &rarr; target " + JSON.stringify(token.target)
+    + (token.label ? " (label " + token.label + ")" : "") + ": ran " + token.depth + " of " + DATA.passes + " "
+    + DATA.units + "; NLL at full depth " + fmt(token.nll_full_depth, 3)
+    + "<table><tr><th>" + DATA.unit + "</th><th>score before it</th><th>target NLL after it</th>"
+    + "<th>top predictions</th></tr>"
+    + rows.join("") + "</table>";
+}}
+const legend = document.getElementById("legend");
+for (let d = 1; d <= DATA.passes; d++) {{
+  const s = document.createElement("span");
+  s.style.background = DATA.colours[d];
+  s.style.color = d > DATA.passes / 2 ? "#fff" : "#000";
+  s.textContent = d + " " + (d > 1 ? DATA.units : DATA.unit);
+  legend.appendChild(s);
+}}
+const S = DATA.summary;
+document.getElementById("summary").textContent = S.tokens + " tokens: mean depth " + fmt(S.depth_mean, 3) + " of "
+  + S.passes + " " + DATA.units + ", " + fmt(S.flops_x_vanilla, 3) + "x vanilla FLOPs per token; mean NLL "
+  + fmt(S.nll, 4) + " as run, "
+  + (S.nll_full_depth === null ? "(nothing halts: full depth is as run)" : fmt(S.nll_full_depth, 4) + " at full depth");
+const blocks = document.getElementById("blocks");
+let count = 0;
+DATA.blocks.forEach(function (block) {{
+  const div = document.createElement("div");
+  div.className = "block";
+  block.forEach(function (token) {{
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = token.text;
+    span.dataset.depth = token.depth;
+    span.style.background = DATA.colours[token.depth];
+    span.style.color = token.depth > DATA.passes / 2 ? "#fff" : "#000";
+    span.title = "depth " + token.depth + (token.label ? ", " + token.label : "");
+    span.addEventListener("click", function () {{
+      document.querySelectorAll(".tok.selected").forEach(function (e) {{ e.classList.remove("selected"); }});
+      span.classList.add("selected");
+      show(token);
+    }});
+    div.appendChild(span);
+    count += 1;
+  }});
+  blocks.appendChild(div);
+}});
+document.body.dataset.rendered = count;
+</script>
+</body></html>
+"""
+
+
+def render_html(
+    model: CausalLMModule, reports: list[PassReport], decode: Any, title: str, top_k: int = 5, extra_html: str = ""
+) -> str:
+    """A self-contained page (no network, no external script): every token coloured by its depth,
+    a legend, the summary, and on click the token's scores, per-pass predictions and NLLs.
+    `extra_html`: more content (e.g. a per-label table), already escaped."""
+    passes = reports[0].n_passes
+    data = {
+        "passes": passes,
+        "unit": reports[0].unit,
+        "units": plural(reports[0].unit),
+        "colours": {d: depth_colour(d, passes) for d in range(0, passes + 1)},
+        "summary": summary(model, reports),
+        "blocks": [_token_data(r, decode, top_k) for r in reports],
+    }
+    # `</` cannot end the script from inside a JSON string
+    payload = json.dumps(data, allow_nan=False, default=_no_nan).replace("</", "<\\/")
+    return PAGE.format(title=html.escape(title), data=payload, extra=extra_html)
+
+
+def plural(unit: str) -> str:
+    return {"pass": "passes"}.get(unit, unit + "s")
+
+
+def _no_nan(value: Any) -> Any:
+    raise TypeError(f"not JSON: {value!r}")
+
+
+def render_ansi(model: CausalLMModule, reports: list[PassReport], decode: Any) -> str:
+    """The depth map in the terminal: each token on a background by its depth, a legend and the
+    summary line."""
+    passes = reports[0].n_passes
+    lines = [
+        "depth: "
+        + " ".join(
+            f"\x1b[48;5;{depth_colour(d, passes, ANSI_PALETTE)}m\x1b[{'97' if d > passes / 2 else '30'}m {d} \x1b[0m"
+            for d in range(1, passes + 1)
+        )
+    ]
+    for report in reports:
+        cells = []
+        for token, depth in zip(report.tokens, report.depth, strict=True):
+            colour = depth_colour(depth, passes, ANSI_PALETTE)
+            text = decode(token).replace("\n", "\u21b5")
+            cells.append(f"\x1b[48;5;{colour}m\x1b[{'97' if depth > passes / 2 else '30'}m{text}\x1b[0m")
+        lines.append("".join(cells))
+    s = summary(model, reports)
+    full = "" if s["nll_full_depth"] is None else f", {s['nll_full_depth']:.4f} at full depth"
+    lines.append(
+        f"{s['tokens']} tokens: mean depth {s['depth_mean']:.3f} of {s['passes']} {plural(s['unit'])}, "
+        f"{s['flops_x_vanilla']:.3f}x vanilla FLOPs per token; mean NLL {s['nll']:.4f} as run{full}"
+    )
+    return "\n".join(lines)
+
+
+def depth_figure_of_tokens(reports: list[PassReport], decode: Any, per_line: int = 32):
+    """A matplotlib figure of the depth map (tokens in a grid, coloured by depth), for TensorBoard."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    passes = reports[0].n_passes
+    rows = [r for report in reports for r in _chunks(report, per_line)]
+    fig, ax = plt.subplots(figsize=(per_line * 0.32, 0.32 * len(rows) + 0.6))
+    for y, row in enumerate(rows):
+        for x, (token, depth) in enumerate(row):
+            ax.add_patch(plt.Rectangle((x, -y - 1), 1, 1, color=depth_colour(depth, passes)))
+            ax.text(x + 0.5, -y - 0.5, decode(token)[:3], ha="center", va="center", fontsize=6, family="monospace")
+    ax.set_xlim(0, per_line)
+    ax.set_ylim(-len(rows), 0)
+    ax.axis("off")
+    ax.set_title(f"depth per token (light: 1 {reports[0].unit}, dark: {passes})", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _chunks(report: PassReport, n: int) -> list[list[tuple[int, int]]]:
+    pairs = list(zip(report.tokens, report.depth, strict=True))
+    return [pairs[i : i + n] for i in range(0, len(pairs), n)] or [[]]
