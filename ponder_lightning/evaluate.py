@@ -43,6 +43,7 @@ from ponder_lightning.gates import (
     MatchedRandomPruning,
     OracleDepth,
     RankedPruning,
+    ReadoutAtNeed,
     RecordingFullDepth,
 )
 from ponder_lightning.models.base import split_batch
@@ -101,6 +102,8 @@ def label_report(
     for batch in batches:
         inputs, targets, valid = split_batch(batch)
         hidden, trace = model.hidden_states(inputs, valid, gate=gate)
+        if isinstance(gate, ReadoutAtNeed):
+            hidden = gate.pick(hidden)
         logits = model.backbone.logits(hidden)
         logits = logits.to(softmax_dtype(logits.dtype))
         keep = targets != IGNORE_INDEX
@@ -188,9 +191,11 @@ def paired_bootstrap(
 
 def label_study(model, batches: list[Any], context: int) -> dict[str, dict[str, Any]]:
     """`label_report` of the model as it runs and, for a model of several passes, on the same
-    weights: every token at full depth (for a gate that halts) and at the oracle's depth (each
+    weights: every token at full depth (for a gate that halts), at the oracle's depth (each
     token halts after the passes its label needs, `OracleDepth`): the mechanism check, where a
-    model whose passes do what the labels say matches full depth at fewer FLOPs."""
+    model whose passes do what the labels say matches full depth at fewer FLOPs; and every token
+    at full depth read out at the pass it needs (`ReadoutAtNeed`, full depth's FLOPs), which
+    tells a readout that is no prediction yet from K/V reuse when the oracle falls short."""
     from ponder_lightning.data.synthetic import passes_needed, target_labels
 
     reports = {"as_trained": label_report(model, batches, target_labels, context)}
@@ -198,15 +203,15 @@ def label_study(model, batches: list[Any], context: int) -> dict[str, dict[str, 
         return reports
     if model.gate.can_halt:
         reports["full_depth"] = label_report(model, batches, target_labels, context, FullDepth(model.gate))
-    oracle = OracleDepth(model.gate)
+    for name, control in [("oracle_depth", OracleDepth(model.gate)), ("readout_at_need", ReadoutAtNeed(model.gate))]:
 
-    def with_needs() -> Iterable[Any]:
-        """Each batch, after setting the passes its tokens need on the oracle."""
-        for batch in batches:
-            oracle.needs = passes_needed(target_labels(batch)).clamp(max=model.n_iterations)
-            yield batch
+        def with_needs(control: OracleDepth | ReadoutAtNeed = control) -> Iterable[Any]:
+            """Each batch, after setting the passes its tokens need on the control."""
+            for batch in batches:
+                control.needs = passes_needed(target_labels(batch)).clamp(max=model.n_iterations)
+                yield batch
 
-    reports["oracle_depth"] = label_report(model, with_needs(), target_labels, context, oracle)
+        reports[name] = label_report(model, with_needs(), target_labels, context, control)
     return reports
 
 

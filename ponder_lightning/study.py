@@ -681,7 +681,12 @@ def allocation_table(study: dict[str, Any], results: dict[int, dict[str, dict[st
 
 
 #: How `label_table` names the ways `evaluate.label_study` ran each model.
-LABEL_VARIANTS = {"as_trained": "as trained", "full_depth": "full depth", "oracle_depth": "oracle depth"}
+LABEL_VARIANTS = {
+    "as_trained": "as trained",
+    "full_depth": "full depth",
+    "oracle_depth": "oracle depth",
+    "readout_at_need": "full depth, read at the needed pass",
+}
 
 
 def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
@@ -751,6 +756,8 @@ def label_pairs(study: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     pairs = [(f"{b} - {a}", b, "as_trained", a, "as_trained") for a, b in itertools.pairwise(frontier)]
     for name in study["runs"]:
         pairs.append((f"{name}: oracle depth - as trained", name, "oracle_depth", name, "as_trained"))
+        pairs.append((f"{name}: read at the needed pass - as trained", name, "readout_at_need", name, "as_trained"))
+        pairs.append((f"{name}: oracle depth - read at the needed pass", name, "oracle_depth", name, "readout_at_need"))
         pairs.append((f"{name}: as trained - full depth", name, "as_trained", name, "full_depth"))
     return pairs
 

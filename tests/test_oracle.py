@@ -10,7 +10,7 @@ import torch
 from decode_helpers import decode_rowwise
 
 from ponder_lightning.data.synthetic import STEPS, PointerChase, label_block, passes_needed
-from ponder_lightning.gates import FirstPassOnly, OracleDepth
+from ponder_lightning.gates import FirstPassOnly, OracleDepth, ReadoutAtNeed
 from ponder_lightning.generate import generate
 from ponder_lightning.models import PonderLM
 
@@ -97,3 +97,22 @@ def test_label_study_runs_the_oracle_at_each_labels_steps(model):
     assert oracle["auroc_depth_multi_step"] == 1.0
     labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()])
     assert torch.equal(passes_needed(labels)[labels == STEPS + 3], torch.full_like(labels[labels == STEPS + 3], 3))
+
+
+def test_reading_at_the_needed_pass_runs_full_depth_and_reads_each_tokens_pass(model):
+    ids = torch.randint(0, VOCAB, (2, 16))
+    needs = torch.randint(1, 5, ids.shape)
+    control = ReadoutAtNeed(model.gate)
+    control.needs = needs
+    with torch.no_grad():
+        hidden, trace = model.hidden_states(ids, gate=control)
+        picked = model.backbone.logits(control.pick(hidden))
+    assert torch.equal(trace.depth(), torch.full_like(ids, 4))  # nothing halts: full depth's K/V and FLOPs
+    full = logits_under(model, ids, None)[0]
+    first = logits_under(model, ids, FirstPassOnly(model.gate))[0]
+    assert torch.allclose(picked[needs == 4], full[needs == 4], atol=1e-5)
+    assert torch.allclose(picked[needs == 1], first[needs == 1], atol=1e-5)
+    # a token read at its second pass sees every other token's second-pass K/V, unlike the oracle
+    for k in (2, 3):
+        everyone_at_k = logits_under(model, ids, oracle_for(model, torch.full_like(ids, k)))[0]
+        assert torch.allclose(picked[needs == k], everyone_at_k[needs == k], atol=1e-5)

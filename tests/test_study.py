@@ -365,7 +365,9 @@ def test_a_study_on_a_synthetic_task_tables_each_label_as_trained_and_at_the_ora
     main(["study", "--config", str(path)])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     reports = results["1"]["ponderlm_2"]["labels"]
-    assert set(reports) == {"as_trained", "oracle_depth"} and set(results["1"]["vanilla"]["labels"]) == {"as_trained"}
+    assert set(reports) == {"as_trained", "oracle_depth", "readout_at_need"} and set(
+        results["1"]["vanilla"]["labels"]
+    ) == {"as_trained"}
     assert reports["oracle_depth"]["labels"]["format"]["depth_mean"] == 1.0
     assert reports["oracle_depth"]["flops_x_vanilla"] < reports["as_trained"]["flops_x_vanilla"]
     summary = (tmp_path / "out" / "summary.md").read_text()

@@ -187,7 +187,7 @@ def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     main(["evaluate", "--checkpoint", str(ckpt), "--batches", "2", "--out", str(tmp_path / "eval")])
     study = json.loads((tmp_path / "eval" / "labels.json").read_text())
-    assert set(study) == {"as_trained", "full_depth", "oracle_depth"}
+    assert set(study) == {"as_trained", "full_depth", "oracle_depth", "readout_at_need"}
     report = study["as_trained"]
     assert {"format", "aleatoric", "k=1"} <= set(report["labels"]) and "AUROC of depth" in capsys.readouterr().out
     assert sum(row["tokens"] for row in report["labels"].values()) <= 2 * 4 * 64

@@ -9,6 +9,7 @@ from ponder_lightning.gates.controls import (
     MatchedRandomPruning,
     OracleDepth,
     RankedPruning,
+    ReadoutAtNeed,
     RecordingFullDepth,
 )
 from ponder_lightning.gates.fixed import FixedRatioGate
@@ -33,6 +34,7 @@ __all__ = [
     "PonderRegularizer",
     "PerIterationMLPGate",
     "RankedPruning",
+    "ReadoutAtNeed",
     "RecordingFullDepth",
     "ShuffledHalting",
     "SingleMLPGate",

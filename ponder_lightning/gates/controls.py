@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import torch
 from torch import Tensor
 
 from ponder_lightning.gates.base import halt_below
@@ -177,3 +178,31 @@ class OracleDepth(GateControl):
             )
         needs = self.needs.to(positions.device).gather(1, positions.long())
         return active & (needs > iteration + 1)
+
+
+class ReadoutAtNeed(FullDepth):
+    """Every token runs every pass (no halting, so no K/V is reused), but a token's output is read
+    from the pass its label needs (`needs` [B, T], set before each forward like `OracleDepth`'s):
+    with `OracleDepth` and full depth it splits what halting costs into the readout (is the
+    needed pass's output a prediction at all?) and KV reuse (do later passes of other tokens
+    miss this token's later K/V?). `pick(out)` gives the chosen readouts after the forward."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(gate)
+        self.needs: Tensor | None = None
+        self.readouts: list[Tensor] = []
+
+    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
+        if iteration == 0:
+            self.readouts = []
+        self.readouts.append(h)
+        return super().forward(h, iteration, active, tokens, positions)
+
+    def pick(self, out: Tensor) -> Tensor:
+        if self.needs is None or self.needs.shape != out.shape[:2]:
+            raise ValueError(
+                f"ReadoutAtNeed needs passes per token of shape {tuple(out.shape[:2])} set before each forward"
+            )
+        passes = torch.stack([*self.readouts, out], dim=2)  # [B, T, n_iterations, d]
+        index = (self.needs.to(out.device).clamp(1, passes.shape[2]) - 1).long()
+        return passes.gather(2, index[..., None, None].expand(*index.shape, 1, out.shape[-1])).squeeze(2)
