@@ -176,6 +176,17 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
                     else f"Spearman {rho:+.3f} (> 0: harder tokens get more passes)"
                 )
             )
+    labels = [k.removeprefix("val/label_nll/") for k in last if k.startswith("val/label_nll/")]
+    if labels:  # a synthetic task (LabelMonitor): what each kind of token cost and got
+        lines.append(
+            "per label at the last check (NLL / mean depth): "
+            + ", ".join(
+                f"{name} {last[f'val/label_nll/{name}']:.3f} / {last[f'val/label_depth/{name}']:.2f}" for name in labels
+            )
+        )
+        if "val/auroc_depth_multi_step" in last:
+            auroc = last["val/auroc_depth_multi_step"]
+            lines.append(f"AUROC of depth, k >= 2 vs k = 1 tokens: {auroc:.3f} (0.5: depth ignores need)")
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
     return "\n".join(lines)

@@ -194,7 +194,7 @@ def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single
     assert study["oracle_depth"]["labels"]["format"]["depth_mean"] == 1.0
 
 
-def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(tmp_path, single_thread):
+def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(tmp_path, capsys, single_thread):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from ponder_lightning.checkpoints import load_checkpoint
@@ -219,6 +219,12 @@ def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(
     for name, row in report["labels"].items():
         assert logged[f"val/label_depth/{name}"] == pytest.approx(row["depth_mean"], abs=1e-5), name
         assert logged[f"val/label_nll/{name}"] == pytest.approx(row["nll"], rel=1e-4), name
+    summary = capsys.readouterr().out  # the fit summary names them too
+    nll, depth = map(float, re.search(r"k=1 ([\d.]+) / ([\d.]+)", summary).groups())
+    assert nll == pytest.approx(report["labels"]["k=1"]["nll"], abs=2e-3)
+    assert depth == pytest.approx(report["labels"]["k=1"]["depth_mean"], abs=1e-2)
+    auroc = float(re.search(r"AUROC of depth, k >= 2 vs k = 1 tokens: ([\d.]+)", summary).group(1))
+    assert auroc == pytest.approx(report["auroc_depth_multi_step"], abs=2e-3)
 
 
 def test_the_paired_bootstrap_keeps_each_blocks_pair_together():
