@@ -291,6 +291,13 @@ DATA.blocks.forEach(function (block) {{
   blocks.appendChild(div);
 }});
 document.body.dataset.rendered = count;
+// #token=B,T in the address opens token T of block B (a link to one token, or a screenshot)
+const chosen = /^#token=([0-9]+),([0-9]+)$/.exec(location.hash);
+if (chosen) {{
+  const block = document.querySelectorAll(".block")[Number(chosen[1])];
+  const span = block && block.querySelectorAll(".tok")[Number(chosen[2])];
+  if (span) span.click();
+}}
 </script>
 </body></html>
 """

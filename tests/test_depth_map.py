@@ -106,6 +106,10 @@ def test_the_page_renders_every_token_coloured_by_depth_with_no_script_error(tmp
     assert len({depth for depth, _ in spans}) > 1  # and depth varies
     console_errors = [line for line in run.stderr.splitlines() if "CONSOLE" in line and "ERROR" in line.upper()]
     assert not console_errors
+    # a token opened from the address shows its passes: depth, and one table row per pass
+    opened = chromium(tmp_path, "--dump-dom", page.as_uri() + "#token=1,3").stdout
+    detail = re.search(r'<div id="detail">(.*?)</div>', opened, re.S).group(1)
+    assert f"ran {reports[1].depth[3]} of 4 passes" in detail and detail.count("<tr>") == 1 + 4
 
 
 def test_the_page_embeds_everything_it_shows(single_thread):
