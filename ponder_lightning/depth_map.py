@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ponder_lightning.gates import FullDepth, Gate, GateDecision
-from ponder_lightning.gates.controls import GateControl
+from ponder_lightning.gates import FullDepth, RecordingReadouts
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.models.ponder2 import PonderLM2
 from ponder_lightning.models.recurrent import TokenRecurrentLM
@@ -58,32 +57,11 @@ class PassReport:
         return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
-class PassRecorder(GateControl):
-    """The model's own gate, recording what each decision saw (the pass's readout) and decided."""
-
-    def __init__(self, gate: Gate) -> None:
-        super().__init__(gate)
-        self.readouts: list[Tensor] = []
-        self.scores: list[Tensor | None] = []
-
-    @property
-    def can_halt(self) -> bool:  # type: ignore[override]
-        return self.base.can_halt
-
-    def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
-        return decision.active
-
-    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
-        decision = self.base(h, iteration, active, tokens, positions)
-        self.readouts.append(h.detach())
-        self.scores.append(None if decision.scores is None else decision.scores.detach())
-        return decision
-
-
-def _nll(logits: Tensor, target: int | None) -> float | None:
-    if target is None:
-        return None
-    return float(-logits.to(softmax_dtype(logits.dtype)).log_softmax(-1)[target])
+def _target_nll(logits: Tensor, targets: list[int | None]) -> Tensor:
+    """NLL [T, P] of each position's target under logits [T, P, V] (0 where there is none)."""
+    ids = torch.tensor([0 if y is None else y for y in targets], device=logits.device)
+    log_probs = logits.to(softmax_dtype(logits.dtype)).log_softmax(-1)
+    return -log_probs.gather(-1, ids[:, None, None].expand(-1, logits.shape[1], 1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -97,18 +75,14 @@ def pass_report(
     t = ids.shape[1]
     if targets is None:
         targets = [*ids[0, 1:].tolist(), None]
+    full = None
     if isinstance(model, PonderLM2):
-        out, slots, trace = model.latent.slot_outputs(ids, None, model.jacobi_passes())
-        readouts = [slots[:, :, k] for k in range(slots.shape[2])]
-        scores = [s for s in trace.scores]
-        unit, full = "latent slot", None
+        out, passes, trace = model.latent.slot_outputs(ids, None, model.jacobi_passes())
+        unit = "latent slot"
     elif isinstance(model, TokenRecurrentLM):
-        recorder = PassRecorder(model.effective_gate())
+        recorder = RecordingReadouts(model.effective_gate())
         out, trace = model.hidden_states(ids, gate=recorder)
-        readouts = [*recorder.readouts, out]  # the last pass's readout is the output where it ran
-        scores = recorder.scores
-        unit = "pass"
-        full = None
+        passes, unit = recorder.passes(out), "pass"
         if model.effective_gate().can_halt:
             hidden, _ = model.hidden_states(ids, gate=FullDepth(model.effective_gate()))
             full = model.backbone.logits(hidden)[0]
@@ -116,10 +90,15 @@ def pass_report(
         raise TypeError(f"pass_report does not know how {type(model).__name__} ponders")
     depth = trace.depth()[0].tolist()
     logits = model.backbone.logits(out)[0]
-    readout_logits = torch.stack([model.backbone.logits(r)[0] for r in readouts], dim=1)  # [T, P, V]
+    readout_logits = model.backbone.logits(passes)[0]  # [T, P, V]
     n_passes = readout_logits.shape[1]
+    nll = _target_nll(readout_logits, targets)  # [T, P]
+    nll_full = None if full is None else _target_nll(full.unsqueeze(1), targets)[:, 0]
     report_scores = [
-        [None if s is None or not bool(trace.active[i][0, pos]) else float(s[0, pos]) for i, s in enumerate(scores)]
+        [
+            None if s is None or not bool(trace.active[i][0, pos]) else float(s[0, pos])
+            for i, s in enumerate(trace.scores)
+        ]
         for pos in range(t)
     ]
     return PassReport(
@@ -131,10 +110,10 @@ def pass_report(
         logits=logits,
         readout_logits=readout_logits,
         nll=[
-            [_nll(readout_logits[pos, p], targets[pos]) if p < depth[pos] else None for p in range(n_passes)]
+            [float(nll[pos, p]) if p < depth[pos] and targets[pos] is not None else None for p in range(n_passes)]
             for pos in range(t)
         ],
-        nll_full_depth=[None if full is None else _nll(full[pos], targets[pos]) for pos in range(t)],
+        nll_full_depth=[None if nll_full is None or targets[pos] is None else float(nll_full[pos]) for pos in range(t)],
         n_passes=n_passes,
         labels=None if labels is None else [int(x) for x in labels],
     )

@@ -11,6 +11,7 @@ from ponder_lightning.gates.controls import (
     RankedPruning,
     ReadoutAtNeed,
     RecordingFullDepth,
+    RecordingReadouts,
 )
 from ponder_lightning.gates.fixed import FixedRatioGate
 from ponder_lightning.gates.mlp import PerIterationMLPGate, SingleMLPGate
@@ -36,6 +37,7 @@ __all__ = [
     "RankedPruning",
     "ReadoutAtNeed",
     "RecordingFullDepth",
+    "RecordingReadouts",
     "ShuffledHalting",
     "SingleMLPGate",
 ]

@@ -180,7 +180,35 @@ class OracleDepth(GateControl):
         return active & (needs > iteration + 1)
 
 
-class ReadoutAtNeed(FullDepth):
+class RecordingReadouts(GateControl):
+    """The wrapped gate, unchanged, keeping what each decision saw: the readout of the pass just
+    run ([B, T, d] per decision, from the forward now running; the scores are in the trace). With
+    the forward's output it is every pass's readout (`depth_map.pass_report`, `ReadoutAtNeed`)."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__(gate)
+        self.readouts: list[Tensor] = []
+
+    @property
+    def can_halt(self) -> bool:  # type: ignore[override]
+        return self.base.can_halt
+
+    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
+        if iteration == 0:
+            self.readouts = []
+        self.readouts.append(h.detach())
+        return super().forward(h, iteration, active, tokens, positions)
+
+    def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        return decision.active
+
+    def passes(self, out: Tensor) -> Tensor:
+        """Every pass's readout [B, T, n_iterations, d]: the recorded ones, then `out` (the
+        forward's output, which is the last pass's readout wherever that pass ran)."""
+        return torch.stack([*self.readouts, out], dim=2)
+
+
+class ReadoutAtNeed(RecordingReadouts):
     """Every token runs every pass (no halting, so no K/V is reused), but a token's output is read
     from the pass its label needs (`needs` [B, T], set before each forward like `OracleDepth`'s):
     with `OracleDepth` and full depth it splits what halting costs into the readout (is the
@@ -188,21 +216,14 @@ class ReadoutAtNeed(FullDepth):
     miss this token's later K/V?). `pick(out)` gives the chosen readouts after the forward."""
 
     def __init__(self, gate: Gate) -> None:
-        super().__init__(gate)
+        super().__init__(FullDepth(gate))
         self.needs: Tensor | None = None
-        self.readouts: list[Tensor] = []
-
-    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
-        if iteration == 0:
-            self.readouts = []
-        self.readouts.append(h)
-        return super().forward(h, iteration, active, tokens, positions)
 
     def pick(self, out: Tensor) -> Tensor:
         if self.needs is None or self.needs.shape != out.shape[:2]:
             raise ValueError(
                 f"ReadoutAtNeed needs passes per token of shape {tuple(out.shape[:2])} set before each forward"
             )
-        passes = torch.stack([*self.readouts, out], dim=2)  # [B, T, n_iterations, d]
+        passes = self.passes(out)
         index = (self.needs.to(out.device).clamp(1, passes.shape[2]) - 1).long()
         return passes.gather(2, index[..., None, None].expand(*index.shape, 1, out.shape[-1])).squeeze(2)
