@@ -79,11 +79,11 @@ def token_entropy(model, batches: Iterable[Any], gate: Gate | None = None) -> Te
 
 @torch.no_grad()
 def label_report(
-    model, batches: Iterable[Any], labels_of: Any, context: int, gate: Gate | None = None
+    model, batches: Iterable[Any], labels: Iterable[Any], context: int, gate: Gate | None = None
 ) -> dict[str, Any]:
     """Accuracy (argmax = target), NLL and mean depth per label of the target tokens, for data
-    whose tokens carry labels (`labels_of(batch)`: LongTensor [B, T] of the targets' labels, as
-    `data.synthetic.label_block` gives them; negative = unlabelled); how well depth separates
+    whose tokens carry labels (`labels`: one per batch, [B, T] of the targets' labels, as
+    `data.synthetic.target_labels` gives them; negative = unlabelled); how well depth separates
     the tokens that need more than one sequential step from those that need one
     (`auroc_depth_multi_step`: 0.5 = not at all, 1 = every multi-step token ran deeper; None when
     every such token ran the same depth); and the
@@ -96,10 +96,10 @@ def label_report(
     from ponder_lightning.data.synthetic import STEPS, label_name
 
     model.eval()
-    labels, nlls, depths, correct, blocks = [], [], [], [], []
+    kept_labels, nlls, depths, correct, blocks = [], [], [], [], []
     decision_scores: list[list[Tensor]] = []
-    block_rows: list[Tensor] = []  # one id per validation block (row of a batch), in order
-    for batch in batches:
+    n_blocks = 0  # validation blocks (rows of the batches) so far: each token's block id
+    for batch, batch_labels in zip(batches, labels, strict=True):
         inputs, targets, valid = split_batch(batch)
         hidden, trace = model.hidden_states(inputs, valid, gate=gate)
         if isinstance(gate, ReadoutAtNeed):
@@ -108,7 +108,7 @@ def label_report(
         logits = logits.to(softmax_dtype(logits.dtype))
         keep = targets != IGNORE_INDEX
         nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
-        labels.append(torch.as_tensor(labels_of(batch))[keep])
+        kept_labels.append(torch.as_tensor(batch_labels)[keep])
         nlls.append(nll)
         depths.append(trace.depth()[keep])
         # each decision's score where the token was still active at it (NaN: halted, or no score)
@@ -119,12 +119,11 @@ def label_report(
             ]
         )
         correct.append(logits[keep].argmax(-1) == targets[keep])
-        rows_so_far = sum(int(b.shape[0]) for b in block_rows)
-        block_rows.append(torch.arange(rows_so_far, rows_so_far + keep.shape[0]))
-        blocks.append(block_rows[-1].unsqueeze(1).expand(keep.shape)[keep])
-    label, nll, depth, right = torch.cat(labels), torch.cat(nlls), torch.cat(depths), torch.cat(correct)
+        rows = torch.arange(n_blocks, n_blocks + keep.shape[0], device=keep.device)
+        blocks.append(rows.unsqueeze(1).expand(keep.shape)[keep])
+        n_blocks += keep.shape[0]
+    label, nll, depth, right = torch.cat(kept_labels), torch.cat(nlls), torch.cat(depths), torch.cat(correct)
     block = torch.cat(blocks)
-    n_blocks = sum(int(b.shape[0]) for b in block_rows)
 
     def per_block(mask: Tensor) -> list[list[int]]:
         """[correct, tokens] of one label in every block: what a paired bootstrap resamples."""
@@ -198,20 +197,22 @@ def label_study(model, batches: list[Any], context: int) -> dict[str, dict[str, 
     tells a readout that is no prediction yet from K/V reuse when the oracle falls short."""
     from ponder_lightning.data.synthetic import passes_needed, target_labels
 
-    reports = {"as_trained": label_report(model, batches, target_labels, context)}
+    labels = [torch.tensor(target_labels(batch)) for batch in batches]  # read from the text once
+    reports = {"as_trained": label_report(model, batches, labels, context)}
     if model.n_iterations < 2 or not isinstance(model, TokenRecurrentLM):  # latent models have no token gate
         return reports
     if model.gate.can_halt:
-        reports["full_depth"] = label_report(model, batches, target_labels, context, FullDepth(model.gate))
+        reports["full_depth"] = label_report(model, batches, labels, context, FullDepth(model.gate))
+    needs = [passes_needed(batch_labels).clamp(max=model.n_iterations) for batch_labels in labels]
     for name, control in [("oracle_depth", OracleDepth(model.gate)), ("readout_at_need", ReadoutAtNeed(model.gate))]:
 
         def with_needs(control: OracleDepth | ReadoutAtNeed = control) -> Iterable[Any]:
             """Each batch, after setting the passes its tokens need on the control."""
-            for batch in batches:
-                control.needs = passes_needed(target_labels(batch)).clamp(max=model.n_iterations)
+            for batch, batch_needs in zip(batches, needs, strict=True):
+                control.needs = batch_needs
                 yield batch
 
-        reports[name] = label_report(model, with_needs(), target_labels, context, control)
+        reports[name] = label_report(model, with_needs(), labels, context, control)
     return reports
 
 

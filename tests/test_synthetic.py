@@ -22,6 +22,7 @@ from ponder_lightning.data.synthetic import (
     PointerChase,
     label_block,
     label_text,
+    target_labels,
 )
 from ponder_lightning.errors import UserError
 
@@ -159,7 +160,7 @@ def test_label_report_counts_each_label_and_auroc_reads_depth(tmp_path, single_t
     length = min(map(len, ids))
     batch = torch.tensor([row[:length] for row in ids])
     labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()])
-    report = label_report(model, [batch], lambda b: labels, context=batch.shape[1] - 1)
+    report = label_report(model, [batch], [labels], context=batch.shape[1] - 1)
     nll, depth = token_nll(model, [batch])
     flat = labels.flatten()
     for value, name in [(FORMAT, "format"), (ALEATORIC, "aleatoric"), (STEPS + 2, "k=2")]:
@@ -214,7 +215,7 @@ def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(
     logged = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
     model, _ = load_checkpoint(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
     batches = list(cli.datamodule.val_dataloader())[:2]
-    report = label_report(model, batches, lambda b: [label_block(row)[1:] for row in b.tolist()], context=64)
+    report = label_report(model, batches, [target_labels(b) for b in batches], context=64)
     assert logged["val/auroc_depth_multi_step"] == pytest.approx(report["auroc_depth_multi_step"], abs=1e-5)
     for name, row in report["labels"].items():
         assert logged[f"val/label_depth/{name}"] == pytest.approx(row["depth_mean"], abs=1e-5), name
@@ -257,7 +258,7 @@ def test_each_decisions_score_auroc_reads_the_scores_of_the_tokens_active_at_it(
     ids = [[256, *map(ord, doc)] for doc in docs]
     batch = torch.tensor([row[: min(map(len, ids))] for row in ids])
     labels = torch.tensor([label_block(row)[1:] for row in batch.tolist()])
-    report = label_report(model, [batch], lambda b: labels, context=batch.shape[1] - 1)
+    report = label_report(model, [batch], [labels], context=batch.shape[1] - 1)
     with torch.no_grad():
         _, trace = model.hidden_states(batch[:, :-1])
     assert len(report["auroc_score_multi_step"]) == model.n_iterations - 1
