@@ -515,6 +515,21 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return mean, spread
 
 
+def mean_and_spread(values: list[float]) -> str:
+    """`mean ± standard deviation` over seeds, the mean alone for one seed, '' for none."""
+    if not values:
+        return ""
+    mean, spread = mean_spread(values)
+    return f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def label_reports(results: dict[int, dict[str, dict[str, Any]]], run: str, variant: str) -> dict[int, dict[str, Any]]:
+    """The `evaluate.label_study` report of `run` run as `variant`, per seed that has it."""
+    return {
+        s: runs[run]["labels"][variant] for s, runs in results.items() if variant in runs.get(run, {}).get("labels", {})
+    }
+
+
 def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
     seeds = list(results)
     header = "| run | model / gate | " + " | ".join(SUMMARY_FIELDS) + " |"
@@ -546,8 +561,7 @@ def summary_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, 
             if not values:
                 cells.append("")
                 continue
-            mean, spread = mean_spread(values)
-            cells.append(f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}")
+            cells.append(mean_and_spread(values))
         lines.append(f"| {name} | {rows[0]['model']} / {rows[0]['gate']} | " + " | ".join(cells) + " |")
     if len({tuple(v) for v in finished.values() if v}) > 1:
         # A seed that is harder for every model moves the means of the runs that have it: means
@@ -696,19 +710,11 @@ def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, An
     vs k = 1 tokens; mean ± standard deviation over the seeds each run finished. Empty for
     other data."""
     variants = [
-        (name, variant)
-        for name in study["runs"]
-        for variant in LABEL_VARIANTS
-        if any(variant in results[s].get(name, {}).get("labels", {}) for s in results)
+        (name, variant) for name in study["runs"] for variant in LABEL_VARIANTS if label_reports(results, name, variant)
     ]
     if not variants:
         return ""
-    first = next(
-        results[s][variants[0][0]]["labels"]["as_trained"]
-        for s in results
-        if "labels" in results[s].get(variants[0][0], {})
-    )
-    labels = list(first["labels"])
+    labels = list(next(iter(label_reports(results, variants[0][0], "as_trained").values()))["labels"])
     lines = [
         "Per label of the synthetic task: accuracy (argmax = target) as trained and, on the same weights, at "
         "full depth and at the oracle's depth (each token halts after the steps its label needs); mean ± "
@@ -720,18 +726,9 @@ def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, An
         "|---|---|" + "---|" * (len(labels) + 4),
     ]
 
-    def cell(values: list[float]) -> str:
-        if not values:
-            return ""
-        mean, spread = mean_spread(values)
-        return f"{mean:.3f} ± {spread:.3f}" if len(values) > 1 else f"{mean:.3f}"
-
+    cell = mean_and_spread
     for name, variant in variants:
-        reports = [
-            results[s][name]["labels"][variant]
-            for s in results
-            if variant in results[s].get(name, {}).get("labels", {})
-        ]
+        reports = list(label_reports(results, name, variant).values())
         accuracy = [cell([r["labels"][label]["accuracy"] for r in reports if label in r["labels"]]) for label in labels]
         aurocs = [r["auroc_depth_multi_step"] for r in reports if r["auroc_depth_multi_step"] is not None]
         first_scores = [
@@ -770,12 +767,8 @@ def label_differences(study: dict[str, Any], results: dict[int, dict[str, dict[s
 
     lines: list[str] = []
     for title, run_a, variant_a, run_b, variant_b in label_pairs(study):
-        sides = [
-            (results[s][run_a]["labels"][variant_a], results[s][run_b]["labels"][variant_b])
-            for s in results
-            if variant_a in results[s].get(run_a, {}).get("labels", {})
-            and variant_b in results[s].get(run_b, {}).get("labels", {})
-        ]
+        a_side, b_side = label_reports(results, run_a, variant_a), label_reports(results, run_b, variant_b)
+        sides = [(a_side[s], b_side[s]) for s in a_side if s in b_side]
         if not sides:
             continue
         if not lines:
