@@ -32,7 +32,8 @@ class PassReport:
     """One sequence, token by token (input position t predicts `targets[t]`).
 
     `readout_logits[t, p]`: logits [V] of pass (or slot) p's readout of token t, for p < depth[t];
-    `logits[t]` the model's own prediction (its last pass's, PonderLM-3's weighted readout);
+    `logits[t]` the model's own prediction (its last pass's, PonderLM-3's weighted readout) and
+    `nll_as_run[t]` its target's NLL;
     `scores[t][i]`: the gate's score at decision i (router weight w_{i+1} for PonderLM-3), None
     where the token did not reach it or the model has no scores; `nll[t][p]`: the target's NLL
     after pass p; `nll_full_depth[t]`: with no token halting (same weights), None when the model
@@ -46,6 +47,7 @@ class PassReport:
     logits: Tensor
     readout_logits: Tensor
     nll: list[list[float | None]]
+    nll_as_run: list[float | None]
     nll_full_depth: list[float | None]
     n_passes: int
     labels: list[int] | None = None
@@ -93,6 +95,7 @@ def pass_report(
     readout_logits = model.backbone.logits(passes)[0]  # [T, P, V]
     n_passes = readout_logits.shape[1]
     nll = _target_nll(readout_logits, targets)  # [T, P]
+    nll_own = _target_nll(logits.unsqueeze(1), targets)[:, 0]
     nll_full = None if full is None else _target_nll(full.unsqueeze(1), targets)[:, 0]
     report_scores = [
         [
@@ -113,6 +116,7 @@ def pass_report(
             [float(nll[pos, p]) if p < depth[pos] and targets[pos] is not None else None for p in range(n_passes)]
             for pos in range(t)
         ],
+        nll_as_run=[None if targets[pos] is None else float(nll_own[pos]) for pos in range(t)],
         nll_full_depth=[None if nll_full is None or targets[pos] is None else float(nll_full[pos]) for pos in range(t)],
         n_passes=n_passes,
         labels=None if labels is None else [int(x) for x in labels],
@@ -148,17 +152,19 @@ def depth_colour(depth: int, n_passes: int, palette: list[Any] = PALETTE) -> Any
 
 def summary(model: CausalLMModule, reports: list[PassReport]) -> dict[str, Any]:
     """Mean depth, FLOPs per token x vanilla at that depth, and mean NLL as run and at full depth,
-    over every position with a target (what `evaluate` reports for the same blocks)."""
-    depths = [d for r in reports for d, y in zip(r.depth, r.targets, strict=True) if y is not None]
-    nlls = [r.nll[i][r.depth[i] - 1] for r in reports for i, y in enumerate(r.targets) if y is not None]
-    full = [r.nll_full_depth[i] for r in reports for i, y in enumerate(r.targets) if y is not None]
-    fractions = [sum(d > i for d in depths) / len(depths) for i in range(model.n_iterations)]
-    context = max(len(r.tokens) for r in reports)
+    over every position with a target: `evaluate.summarise` of these tokens."""
+    from ponder_lightning.evaluate import summarise
+
+    scored = [(r, i) for r in reports for i, y in enumerate(r.targets) if y is not None]
+    nll = torch.tensor([r.nll_as_run[i] for r, i in scored], dtype=torch.float64)
+    depth = torch.tensor([r.depth[i] for r, i in scored])
+    full = [r.nll_full_depth[i] for r, i in scored]
+    run = summarise(model, nll, depth, max(len(r.tokens) for r in reports))
     return {
-        "tokens": len(depths),
-        "depth_mean": sum(depths) / len(depths),
-        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
-        "nll": sum(nlls) / len(nlls),
+        "tokens": len(scored),
+        "depth_mean": run["depth_mean"],
+        "flops_x_vanilla": run["flops_x_vanilla"],
+        "nll": run["loss"],
         "nll_full_depth": None if None in full else sum(full) / len(full),
         "passes": reports[0].n_passes,
         "unit": reports[0].unit,

@@ -44,6 +44,8 @@ def test_the_report_is_the_training_forward(name, single_thread):
     assert report.depth == trace.depth()[0].tolist()
     assert torch.allclose(report.logits, logits, atol=1e-5)
     assert report.targets == [*ids[1:].tolist(), None]
+    own = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")  # the model's prediction's NLL
+    assert report.nll_as_run[-1] is None and report.nll_as_run[:-1] == pytest.approx(own.tolist(), abs=1e-5)
     for t, depth in enumerate(report.depth):
         assert report.nll[t][depth:] == [None] * (report.n_passes - depth)  # passes it did not run
         assert all(n is not None for n in report.nll[t][:depth]) or report.targets[t] is None
