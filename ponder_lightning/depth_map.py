@@ -152,19 +152,20 @@ def depth_colour(depth: int, n_passes: int, palette: list[Any] = PALETTE) -> Any
 
 def summary(model: CausalLMModule, reports: list[PassReport]) -> dict[str, Any]:
     """Mean depth, FLOPs per token x vanilla at that depth, and mean NLL as run and at full depth,
-    over every position with a target: `evaluate.summarise` of these tokens."""
-    from ponder_lightning.evaluate import summarise
-
+    over every position with a target: what `evaluate.summarise` gives for the same tokens
+    (tests/test_depth_map.py; not called from here, since `evaluate` reaches `callbacks`, which
+    draws this map)."""
     scored = [(r, i) for r in reports for i, y in enumerate(r.targets) if y is not None]
-    nll = torch.tensor([r.nll_as_run[i] for r, i in scored], dtype=torch.float64)
-    depth = torch.tensor([r.depth[i] for r, i in scored])
+    depths = [r.depth[i] for r, i in scored]
+    nlls = [r.nll_as_run[i] for r, i in scored]
     full = [r.nll_full_depth[i] for r, i in scored]
-    run = summarise(model, nll, depth, max(len(r.tokens) for r in reports))
+    fractions = [sum(d > i for d in depths) / len(depths) for i in range(model.n_iterations)]
+    context = max(len(r.tokens) for r in reports)
     return {
         "tokens": len(scored),
-        "depth_mean": run["depth_mean"],
-        "flops_x_vanilla": run["flops_x_vanilla"],
-        "nll": run["loss"],
+        "depth_mean": sum(depths) / len(depths),
+        "flops_x_vanilla": model.realised_flops(fractions, context)["x_vanilla"],
+        "nll": sum(nlls) / len(nlls),
         "nll_full_depth": None if None in full else sum(full) / len(full),
         "passes": reports[0].n_passes,
         "unit": reports[0].unit,
