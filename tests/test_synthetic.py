@@ -69,6 +69,30 @@ def test_a_block_cut_inside_a_table_labels_no_answer_it_cannot_check():
     assert labels[cut.index("|") + 1] == ALEATORIC  # the queries' hop counts are still random
 
 
+def test_shuffled_tables_are_labelled_when_a_documents_end_precedes_them():
+    task = PointerChase(symbols=6, max_hops=3, queries=20, n_docs=30, seed=2, shuffle=1)
+    docs = list(task.documents_text())
+    assert docs != list(PointerChase(symbols=6, max_hops=3, queries=20, n_docs=30, seed=2).documents_text())
+    assert any(doc[0] != "a" for doc in docs)  # the keys do come in another order
+    stream = "".join("\x00" + doc for doc in docs)
+    labels, at = label_text(stream), 1
+    for doc in docs:
+        mine = labels[at : at + len(doc)]
+        answers = independent_answers(doc)  # each follows the table read independently
+        assert {i for i, label in enumerate(mine) if label > ALEATORIC} == {i for i, _ in answers}
+        assert all(mine[i] == STEPS + k for i, k in answers)
+        keys = range(0, doc.index("|"), 4)
+        expected = FORMAT if "".join(doc[i] for i in keys) == "abcdef" else ALEATORIC
+        assert all(mine[i] == expected for i in keys) and UNKNOWN not in mine
+        at += len(doc) + 1
+    # The first document of a block has no EOS before it: its table may be cut, so it labels
+    # no answer; a table cut anywhere else labels none either.
+    unsorted = next(doc for doc in docs if doc[0] != "a")
+    assert not any(label > ALEATORIC for label in label_text(unsorted))
+    cut = label_text("\x00" + docs[1][4:])
+    assert not any(label > ALEATORIC for label in cut)
+
+
 def test_a_text_whose_answer_does_not_follow_its_table_is_refused():
     with pytest.raises(ValueError, match="does not follow"):
         label_text("a>b b>a |1a=a ")
@@ -122,7 +146,13 @@ def test_a_compose_block_cut_inside_a_table_labels_only_answers_it_can_check():
 
 
 @pytest.mark.parametrize(
-    "spec", ["synthetic:addition", "synthetic:pointer_chase:hops=3", "synthetic:pointer_chase:symbols=40"]
+    "spec",
+    [
+        "synthetic:addition",
+        "synthetic:pointer_chase:hops=3",
+        "synthetic:pointer_chase:symbols=40",
+        "synthetic:pointer_chase:shuffle=2",
+    ],
 )
 def test_bad_synthetic_specs_are_named(spec):
     with pytest.raises(UserError, match="pointer_chase"):

@@ -15,6 +15,14 @@ One character is one token under the `bytes` tokenizer. Every target token carri
   the table's last values are partly predictable by elimination, which a study should keep in mind),
 - `STEPS + k` (the answer: k lookups in the table, done in sequence).
 
+With `shuffle=1` the table's pairs come in random order (`d>a b>c f>b ...`), and its keys are
+`ALEATORIC` too. This is the form on which depth is needed. In a sorted table, key x is always
+at the same offset from the table's start, so a lookup is position arithmetic and one 2-layer
+pass learns 2-hop answers (studies/two_hop_staircase.yaml). In a shuffled table a lookup is an
+induction step: one attention layer finds the key's previous token, the next reads the value.
+A 2-layer pass then has room for one hop, and k hops need k passes' worth of layers. A shuffled
+table that comes out sorted by chance is read as a sorted one, with `FORMAT` keys.
+
 `compose` (`synthetic:compose`): each document defines `functions` random permutations named
 A, B, ... over the alphabet, then queries that apply k = 1..max_steps of them in reading order::
 
@@ -65,13 +73,14 @@ def label_name(label: int) -> str:
 @dataclass(frozen=True)
 class PointerChase:
     """The generator (see the module docstring): `symbols` letters, queries of 1..`max_hops` hops,
-    `queries` per document, `n_docs` documents from `seed`."""
+    `queries` per document, `n_docs` documents from `seed`, tables in random order if `shuffle`."""
 
     symbols: int = 8
     max_hops: int = 4
     queries: int = 16
     n_docs: int = 20000
     seed: int = 0
+    shuffle: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.symbols <= 26:
@@ -80,6 +89,8 @@ class PointerChase:
             raise UserError(f"pointer_chase max_hops={self.max_hops}: use 1 to 9 (one digit)")
         if self.queries < 1 or self.n_docs < 1:
             raise UserError("pointer_chase queries and n_docs must be at least 1")
+        if self.shuffle not in (0, 1):
+            raise UserError(f"pointer_chase shuffle={self.shuffle}: use 1 (tables in random order) or 0 (sorted)")
 
     @property
     def name(self) -> str:
@@ -87,7 +98,8 @@ class PointerChase:
 
     def fingerprint(self) -> list[Any]:
         """What the token cache is keyed on: every setting of the generator."""
-        return ["synthetic", "pointer_chase", self.symbols, self.max_hops, self.queries, self.n_docs, self.seed]
+        settings = [self.symbols, self.max_hops, self.queries, self.n_docs, self.seed]
+        return ["synthetic", "pointer_chase", *settings, *(["shuffle"] if self.shuffle else [])]
 
     def documents_text(self) -> Iterator[str]:
         rng = random.Random(self.seed)
@@ -95,7 +107,8 @@ class PointerChase:
         for _ in range(self.n_docs):
             values = rng.sample(letters, len(letters))
             table = dict(zip(letters, values, strict=True))
-            parts = [" ".join(f"{k}>{v}" for k, v in table.items()), " |"]
+            keys = rng.sample(letters, len(letters)) if self.shuffle else letters
+            parts = [" ".join(f"{k}>{table[k]}" for k in keys), " |"]
             for _ in range(self.queries):
                 hops, start = rng.randint(1, self.max_hops), rng.choice(letters)
                 parts.append(f"{hops}{start}={follow(table, start, hops)} ")
@@ -258,11 +271,17 @@ def _label_pointer_chase(text: str, labels: list[int]) -> None:
     for table_match in re.finditer(r"((?:[a-z]>[a-z] )+)\|", text):
         body, start = table_match.group(1), table_match.start(1)
         pairs = [body[i : i + 3] for i in range(0, len(body), 4)]
-        # A table cut by the block's start begins after `a`: its keys are not `a`, `b`, ... in order.
-        complete = "".join(p[0] for p in pairs) == string.ascii_lowercase[: len(pairs)]
+        keys = "".join(p[0] for p in pairs)
+        # A sorted table cut by the block's start begins after `a`: its keys are not `a`, `b`, ...
+        # in order. A shuffled one is whole when a document's end (EOS) comes just before it and
+        # its pairs are a permutation (each key once, the values the same letters).
+        ordered = keys == string.ascii_lowercase[: len(pairs)]
+        permutation = len(set(keys)) == len(keys) and set(keys) == {p[2] for p in pairs}
+        shuffled = not ordered and permutation and start > 0 and text[start - 1] == "\x00"
+        complete = ordered or shuffled
         for i in range(len(pairs)):
             at = start + 4 * i
-            labels[at] = FORMAT if complete else UNKNOWN  # keys come in order
+            labels[at] = (ALEATORIC if shuffled else FORMAT) if complete else UNKNOWN
             labels[at + 1] = FORMAT
             labels[at + 2] = ALEATORIC
             labels[at + 3] = FORMAT  # the space (or, after the last pair, the space before `|`)
