@@ -394,7 +394,7 @@ def evaluate_command(argv: list[str]) -> None:
         except argparse.ArgumentTypeError as err:
             parser.error(f"argument --out: {err}")
     model, data_args = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
-    gate = getattr(model, "gate", None)
+    gate = model.gate
     halts = halting_gate(model) is not None
     if args.reference and not halts:
         raise UserError(

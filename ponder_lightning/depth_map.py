@@ -24,15 +24,14 @@ from ponder_lightning.gates import FullDepth, RecordingReadouts
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.models.ponder2 import PonderLM2
 from ponder_lightning.models.recurrent import TokenRecurrentLM
-from ponder_lightning.nn.backbone import softmax_dtype
 
 
 @dataclass
 class PassReport:
     """One sequence, token by token (input position t predicts `targets[t]`).
 
-    `readout_logits[t, p]`: logits [V] of pass (or slot) p's readout of token t, for p < depth[t];
-    `logits[t]` the model's own prediction (its last pass's, PonderLM-3's weighted readout) and
+    `readout_logprobs[t, p]`: log-probabilities [V] of pass (or slot) p's readout of token t, for p < depth[t];
+    `log_probs[t]` the model's own prediction (its last pass's, PonderLM-3's weighted readout) and
     `nll_as_run[t]` its target's NLL;
     `scores[t][i]`: the gate's score at decision i (router weight w_{i+1} for PonderLM-3), None
     where the token did not reach it or the model has no scores; `nll[t][p]`: the target's NLL
@@ -44,8 +43,8 @@ class PassReport:
     targets: list[int | None]
     depth: list[int]
     scores: list[list[float | None]]
-    logits: Tensor
-    readout_logits: Tensor
+    log_probs: Tensor
+    readout_logprobs: Tensor
     nll: list[list[float | None]]
     nll_as_run: list[float | None]
     nll_full_depth: list[float | None]
@@ -54,16 +53,15 @@ class PassReport:
 
     def top(self, t: int, p: int, k: int = 5) -> list[tuple[int, float]]:
         """Pass p's k most probable next tokens for position t, with their probabilities."""
-        probs = self.readout_logits[t, p].float().softmax(-1)
+        probs = self.readout_logprobs[t, p].float().exp()
         values, ids = probs.topk(min(k, probs.numel()))
         return list(zip(ids.tolist(), values.tolist(), strict=True))
 
 
-def _target_nll(logits: Tensor, targets: list[int | None]) -> Tensor:
-    """NLL [T, P] of each position's target under logits [T, P, V] (0 where there is none)."""
-    ids = torch.tensor([0 if y is None else y for y in targets], device=logits.device)
-    log_probs = logits.to(softmax_dtype(logits.dtype)).log_softmax(-1)
-    return -log_probs.gather(-1, ids[:, None, None].expand(-1, logits.shape[1], 1)).squeeze(-1)
+def _target_nll(log_probs: Tensor, targets: list[int | None]) -> Tensor:
+    """NLL [T, P] of each position's target under log-probabilities [T, P, V] (0 where there is none)."""
+    ids = torch.tensor([0 if y is None else y for y in targets], device=log_probs.device)
+    return -log_probs.gather(-1, ids[:, None, None].expand(-1, log_probs.shape[1], 1)).squeeze(-1)
 
 
 @torch.no_grad()
@@ -87,15 +85,15 @@ def pass_report(
         passes, unit = recorder.passes(out), "pass"
         if model.effective_gate().can_halt:
             hidden, _ = model.hidden_states(ids, gate=FullDepth(model.effective_gate()))
-            full = model.backbone.logits(hidden)[0]
+            full = model.token_logprobs(hidden)[0]
     else:
         raise TypeError(f"pass_report does not know how {type(model).__name__} ponders")
     depth = trace.depth()[0].tolist()
-    logits = model.backbone.logits(out)[0]
-    readout_logits = model.backbone.logits(passes)[0]  # [T, P, V]
-    n_passes = readout_logits.shape[1]
-    nll = _target_nll(readout_logits, targets)  # [T, P]
-    nll_own = _target_nll(logits.unsqueeze(1), targets)[:, 0]
+    log_probs = model.token_logprobs(out)[0]
+    readout_logprobs = model.token_logprobs(passes)[0]  # [T, P, V]
+    n_passes = readout_logprobs.shape[1]
+    nll = _target_nll(readout_logprobs, targets)  # [T, P]
+    nll_own = _target_nll(log_probs.unsqueeze(1), targets)[:, 0]
     nll_full = None if full is None else _target_nll(full.unsqueeze(1), targets)[:, 0]
     report_scores = [
         [
@@ -110,8 +108,8 @@ def pass_report(
         targets=list(targets),
         depth=depth,
         scores=report_scores,
-        logits=logits,
-        readout_logits=readout_logits,
+        log_probs=log_probs,
+        readout_logprobs=readout_logprobs,
         nll=[
             [float(nll[pos, p]) if p < depth[pos] and targets[pos] is not None else None for p in range(n_passes)]
             for pos in range(t)

@@ -49,7 +49,6 @@ from ponder_lightning.gates import (
 from ponder_lightning.models.base import split_batch
 from ponder_lightning.models.metrics import depth_by_decile, spearman
 from ponder_lightning.models.recurrent import TokenRecurrentLM
-from ponder_lightning.nn.backbone import softmax_dtype
 from ponder_lightning.nn.loss import IGNORE_INDEX
 
 
@@ -71,9 +70,8 @@ def token_entropy(model, batches: Iterable[Any], gate: Gate | None = None) -> Te
     for batch in batches:
         inputs, _, valid = split_batch(batch)
         hidden, _ = model.hidden_states(inputs, valid, gate=gate)
-        logits = model.backbone.logits(hidden)
-        entropy = torch.distributions.Categorical(logits=logits.to(softmax_dtype(logits.dtype))).entropy()
-        entropies.append(entropy[counted(batch)])
+        logprobs = model.token_logprobs(hidden[counted(batch)])
+        entropies.append(-(logprobs.exp() * logprobs).sum(-1))
     return torch.cat(entropies)
 
 
@@ -104,10 +102,9 @@ def label_report(
         hidden, trace = model.hidden_states(inputs, valid, gate=gate)
         if isinstance(gate, ReadoutAtNeed):
             hidden = gate.pick(hidden)
-        logits = model.backbone.logits(hidden)
-        logits = logits.to(softmax_dtype(logits.dtype))
         keep = targets != IGNORE_INDEX
-        nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="none")
+        logprobs = model.token_logprobs(hidden[keep])
+        nll = -logprobs.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
         kept_labels.append(torch.as_tensor(batch_labels)[keep])
         nlls.append(nll)
         depths.append(trace.depth()[keep])
@@ -118,7 +115,7 @@ def label_report(
                 for s, a in zip(trace.scores, trace.active, strict=False)
             ]
         )
-        correct.append(logits[keep].argmax(-1) == targets[keep])
+        correct.append(logprobs.argmax(-1) == targets[keep])
         rows = torch.arange(n_blocks, n_blocks + keep.shape[0], device=keep.device)
         blocks.append(rows.unsqueeze(1).expand(keep.shape)[keep])
         n_blocks += keep.shape[0]
@@ -328,8 +325,7 @@ def summarise(model, nll: Tensor, depth: Tensor, context: int) -> dict[str, Any]
 
 def halting_gate(model) -> Gate | None:
     """The model's gate if it halts tokens (then the gate study applies), else None."""
-    gate = getattr(model, "gate", None)
-    return gate if gate is not None and gate.can_halt else None
+    return model.gate if model.gate is not None and model.gate.can_halt else None
 
 
 def scored_gate(model) -> Gate:
@@ -337,8 +333,7 @@ def scored_gate(model) -> Gate:
     gate = halting_gate(model)
     if gate is None:
         raise UserError(
-            f"{type(model).__name__} has no gate that halts tokens "
-            f"({type(getattr(model, 'gate', None)).__name__}): nothing to compare"
+            f"{type(model).__name__} has no gate that halts tokens ({type(model.gate).__name__}): nothing to compare"
         )
     return gate
 
@@ -348,10 +343,7 @@ def evaluate(model, batches: Iterable[Any], context: int, taus: list[float] | No
     re-thresholds the trained gate's scores (`AtThreshold`); the model itself is not changed."""
     batches = list(batches)
     if not taus:
-        return [
-            {"tau": getattr(getattr(model, "gate", None), "tau", None)}
-            | summarise(model, *token_nll(model, batches), context)
-        ]
+        return [{"tau": getattr(model.gate, "tau", None)} | summarise(model, *token_nll(model, batches), context)]
     gate = scored_gate(model)
     if not hasattr(gate, "tau"):
         raise UserError(f"--tau needs a gate with a threshold; {type(gate).__name__} has none")

@@ -30,7 +30,8 @@ checkpoint was trained at, else the model's max_seq_len),
 ``max_gen_toks`` (default 256), ``device``, ``dtype`` (e.g. bfloat16), ``tau`` (override the
 gate's halting threshold). A model passed in Python (``model=``) is used in place, as lm_eval's
 ``hf`` backend uses a model object: it is moved to ``device``, cast to ``dtype``, put in eval
-mode, and its gate keeps ``tau`` afterwards.
+mode; its gate is never changed (``tau`` re-thresholds the gate's scores for this adapter's
+calls, as ``evaluate --tau`` does, with ``gates.AtThreshold``).
 
 Scoring conventions follow lm_eval's Hugging Face model: a context's trailing whitespace moves to
 the continuation, an empty context is replaced by the EOS token, inputs are left-truncated to
@@ -43,11 +44,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 try:
     import lm_eval.models  # noqa: F401 - fills the model registry first (lm_eval fills it lazily only while empty)
@@ -62,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ponder_lightning.cli_errors import add_trust_flag, bounded, count_or_fraction, output_file
 from ponder_lightning.errors import UserError
+from ponder_lightning.gates import AtThreshold, Gate
 from ponder_lightning.resume import check_tokenizer_fits
 
 logger = logging.getLogger(__name__)
@@ -152,13 +154,16 @@ class PonderLightningLM(LM):
         if dtype not in (None, "auto", "float32"):
             model = model.to(getattr(torch, str(dtype)))
         self.model = model.eval()
+        #: The gate this adapter runs in place of the model's own: None, or its scores re-thresholded.
+        self.counterfactual: Gate | None = None
+        self.tau = getattr(self.model.gate, "tau", None)  # latent-slot models (PonderLM-2/3) have no gate
         if tau is not None:
-            gate = getattr(self.model, "gate", None)  # latent-slot models (PonderLM-2/3) have no token gate
-            if not hasattr(gate, "tau"):
+            if self.tau is None:
                 raise UserError(f"tau={tau}: {type(self.model).__name__} has no gate with a halting threshold")
             if not 0 <= float(tau) <= 1:
                 raise UserError(f"tau={tau} is out of range: a halting threshold is in [0, 1]")
-            gate.tau = float(tau)
+            self.tau = float(tau)
+            self.counterfactual = AtThreshold(self.model.gate, self.tau)
 
         named = f"tokenizer {tokenizer if isinstance(tokenizer, str) else self.tokenizer.name}"
         check_tokenizer_fits(named, self.tokenizer.vocab_size, self.model.config.vocab_size)
@@ -254,7 +259,7 @@ class PonderLightningLM(LM):
         report = self._summarise(total)
         report["model"] = type(self.model).__name__
         report["n_iterations"] = int(self.model.n_iterations)
-        report["tau"] = getattr(getattr(self.model, "gate", None), "tau", None)
+        report["tau"] = self.tau
         report["by_request_type"] = {kind: self._summarise(t) for kind, t in self._tallies.items() if t.tokens}
         return report
 
@@ -307,13 +312,12 @@ class PonderLightningLM(LM):
                 ids[r, : len(inputs)] = torch.tensor(inputs)
                 valid[r, : len(inputs)] = True
             ids, valid = ids.to(self._device), valid.to(self._device)
-            hidden, trace = self.model.hidden_states(ids, None if bool(valid.all()) else valid)
+            hidden, trace = self.model.hidden_states(ids, None if bool(valid.all()) else valid, self.counterfactual)
             counts = [int((a & valid).sum()) for a in trace.active]
             self._tallies[kind].add(counts, len(batch), int(valid.sum()))
             for r, (index, inputs, continuation) in enumerate(batch):
                 end = len(inputs)
-                logits = self.model.backbone.logits(hidden[r, end - len(continuation) : end]).float()
-                logprobs = F.log_softmax(logits, dim=-1)
+                logprobs = self.model.token_logprobs(hidden[r, end - len(continuation) : end]).float()
                 target = torch.tensor(continuation, device=logprobs.device)
                 score = logprobs.gather(-1, target.unsqueeze(-1)).sum()
                 results[index] = (float(score), bool((logprobs.argmax(-1) == target).all()))
@@ -350,17 +354,18 @@ class PonderLightningLM(LM):
         texts: list[str] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            out = generate(
-                self.model,
-                [prompts[i] for i in chunk],
-                tokenizer=self.tokenizer,
-                max_new_tokens=max_new,
-                temperature=temperature,
-                top_k=None if top_k is None else int(top_k),
-                top_p=None if top_p is None else float(top_p),
-                stop_tokens=sorted(stops),
-                seed=None if seed is None else int(seed),
-            )
+            with nullcontext() if self.counterfactual is None else self.model.with_gate(self.counterfactual):
+                out = generate(
+                    self.model,
+                    [prompts[i] for i in chunk],
+                    tokenizer=self.tokenizer,
+                    max_new_tokens=max_new,
+                    temperature=temperature,
+                    top_k=None if top_k is None else int(top_k),
+                    top_p=None if top_p is None else float(top_p),
+                    stop_tokens=sorted(stops),
+                    seed=None if seed is None else int(seed),
+                )
             self._add_generation(out.depths, [len(prompts[i]) for i in chunk])
             for i, text in zip(chunk, out.texts, strict=True):
                 texts[i] = _cut(text, until)

@@ -336,7 +336,7 @@ def evaluate_run(
 
     result: dict[str, Any] = {
         "model": type(model).__name__,
-        "gate": type(getattr(model, "gate", None)).__name__,
+        "gate": type(model.gate).__name__,
         "train_flops_x_vanilla": model.training_flops_x_vanilla(context, data["global_step"]),
         # the unit of this run's x-vanilla figures: one forward of its own backbone (see `in_study_unit`)
         "vanilla_flops_per_token": flops.vanilla_forward_flops(model.config, context),

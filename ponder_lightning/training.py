@@ -329,10 +329,9 @@ def require_trainable_gates(model: L.LightningModule, setting: str, fix: str) ->
     gate that has none (AlwaysContinue, FixedRatioGate, ...) the optimizer would get no parameter
     (or no gradient) at all. Shared by `GateOnlyStage` and the models' `train_only_gates`."""
     if not any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.")):
-        gate = getattr(model, "gate", None)
         raise UserError(
             f"{setting}: {type(model).__name__} has no trainable parameters outside the backbone (its gate "
-            f"{type(gate).__name__} has none), so it would train nothing: {fix}"
+            f"{type(model.gate).__name__} has none), so it would train nothing: {fix}"
         )
 
 

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from decode_helpers import decode_incrementally, decode_rowwise
+from halting import make_gates_halt
 
 from ponder_lightning.gates import (
     AtThreshold,
@@ -34,11 +35,7 @@ def gated_model(
     """Random gates whose scores straddle tau, so that a realistic share of tokens halts."""
     torch.manual_seed(seed)
     model = AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=PerIterationMLPGate(tau=tau, feedback=feedback)).eval()
-    with torch.no_grad():
-        for mlp in model.gate.mlps:
-            mlp[2].weight.normal_(0, weight_std)
-            mlp[2].bias.fill_(bias)
-    return model
+    return make_gates_halt(model, weight_std, bias)
 
 
 def weight_one_gate(model) -> FixedRatioGate:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from decode_helpers import assert_batch_equals_each_alone, decode_incrementally, decode_rowwise
+from halting import make_gates_halt
 
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.errors import UserError
@@ -22,12 +23,7 @@ VOCAB = 256
 def halting_adaponder(gate=None) -> AdaPonderLM:
     """AdaPonderLM whose gates halt a good share of tokens at every iteration (random last layer
     with a negative bias), so depths 1..4 all occur."""
-    model = AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=gate)
-    with torch.no_grad():
-        for mlp in getattr(model.gate, "mlps", None) or [model.gate.mlp]:
-            mlp[2].weight.normal_(0, 3)
-            mlp[2].bias.fill_(-6)
-    return model.eval()
+    return make_gates_halt(AdaPonderLM(size="tiny", vocab_size=VOCAB, gate=gate), weight_std=3.0, bias=-6.0).eval()
 
 
 def trained_bottom_k() -> AdaPonderLM:

@@ -42,7 +42,7 @@ def test_the_report_is_the_training_forward(name, single_thread):
         hidden, trace = model.hidden_states(ids.view(1, -1))
         logits = model.backbone.logits(hidden)[0]
     assert report.depth == trace.depth()[0].tolist()
-    assert torch.allclose(report.logits, logits, atol=1e-5)
+    assert torch.allclose(report.log_probs, logits.log_softmax(-1), atol=1e-5)
     assert report.targets == [*ids[1:].tolist(), None]
     own = torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="none")  # the model's prediction's NLL
     assert report.nll_as_run[-1] is None and report.nll_as_run[:-1] == pytest.approx(own.tolist(), abs=1e-5)
@@ -50,8 +50,8 @@ def test_the_report_is_the_training_forward(name, single_thread):
         assert report.nll[t][depth:] == [None] * (report.n_passes - depth)  # passes it did not run
         assert all(n is not None for n in report.nll[t][:depth]) or report.targets[t] is None
     if name != "ponderlm3":  # a pass's readout: the last one a token ran is the model's prediction
-        last = torch.stack([report.readout_logits[t, d - 1] for t, d in enumerate(report.depth)])
-        assert torch.allclose(last, logits, atol=1e-5)
+        last = torch.stack([report.readout_logprobs[t, d - 1] for t, d in enumerate(report.depth)])
+        assert torch.allclose(last, logits.log_softmax(-1), atol=1e-5)
     if name == "adaponderlm":
         assert len(set(report.depth)) > 1  # tokens halt at different passes: the map has something to show
         assert all(n is not None for n in report.nll_full_depth[:-1])  # the last position has no target

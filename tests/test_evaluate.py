@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from halting import make_gates_halt
 
 from ponder_lightning import flops
 from ponder_lightning.evaluate import evaluate, write_curve
@@ -12,12 +13,7 @@ from ponder_lightning.models import AdaPonderLM, VanillaLM
 
 
 def halting_model() -> AdaPonderLM:
-    model = AdaPonderLM(size="tiny", vocab_size=256)
-    with torch.no_grad():
-        for mlp in model.gate.mlps:
-            mlp[2].weight.normal_(0, 2)
-            mlp[2].bias.fill_(-3)
-    return model
+    return make_gates_halt(AdaPonderLM(size="tiny", vocab_size=256))
 
 
 def test_numbers_are_consistent(tmp_path):

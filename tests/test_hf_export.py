@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from halting import make_gates_halt
 from test_pretrained import save_tiny_neox
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXModel
 
@@ -41,16 +42,7 @@ FAMILIES = {
 def tiny_model(family: str):
     """A tiny model with random weights whose gates halt tokens."""
     torch.manual_seed(0)
-    model = FAMILIES[family]()
-    gate = getattr(model, "gate", None)
-    with torch.no_grad():
-        for mlp in [*getattr(gate, "mlps", []), *([gate.mlp] if hasattr(gate, "mlp") else [])]:
-            mlp[2].weight.normal_(0, 2)
-            mlp[2].bias.fill_(-3)
-        if hasattr(gate, "thresholds"):
-            gate.thresholds.fill_(0.5)
-            gate.thresholds_seen.fill_(True)
-    return model.eval()
+    return make_gates_halt(FAMILIES[family]()).eval()
 
 
 @pytest.fixture(scope="module")

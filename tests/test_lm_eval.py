@@ -12,6 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("lm_eval")
 
 import lm_eval  # noqa: E402
+from halting import make_gates_halt
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -33,11 +34,7 @@ def checkpoint(tmp_path_factory, single_thread):
     """A tiny AdaPonderLM whose gates halt some tokens (random weights), exported with the bytes
     tokenizer recorded, as `load_checkpoint` (and so the adapter) reads it."""
     torch.manual_seed(0)
-    model = AdaPonderLM(size="tiny", vocab_size=384)
-    with torch.no_grad():
-        for mlp in model.gate.mlps:
-            mlp[2].weight.normal_(0, 2)
-            mlp[2].bias.fill_(-3)
+    model = make_gates_halt(AdaPonderLM(size="tiny", vocab_size=384))
     return export_hf(model, tmp_path_factory.mktemp("lm_eval") / "model", tokenizer="bytes")
 
 

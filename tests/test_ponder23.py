@@ -11,7 +11,7 @@ from decode_helpers import assert_batch_equals_each_alone, decode_incrementally,
 from fit_helpers import tiny_fit
 from transformers import LlamaForCausalLM
 
-from ponder_lightning.cli import main
+from ponder_lightning.cli import run_lightning_cli
 from ponder_lightning.models import PonderLM2, PonderLM3
 from ponder_lightning.nn import Backbone, backbone_config, causal_mask, positions_from_valid
 from ponder_lightning.nn.hf import load_hf_backbone, read_hf_config, save_hf_backbone
@@ -201,4 +201,9 @@ def test_generate_batch_of_ragged_prompts_equals_each_alone(cls):
 # -- CLI -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", ["ponderlm2", "ponderlm3"])
 def test_config_fits_with_fast_dev_run(tmp_path, config):
-    main(["fit", *tiny_fit(config), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path)])
+    """Two training steps of the shipped config through the CLI: both ran, the loss is finite."""
+    cli = run_lightning_cli(
+        ["fit", *tiny_fit(config), "--trainer.fast_dev_run", "2", "--trainer.default_root_dir", str(tmp_path)]
+    )
+    assert cli.trainer.global_step == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from halting import make_gates_halt
 
 from ponder_lightning import flops
 from ponder_lightning.gates import BottomKGate, BottomKPonderLoss, FixedRatioGate, Gate, GateDecision
@@ -123,17 +124,6 @@ class ScriptedGate(Gate):
         return GateDecision(scores=self.fixed_scores[iteration], active=active & self.keep[iteration])
 
 
-def make_gates_halt(m, weight_std: float = 2.0, bias: float = -3.0, seed: int = 1) -> None:
-    """Give every gate MLP a large, input-dependent last layer so that a sizeable, varying subset
-    of tokens gets sigmoid scores below tau = 1e-4 (and the rest a spread of scores in (0, 1))."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mlp in m.gate.mlps:
-            last = mlp[2]
-            last.weight.copy_(torch.randn(last.weight.shape, generator=gen) * weight_std)
-            last.bias.fill_(bias)
-
-
 def mlp_gate_fn(m):
     def fn(h, i):
         s = torch.sigmoid(m.gate.mlps[i](h).squeeze(-1))
@@ -228,7 +218,7 @@ def test_adaponder_scripted_halting_matches_reference():
 
 def test_adaponder_mlp_gate_halting_matches_reference():
     m = AdaPonderLM(size="tiny", vocab_size=VOCAB).eval()
-    make_gates_halt(m)
+    make_gates_halt(m, seed=1)
     x = ids(3, 20)
     with torch.no_grad():
         got = m(x)
@@ -272,9 +262,7 @@ def _bottom_k_eval_model():
 
 
 def _halting_adaponder():
-    m = AdaPonderLM(size="tiny", vocab_size=VOCAB).eval()
-    make_gates_halt(m)
-    return m
+    return make_gates_halt(AdaPonderLM(size="tiny", vocab_size=VOCAB).eval(), seed=1)
 
 
 MODEL_BUILDERS = {
@@ -465,7 +453,7 @@ def test_train_only_gates_freezes_backbone():
 
 def test_activation_checkpointing_same_loss_and_gradients():
     plain = AdaPonderLM(size="tiny", vocab_size=VOCAB)
-    make_gates_halt(plain)
+    make_gates_halt(plain, seed=1)
     ckpt = AdaPonderLM(size="tiny", vocab_size=VOCAB, activation_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x = ids(2, 17)

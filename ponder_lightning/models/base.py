@@ -18,7 +18,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ponder_lightning import flops
@@ -148,6 +147,9 @@ class CausalLMModule(L.LightningModule):
             load_pretrained(self.backbone, pretrained, pretrained_backbone_state(pretrained))
         self.eval_metric = DepthNLL(max_depth=n_iterations)
         self.flops_per_batch: float | None = None
+        #: What decides per token whether it goes on (`TokenRecurrentLM` sets one); None for a
+        #: model that makes no such decision (PonderLM-2/3's latent slots run at a fixed depth).
+        self.gate: Gate | None = None
 
     def scale_embeddings(self, scale_embeds: bool | None, factor: float) -> None:
         """Multiply token embeddings by sqrt(factor * d) if `scale_embeds`. None: on from scratch;
@@ -263,16 +265,22 @@ class CausalLMModule(L.LightningModule):
         for name, value in self.realised_flops(fractions.tolist(), context).items():
             self.log(f"{stage}/flops_{name}", value)
 
+    def token_logprobs(self, hidden: Tensor) -> Tensor:
+        """Log-probabilities [..., V] of the next token at each of `hidden`'s states [..., d], in
+        the softmax dtype: the one place hidden states become a distribution (evaluation's NLL,
+        entropy and accuracy, lm-eval's scores and the depth map all read it)."""
+        logits = self.backbone.logits(hidden)
+        return logits.to(softmax_dtype(logits.dtype)).log_softmax(-1)
+
     def token_nll(self, batch: Tensor | dict[str, Tensor], gate: Gate | None = None) -> tuple[Tensor, Tensor]:
         """NLL and depth of the counted (non-padding) target tokens of a batch, flat; `gate`
         replaces the gate in force (evaluation's counterfactuals)."""
         inputs, targets, valid = split_batch(batch)
         hidden, trace = self.hidden_states(inputs, valid, gate=gate)
-        logits = self.backbone.logits(hidden)
-        logits = logits.to(softmax_dtype(logits.dtype))
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-        counted = targets.flatten() != IGNORE_INDEX
-        return nll[counted], trace.depth().flatten()[counted]
+        counted = targets != IGNORE_INDEX
+        logprobs = self.token_logprobs(hidden[counted])
+        nll = -logprobs.gather(-1, targets[counted].unsqueeze(-1)).squeeze(-1)
+        return nll, trace.depth()[counted]
 
     def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Per-token NLL and depth of the batch's counted targets (also what the metric adds up)."""
