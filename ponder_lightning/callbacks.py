@@ -9,8 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelSummary, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
+
+from ponder_lightning.upstream import RICH_AVAILABLE, summary_of, summary_rows, throughputs_of
 
 
 def _batch_rows(batch: Any) -> int:
@@ -46,7 +47,7 @@ class TokenThroughput(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if self.peak_flops is not None:
             self.available_flops = self.peak_flops
-            for throughput in self._throughputs.values():
+            for throughput in throughputs_of(self).values():
                 throughput.available_flops = self.peak_flops
 
 
@@ -65,10 +66,10 @@ class FlopsModelSummary(ModelSummary):
     FLOPS_LABEL = "Training FLOPs per step (analytic: forward + backward, full depth)"
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._max_depth:
+        summary = summary_of(self, trainer, pl_module)
+        if summary is None:
             return
-        summary = self._summary(trainer, pl_module)
-        columns = [(name, values) for name, values in summary._get_summary_data() if name != "FLOPs"]
+        columns = [(name, values) for name, values in summary_rows(summary) if name != "FLOPs"]
         trainable, total, modes = summary.trainable_parameters, summary.total_parameters, summary.total_training_modes
         totals = [
             ("Trainable params", get_human_readable_count(trainable)),
@@ -97,7 +98,7 @@ def training_flops_per_step(trainer: L.Trainer, pl_module: L.LightningModule) ->
 def print_model_summary(columns: list[tuple[str, list[str]]], totals: list[tuple[str, str]]) -> None:
     """A table of `columns` (name, one value per layer) and the `totals` lines under it."""
     rows = list(zip(*(values for _, values in columns), strict=True))
-    if _RICH_AVAILABLE:
+    if RICH_AVAILABLE:
         from rich import get_console
         from rich.table import Table
 

@@ -37,6 +37,11 @@ from ponder_lightning.pretrained import (
     is_transformers_export,
 )
 from ponder_lightning.safe_load import torch_load, verify_sharded
+from ponder_lightning.upstream import (
+    DISTRIBUTED_CHECKPOINT_METADATA,
+    given_hyperparameters,
+    load_distributed_checkpoint,
+)
 
 # Init args that only matter while building a model for training, never when rebuilding one.
 _BUILD_ONLY_ARGS = ("pretrained",)
@@ -89,7 +94,6 @@ def build_model(
 ) -> CausalLMModule:
     """A freshly initialised model from saved init args (`_class_path` as LightningCLI records it)."""
     from lightning.pytorch.cli import instantiate_module
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
     for name in _BUILD_ONLY_ARGS:
@@ -113,7 +117,7 @@ def build_model(
             return model_class(**hparams)
         # As LightningCLI does: the model's hparams stay this plain dict (gates as class_path +
         # init_args), so that an export or a new checkpoint records them the same way.
-        with _given_hyperparameters_context(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
+        with given_hyperparameters(hparams=hparams, instantiator="lightning.pytorch.cli.instantiate_module"):
             return instantiate_module(CausalLMModule, hparams)
     except UserError:
         raise
@@ -162,16 +166,14 @@ def invalid_saved_args(source: str, class_name: str, exc: BaseException) -> User
 
 def _read_lightning_checkpoint(path: Path, trusted: bool) -> dict[str, Any]:
     if path.is_dir():
-        from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
-
-        if not (path / _METADATA_FILENAME).is_file():
+        if not (path / DISTRIBUTED_CHECKPOINT_METADATA).is_file():
             raise UserError(
                 f"{path} is a directory but neither an FSDP checkpoint "
-                f"({_METADATA_FILENAME}) nor an exported model (config.json)"
+                f"({DISTRIBUTED_CHECKPOINT_METADATA}) nor an exported model (config.json)"
             )
         if not trusted:
             verify_sharded(path)
-        return _load_distributed_checkpoint(path)
+        return load_distributed_checkpoint(path)
     return torch_load(path, trusted=trusted)
 
 

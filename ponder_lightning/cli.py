@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse.typing import PositiveInt, import_object
+from jsonargparse.typing import import_object
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -48,9 +48,11 @@ from ponder_lightning.resume import (
     unknown_saved_args,
 )
 from ponder_lightning.training import SIGTERM_EXIT_CODE, find_last_checkpoint, last_checkpoint_dirs
+from ponder_lightning.upstream import CLIHooks
+from ponder_lightning.validation import PositiveInt
 
 
-class PonderCLI(LightningCLI):
+class PonderCLI(CLIHooks):
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         # Parse errors are raised (not printed under ~60 lines of usage) so that `main` prints one
         # short line naming the field; see `parser_error_message`.
@@ -75,22 +77,25 @@ class PonderCLI(LightningCLI):
             "(e.g. 989 for dense bf16 on an H100/H200 SXM); default: Lightning's table",
         )
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        config_init = self.config_init.get(str(self.subcommand), self.config_init)
+        config = {**(config_init.get("trainer") or {}), **kwargs}
+        configured = list(config.get("callbacks") or [])
+        added = []
         # Lightning's default bar shows `Epoch 0/-2` in step-based runs; ours counts steps. Only
         # when a bar is wanted and none was configured (Lightning rejects a bar with it disabled).
-        configured = config.get("callbacks") or []
-        if config.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in [*configured, *callbacks]
-        ):
-            callbacks = [*callbacks, step_progress_bar()]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            added.append(step_progress_bar())
         # Lightning's summary prints `Total FLOPs: 0` (it counts FLOPs on an example input these
         # models do not define); ours prints the analytic training FLOPs per step. Lightning's
         # default is then switched off, or it logs that it skips it in favour of ours.
         wanted = config.get("enable_model_summary") is not False and not config.get("barebones")
-        if wanted and not any(isinstance(c, ModelSummary) for c in [*configured, *callbacks]):
-            callbacks = [*callbacks, FlopsModelSummary()]
-            config = {**config, "enable_model_summary": False}
-        return super()._instantiate_trainer(config, callbacks)
+        if wanted and not any(isinstance(c, ModelSummary) for c in configured):
+            added.append(FlopsModelSummary())
+            kwargs["enable_model_summary"] = False
+        if added:
+            kwargs["callbacks"] = [*configured, *added]
+        return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
         """`--checkpoint_every N` sets every_n_train_steps of the configured checkpoint callbacks."""
@@ -110,7 +115,7 @@ class PonderCLI(LightningCLI):
         for callback in targets:
             callback.init_args.every_n_train_steps = int(every)
 
-    def _parse_ckpt_path(self) -> None:
+    def check_ckpt_path(self) -> None:
         """Check `--ckpt_path` against the config before anything is built (see `resume.py`):
         fit resumes the configured model, the other subcommands use the checkpoint's arguments."""
         sub = self.config.get("subcommand")
@@ -124,7 +129,7 @@ class PonderCLI(LightningCLI):
         saved = saved_hparams(ckpt_path)
         model = config.get("model")
         if not saved or model is None or not model.get("class_path"):
-            return super()._parse_ckpt_path()
+            return self.load_ckpt_arguments()
         check_same_class(model.class_path, saved.get("_class_path"), ckpt_path)
         model_class = import_object(model.class_path)
         unknown = unknown_saved_args(saved, model_class)
@@ -148,7 +153,7 @@ class PonderCLI(LightningCLI):
             return
         check_saved_args(saved, model_class, f"--ckpt_path {ckpt_path}")
         try:
-            super()._parse_ckpt_path()
+            self.load_ckpt_arguments()
         except argparse.ArgumentError as err:  # a saved value the class's constraints now reject: not the config's
             raise invalid_saved_args(f"--ckpt_path {ckpt_path}", short_class(model.class_path), err) from None
         if changes:
@@ -181,7 +186,7 @@ class PonderCLI(LightningCLI):
             config[self.subcommand].ckpt_path = found
         if found is None:
             return
-        self._parse_ckpt_path()
+        self.check_ckpt_path()
         if self.subcommand != "fit":  # the checkpoint's arguments replace the config's: build again,
             self.__dict__.pop("config_dump", None)  # with the hparams LightningCLI records dumped anew
             super().instantiate_classes()

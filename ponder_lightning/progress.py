@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+from ponder_lightning.upstream import RICH_AVAILABLE, RichProgressBarHooks
 
 
 def _step_based(trainer: L.Trainer) -> bool:
@@ -29,10 +30,10 @@ class _StepCounting:
         return self.trainer.max_steps if _step_based(self.trainer) else super().total_train_batches  # type: ignore[misc]
 
 
-class StepRichProgressBar(_StepCounting, RichProgressBar):
-    def _get_train_description(self, current_epoch: int) -> str:
+class StepRichProgressBar(_StepCounting, RichProgressBarHooks):
+    def train_description(self, current_epoch: int) -> str:
         if not _step_based(self.trainer):
-            return super()._get_train_description(current_epoch)
+            return super().train_description(current_epoch)
         return f"{'Step':{len(self.validation_description)}}"
 
     def on_train_batch_end(
@@ -40,7 +41,7 @@ class StepRichProgressBar(_StepCounting, RichProgressBar):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if _step_based(trainer):
-            self._update(self.train_progress_bar_id, trainer.global_step)
+            self.move_train_bar(trainer.global_step)
 
 
 class StepTQDMProgressBar(_StepCounting, TQDMProgressBar):
@@ -62,4 +63,4 @@ class StepTQDMProgressBar(_StepCounting, TQDMProgressBar):
 
 def step_progress_bar() -> ProgressBar:
     """The bar Lightning would pick (Rich when installed, else tqdm), counting steps."""
-    return StepRichProgressBar() if _RICH_AVAILABLE else StepTQDMProgressBar()
+    return StepRichProgressBar() if RICH_AVAILABLE else StepTQDMProgressBar()

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.utilities import rank_zero_info
 
 from ponder_lightning.errors import UserError
 from ponder_lightning.safe_load import torch_load, verify_sharded
+from ponder_lightning.upstream import DISTRIBUTED_CHECKPOINT_METADATA
 
 #: `--ckpt_path` values Lightning resolves itself (not file names).
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
@@ -57,7 +57,7 @@ def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
         )
     if path.is_dir() and not is_sharded_checkpoint(path):
         raise UserError(
-            f"--ckpt_path {ckpt_path} is a directory but not an FSDP checkpoint ({_METADATA_FILENAME}): "
+            f"--ckpt_path {ckpt_path} is a directory but not an FSDP checkpoint ({DISTRIBUTED_CHECKPOINT_METADATA}): "
             "pass a .ckpt file in it (e.g. its checkpoints/last.ckpt)"
         )
     if path.is_dir():
@@ -66,7 +66,7 @@ def check_ckpt_path(ckpt_path: str | None, subcommand: str) -> None:
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """A directory of shards written under FSDP (`save_distributed_checkpoint`)."""
-    return (Path(path).expanduser() / _METADATA_FILENAME).is_file()
+    return (Path(path).expanduser() / DISTRIBUTED_CHECKPOINT_METADATA).is_file()
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim import Optimizer
 
 from ponder_lightning.errors import UserError
+from ponder_lightning.upstream import ModelCheckpointHooks, last_checkpoints
 from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args
 
 #: File name of the newest checkpoint whose weights gave a finite, non-spiking training loss.
@@ -29,7 +30,7 @@ LAST_GOOD = "last_good.ckpt"
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
-class AtomicModelCheckpoint(ModelCheckpoint):
+class AtomicModelCheckpoint(ModelCheckpointHooks):
     """`ModelCheckpoint` (same arguments, plus the three below) that never leaves a half-written
     checkpoint and keeps one that is known to be healthy.
 
@@ -164,8 +165,8 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         """Save last.ckpt (atomically) unless this step's is saved, say so, and exit 143."""
         step = trainer.global_step
         if self.save_last:
-            if not (self._last_global_step_saved == step and self.last_model_path):
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if not (self.saved_at(step) and self.last_model_path):
+                self.save_last_now(trainer)
             saved = f"saved {self.last_model_path}; resume with --ckpt_path last"
         else:
             saved = "no checkpoint saved (the checkpoint callback's save_last is off)"
@@ -218,7 +219,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("AtomicModelCheckpoint.last_good")
         self.last_good_path, self.last_good_step = str(target), step
 
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+    def write_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = _temporary_path(filepath)
         if trainer.is_global_zero:
             _remove(tmp)  # left over from a run killed while saving
@@ -226,15 +227,14 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _replace(tmp, filepath)
         trainer.strategy.barrier("AtomicModelCheckpoint")
-        self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        self.mark_saved(trainer, filepath)
         self._candidate = (trainer.global_step, filepath)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
-        found = super()._find_last_checkpoints(trainer)
+    def find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        found = super().find_last_checkpoints(trainer)
         if self.dirpath is None and trainer.loggers:
             pattern = f"*/checkpoints/{self.CHECKPOINT_NAME_LAST}*{self.FILE_EXTENSION}"
             found |= {os.path.normpath(p) for p in log_root(trainer).glob(pattern)}
@@ -250,11 +250,11 @@ def log_root(trainer: L.Trainer) -> Path:
 def find_last_checkpoint(trainer: L.Trainer) -> str | None:
     """The checkpoint `ckpt_path="last"` loads, picked as Lightning's checkpoint connector picks it:
     the newest (by modification time) of the `last*.ckpt` the trainer's checkpoint callbacks find
-    (`AtomicModelCheckpoint._find_last_checkpoints`) and of an `OnExceptionCheckpoint`'s file."""
+    (`AtomicModelCheckpoint.find_last_checkpoints`) and of an `OnExceptionCheckpoint`'s file."""
     candidates = {getattr(c, "ckpt_path", None) for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
-            candidates |= callback._find_last_checkpoints(trainer)
+            candidates |= last_checkpoints(callback, trainer)
     return max((p for p in candidates if p and os.path.exists(p)), key=os.path.getmtime, default=None)
 
 
@@ -292,7 +292,7 @@ def _size(path: Path) -> int:
 
 
 def _stale_temporaries(directory: Path) -> list[Path]:
-    """Files and directories `_save_checkpoint` / `_replace` write before renaming into place."""
+    """Files and directories `write_checkpoint` / `_replace` write before renaming into place."""
     return [p for pattern in (".*.tmp", ".*.old") for p in directory.glob(pattern)]
 
 

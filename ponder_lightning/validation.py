@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 import tempfile
 import types
 import typing
@@ -28,24 +27,36 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jsonargparse.typing import (
-    ClosedUnitInterval,
-    NonNegativeFloat,
-    NonNegativeInt,
-    OpenUnitInterval,
-    PositiveFloat,
-    PositiveInt,
-    restricted_number_type,
-)
+from jsonargparse.typing import restricted_number_type
 
 from ponder_lightning.errors import UserError
 
+#: Each restricted type's (number type, [(operator, bound), ...], join), recorded where it is
+#: declared: jsonargparse keeps them only in private attributes of the type.
+_RULES: dict[type, tuple[type, list[tuple[str, float]], str]] = {}
+
+
+def restricted(name: str, base: type, rules: tuple[str, float] | list[tuple[str, float]], join: str = "and") -> type:
+    """jsonargparse's restricted number type `name` (the same class as jsonargparse's own of that
+    name and rules, which it registers once), with its rules recorded for `constraint_of`."""
+    hint = restricted_number_type(name, base, rules, join=join)
+    _RULES[hint] = (base, list(rules) if isinstance(rules, list) else [rules], join)
+    return hint
+
+
+# jsonargparse's own (`jsonargparse.typing`): restricted_number_type returns those very classes.
+PositiveInt = restricted("PositiveInt", int, (">", 0))
+NonNegativeInt = restricted("NonNegativeInt", int, (">=", 0))
+PositiveFloat = restricted("PositiveFloat", float, (">", 0))
+NonNegativeFloat = restricted("NonNegativeFloat", float, (">=", 0))
+ClosedUnitInterval = restricted("ClosedUnitInterval", float, [(">=", 0), ("<=", 1)])
+OpenUnitInterval = restricted("OpenUnitInterval", float, [(">", 0), ("<", 1)])
 #: [0, 1): fractions that must leave something (val_fraction, BottomKGate's ratio, Adam's betas).
-HalfOpenUnitInterval = restricted_number_type("HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)])
+HalfOpenUnitInterval = restricted("HalfOpenUnitInterval", float, [(">=", 0), ("<", 1)])
 #: Any real number but NaN and +-Inf (initial biases).
-FiniteFloat = restricted_number_type("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
+FiniteFloat = restricted("FiniteFloat", float, [(">", -math.inf), ("<", math.inf)])
 #: >= 1 (mean depths: every token runs at least one pass).
-AtLeastOneFloat = restricted_number_type("AtLeastOneFloat", float, (">=", 1))
+AtLeastOneFloat = restricted("AtLeastOneFloat", float, (">=", 1))
 
 __all__ = [
     "AtLeastOneFloat",
@@ -61,26 +72,17 @@ __all__ = [
     "constraint_of",
 ]
 
-_SYMBOLS = {
-    operator.ge: ">=",
-    operator.gt: ">",
-    operator.le: "<=",
-    operator.lt: "<",
-    operator.eq: "==",
-    operator.ne: "!=",
-}
-
 
 def is_restricted(hint: Any) -> bool:
-    """Whether `hint` is a jsonargparse restricted number type."""
-    return isinstance(hint, type) and hasattr(hint, "_restrictions") and hasattr(hint, "_type")
+    """Whether `hint` is one of the restricted number types declared here."""
+    return isinstance(hint, type) and hint in _RULES
 
 
 def constraint_of(hint: Any) -> str:
     """The restriction in words, e.g. `an int with v > 0` (for messages and tests)."""
-    joiner = f" {getattr(hint, '_join', 'and')} "
-    rule = joiner.join(f"v {_SYMBOLS.get(op, op)} {ref:g}" for op, ref in hint._restrictions)
-    return f"{'an int' if hint._type is int else 'a number'} with {rule}"
+    base, rules, join = _RULES[hint]
+    rule = f" {join} ".join(f"v {op} {ref:g}" for op, ref in rules)
+    return f"{'an int' if base is int else 'a number'} with {rule}"
 
 
 def _violation(value: Any, hint: Any) -> str | None:
@@ -89,7 +91,7 @@ def _violation(value: Any, hint: Any) -> str | None:
     if is_restricted(hint):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {constraint_of(hint)}"
-        if hint._type is int and not float(value).is_integer():
+        if _RULES[hint][0] is int and not float(value).is_integer():
             return f"must be {constraint_of(hint)}"
         try:
             hint(value)

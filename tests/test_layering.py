@@ -8,7 +8,8 @@ own ``__init__`` is the unit ``ponder_lightning``. Each unit sits in one layer, 
 - L1 ``nn``: the networks in plain PyTorch. No Lightning, and of this package only ``errors``
   and ``validation`` (the gate protocol the recurrences call is ``nn/gate.py``, not ``gates/``);
 - L2 ``gates``, ``data``, ``flops``, ``parallel``, ``resume``, ``training``, ``pretrained``: the
-  parts a model is built from or trained with. ``data`` imports Lightning only in its DataModule
+  parts a model is built from or trained with, and ``upstream``, the one module that touches
+  Lightning's internals (tests/test_upstream.py). ``data`` imports Lightning only in its DataModule
   (``data/datamodule.py``); tokenising, packing and sampling are plain Python;
 - L3 ``models``: the LightningModules;
 - L4 what works on a built or saved model: ``checkpoints`` (rebuild a model from a checkpoint or
@@ -42,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "validation", PACKAGE], 0),
     "nn": 1,
-    **dict.fromkeys(["gates", "data", "flops", "parallel", "resume", "safe_load", "training", "pretrained"], 2),
+    **dict.fromkeys(
+        ["gates", "data", "flops", "parallel", "resume", "safe_load", "training", "pretrained", "upstream"], 2
+    ),
     "models": 3,
     **dict.fromkeys(
         [

@@ -91,6 +91,11 @@ def test_shuffled_tables_are_labelled_when_a_documents_end_precedes_them():
     assert not any(label > ALEATORIC for label in label_text(unsorted))
     cut = label_text("\x00" + docs[1][4:])
     assert not any(label > ALEATORIC for label in cut)
+    # Cut to pairs that look sorted: not a permutation, so its queries are not labelled (nor refused).
+    assert not any(label > ALEATORIC for label in label_text("c a>d b>f |2b=e 1e=c 1f=e "))
+    # Cut to a closed part of its permutation that looks sorted: right for queries that start in it.
+    labels = label_text("c a>b b>a |2a=a 1e=c 1b=a ")
+    assert [labels[i] for i in (14, 19, 24)] == [STEPS + 2, UNKNOWN, STEPS + 1]
 
 
 def test_a_text_whose_answer_does_not_follow_its_table_is_refused():

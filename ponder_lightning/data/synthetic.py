@@ -272,11 +272,13 @@ def _label_pointer_chase(text: str, labels: list[int]) -> None:
         body, start = table_match.group(1), table_match.start(1)
         pairs = [body[i : i + 3] for i in range(0, len(body), 4)]
         keys = "".join(p[0] for p in pairs)
-        # A sorted table cut by the block's start begins after `a`: its keys are not `a`, `b`, ...
-        # in order. A shuffled one is whole when a document's end (EOS) comes just before it and
-        # its pairs are a permutation (each key once, the values the same letters).
-        ordered = keys == string.ascii_lowercase[: len(pairs)]
+        # A table is known when its pairs are a permutation (each key once, the values the same
+        # letters) and it is whole: a sorted one cut by the block's start begins after `a`, a
+        # shuffled one is whole when a document's end (EOS) comes just before it. (A cut shuffled
+        # table that looks sorted is a closed part of its permutation: right for the queries that
+        # start in it; the others are left unlabelled.)
         permutation = len(set(keys)) == len(keys) and set(keys) == {p[2] for p in pairs}
+        ordered = permutation and keys == string.ascii_lowercase[: len(pairs)]
         shuffled = not ordered and permutation and start > 0 and text[start - 1] == "\x00"
         complete = ordered or shuffled
         for i in range(len(pairs)):
@@ -294,7 +296,7 @@ def _label_pointer_chase(text: str, labels: list[int]) -> None:
             labels[at] = ALEATORIC  # hop count
             labels[at + 1] = ALEATORIC  # start
             labels[at + 2] = FORMAT  # `=`
-            if table is not None:
+            if table is not None and begin in table:
                 if follow(table, begin, hops) != answer:
                     raise ValueError(f"not a pointer_chase text: {query.group(0)!r} does not follow its table")
                 labels[at + 3] = STEPS + hops

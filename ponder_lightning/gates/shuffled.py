@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ponder_lightning.gates.controls import GateControl
 from ponder_lightning.gates.fixed import token_uniform
 from ponder_lightning.nn.gate import Gate, GateDecision
 from ponder_lightning.validation import NonNegativeInt, check_init_args
 
 
-class ShuffledHalting(Gate):
+class ShuffledHalting(GateControl):
     """`gate`'s scores and its number of halting tokens per decision (over the batch), with the
     halting tokens drawn at random (a deterministic hash of token id, position and iteration, as
     `FixedRatioGate` draws). When the draws pick the gate's own tokens (e.g. it halts none, or
@@ -33,26 +34,18 @@ class ShuffledHalting(Gate):
 
     def __init__(self, gate: Gate, seed: NonNegativeInt = 0) -> None:
         check_init_args(ShuffledHalting, locals())
-        super().__init__()
-        self.base, self.seed = gate, seed
+        super().__init__(gate)
+        self.seed = seed
 
-    def bind(self, d_model: int, n_decisions: int) -> None:
+    def bind(self, d_model: int, n_decisions: int) -> None:  # trained with the model: bound with it
         super().bind(d_model, n_decisions)
         self.base.bind(d_model, n_decisions)
 
-    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
-        decision = self.base(h, iteration, active, tokens, positions)
+    def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
         halting = int((active & ~decision.active).sum())
         if halting == 0:
-            return decision
+            return decision.active
         draws = token_uniform(tokens, positions, iteration, self.seed).masked_fill(~active, torch.inf)
-        chosen = draws.flatten().topk(halting, largest=False).indices
         shuffled = active.flatten().clone()
-        shuffled[chosen] = False
-        return GateDecision(scores=decision.scores, active=shuffled.view_as(active))
-
-    def feedback_scale(self, scores: Tensor) -> Tensor:
-        return self.base.feedback_scale(scores)
-
-    def extra_flops_per_token(self, d_model: int) -> float:
-        return self.base.extra_flops_per_token(d_model)
+        shuffled[draws.flatten().topk(halting, largest=False).indices] = False
+        return shuffled.view_as(active)

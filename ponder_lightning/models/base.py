@@ -35,6 +35,7 @@ from ponder_lightning.parallel import shard_model
 from ponder_lightning.pretrained import pretrained_backbone_state, pretrained_scales_embeddings
 from ponder_lightning.resume import apply_optimizer_changes
 from ponder_lightning.training import resume_hint
+from ponder_lightning.upstream import attached_trainer
 from ponder_lightning.validation import (
     ClosedUnitInterval,
     HalfOpenUnitInterval,
@@ -147,9 +148,7 @@ class CausalLMModule(L.LightningModule):
             load_pretrained(self.backbone, pretrained, pretrained_backbone_state(pretrained))
         self.eval_metric = DepthNLL(max_depth=n_iterations)
         self.flops_per_batch: float | None = None
-        #: What decides per token whether it goes on (`TokenRecurrentLM` sets one); None for a
-        #: model that makes no such decision (PonderLM-2/3's latent slots run at a fixed depth).
-        self.gate: Gate | None = None
+        self.gate: Gate | None = None  # what decides per token whether it goes on; None: PonderLM-2/3
 
     def scale_embeddings(self, scale_embeds: bool | None, factor: float) -> None:
         """Multiply token embeddings by sqrt(factor * d) if `scale_embeds`. None: on from scratch;
@@ -266,9 +265,8 @@ class CausalLMModule(L.LightningModule):
             self.log(f"{stage}/flops_{name}", value)
 
     def token_logprobs(self, hidden: Tensor) -> Tensor:
-        """Log-probabilities [..., V] of the next token at each of `hidden`'s states [..., d], in
-        the softmax dtype: the one place hidden states become a distribution (evaluation's NLL,
-        entropy and accuracy, lm-eval's scores and the depth map all read it)."""
+        """Log-probabilities [..., V] of the next token at `hidden` [..., d], in the softmax dtype:
+        the one place hidden states become a distribution (evaluation, lm-eval, the depth map)."""
         logits = self.backbone.logits(hidden)
         return logits.to(softmax_dtype(logits.dtype)).log_softmax(-1)
 
@@ -337,12 +335,12 @@ class CausalLMModule(L.LightningModule):
         """Stop on a NaN/Inf loss. Every rank must stop together, or the others would hang in the
         next collective: the flag is reduced across ranks (min) before deciding."""
         finite = torch.isfinite(loss.detach()).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if attached_trainer(self) is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if not finite:
             raise UserError(
                 f"training loss became {loss.item()} at step {self.global_step} (on at least one rank): "
-                f"{resume_hint(self._trainer)} (or check the data)"
+                f"{resume_hint(attached_trainer(self))} (or check the data)"
             )
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -24,10 +24,7 @@ class PonderLM3(PonderLM2):
         router_hidden: None = Linear(d, K+1) router (default); an int = a d -> hidden -> K+1 MLP.
         tau: inference pruning threshold on w (paper: 1e-4).
         depth_penalty: lambda of the optional compute regulariser lambda * E_s[k] (0 = the
-            paper's "purely self-supervised objectives"; the paper reports pruning at LLaMA-410M).
-            With CE alone at CPU scale (llama-tiny, bytes, 200 steps of 8 x 128 tokens) the router
-            moved mass off the last slot (mean w_3 0.30 -> 0.11, E_s[k] 2.05 of 3) but pruned no
-            slot at tau = 1e-4 (min w_3 7e-3): at this scale CE alone does not prune.
+            paper's "purely self-supervised objectives"; docs/method.md says what CE alone did here).
     Every PonderLM2 argument applies (jacobi_choices, jacobi_eval, scale_embeds,
     output_init_passes, ...); their per-block defaults follow the PonderLM-2 authors' LLaMA code
     on llama-* sizes (J in {2, 3}, no per-pass factor in the output-projection init).

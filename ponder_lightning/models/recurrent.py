@@ -22,6 +22,7 @@ from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
 from ponder_lightning.pretrained import pretrained_extra_state
 from ponder_lightning.training import require_trainable_gates
+from ponder_lightning.upstream import attached_trainer
 from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args
 
 ALWAYS_CONTINUE = AlwaysContinue()
@@ -35,21 +36,13 @@ COLLAPSE_SHARE = 0.5
 ONE_PASS_DEPTH = 1.05
 #: Either warning fires after this many training steps in a row.
 COLLAPSE_STEPS = 20
+_SEE = "docs/ablations.md, 'How a gate collapses'"
 COLLAPSE_WARNINGS = {
-    "weak_feedback": (
-        f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of the tokens that go "
-        f"on past some decision were fed back with a gate score below {WEAK_FEEDBACK}, so the passes they still run "
-        "barely change the output (compute spent, nothing gained). See train/gate/* in TensorBoard, and `evaluate` "
-        "for perplexity at full depth; try regularizer operand 'log_score' (gate feedback 'straight_through' "
-        "removes weak feedback but is unstable: docs/ablations.md)"
-    ),
-    "one_pass": (
-        f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps the tokens' mean depth stayed below "
-        f"{ONE_PASS_DEPTH} passes: the gate halts (nearly) every token after its first pass, so the model is a "
-        "one-pass model paying for its gates. See train/depth_mean and train/gate/* in TensorBoard; lower the ponder "
-        "loss (regularizer lam or k_max); with gate feedback 'straight_through' the CE loss itself drives the "
-        "scores down: use 'score' (docs/ablations.md)"
-    ),
+    "weak_feedback": f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of "
+    f"the tokens that go on were fed back with a gate score below {WEAK_FEEDBACK} (passes that barely change the "
+    f"output): try regularizer operand 'log_score' ({_SEE})",
+    "one_pass": f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps mean depth stayed below {ONE_PASS_DEPTH} "
+    f"passes, a one-pass model paying for its gates: lower regularizer lam or k_max, gate feedback 'score' ({_SEE})",
 }
 
 
@@ -199,7 +192,7 @@ class RecurrentLM(TokenRecurrentLM):
     @property
     def gate_active(self) -> bool:
         # Without a trainer (a model loaded for generation), the step is the checkpoint's.
-        step = self.global_step if self._trainer is not None else getattr(self, "checkpoint_step", 0)
+        step = self.global_step if attached_trainer(self) is not None else getattr(self, "checkpoint_step", 0)
         return step >= self.hparams.gate_start_step
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

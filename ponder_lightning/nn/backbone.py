@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ponder_lightning.nn.config import BackboneConfig
 from ponder_lightning.nn.onednn import Linear
+from ponder_lightning.nn.torch_internals import allow_compiled_graphs
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,6 @@ def causal_attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor
 #: how many compiled variants of one function (a block class's forward, the scattered attention)
 #: a process may hold; past it, fullgraph's recompile limit is a hard error
 COMPILED_GRAPHS_PER_FUNCTION = 64
-
-
-def allow_compiled_graphs(count: int) -> None:
-    """Let dynamo keep `count` graphs per compiled function (torch's default is 8)."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, count)
 
 
 def _scattered_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask: Tensor) -> Tensor:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ponder_lightning.nn.torch_internals import has_packed_linear, pack_linear_weight, packed_linear, version_of
+
 #: rows oneDNN tunes the packed layout for; one layout serves 1 to 512 rows well (measured)
 ROWS_HINT = 8
 
@@ -45,7 +47,7 @@ _failures: list[str] = []  # why the packed ops failed on this machine, if they 
 @cache
 def available() -> bool:
     """oneDNN is built in and has the packed linear ops (any x86 or ARM build of torch 2.x)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return has_packed_linear()
 
 
 class prepacked_weights(ContextDecorator):
@@ -76,16 +78,16 @@ def _packed_weight(weight: Tensor, transposed: bool) -> Tensor:
     and again whenever the weight has changed since."""
     key = (id(weight), transposed)
     entry = _packed.get(key)
-    if entry is not None and entry[0]() is weight and entry[1:3] == (weight._version, weight.data_ptr()):
+    if entry is not None and entry[0]() is weight and entry[1:3] == (version_of(weight), weight.data_ptr()):
         return entry[3]
     source = weight.detach().t().contiguous() if transposed else weight.detach().contiguous()
-    packed = torch.ops.mkldnn._reorder_linear_weight(source, ROWS_HINT)
+    packed = pack_linear_weight(source, ROWS_HINT)
 
     def forget(ref: weakref.ref, key: tuple[int, bool] = key) -> None:
         if key in _packed and _packed[key][0] is ref:  # the id may belong to a newer tensor by now
             del _packed[key]
 
-    _packed[key] = (weakref.ref(weight, forget), weight._version, weight.data_ptr(), packed)
+    _packed[key] = (weakref.ref(weight, forget), version_of(weight), weight.data_ptr(), packed)
     return packed
 
 
@@ -97,7 +99,7 @@ def _packed_linear(
     try:
         packed = _packed_weight(weight, transposed)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(flat, packed, None if bias is None else bias.detach(), "none", [], "")
+        out = packed_linear(flat, packed, None if bias is None else bias.detach())
     except RuntimeError as error:
         _failures.append(str(error))
         warnings.warn(
