@@ -1,4 +1,4 @@
-from ponder_lightning.cli import main
+from ponder_lightning.research.cli import main
 
 if __name__ == "__main__":
     main()

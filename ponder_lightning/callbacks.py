@@ -11,6 +11,10 @@ from lightning.pytorch.callbacks import Callback, ModelSummary, ThroughputMonito
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
+from ponder_lightning.gates import FirstPassOnly, FullDepth
+from ponder_lightning.models.base import CausalLMModule
+from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, spearman
+from ponder_lightning.models.recurrent import RecurrentLM
 from ponder_lightning.upstream import RICH_AVAILABLE, summary_of, summary_rows, throughputs_of
 
 
@@ -86,10 +90,15 @@ class FlopsModelSummary(ModelSummary):
             print_model_summary(columns, totals)
 
 
+def ponders(module: L.LightningModule) -> bool:
+    """Whether `module` is one of this library's models running more than one pass per token."""
+    return isinstance(module, CausalLMModule) and module.n_iterations > 1
+
+
 def training_flops_per_step(trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
     """Analytic training FLOPs of one optimizer step over all devices (None before `setup` knows
     the data's seq_len)."""
-    per_batch = getattr(pl_module, "flops_per_batch", None)
+    per_batch = pl_module.flops_per_batch if isinstance(pl_module, CausalLMModule) else None
     if per_batch is None:
         return None
     return per_batch * trainer.world_size * trainer.accumulate_grad_batches
@@ -155,7 +164,7 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
         f"val ppl: {first['val/ppl']:.2f} at the first check -> "
         f"{last['val/ppl']:.2f} at the last ({len(history)} checks)",
     ]
-    if getattr(model, "n_iterations", 1) > 1:
+    if ponders(model):
         fractions = [last[f"val/active_fraction/iter_{i}"] for i in range(model.n_iterations)]
         full = model.realised_flops([1.0] * model.n_iterations, context)["x_vanilla"]
         halted = 1 - sum(fractions) / len(fractions)
@@ -193,6 +202,44 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
     return "\n".join(lines)
 
 
+class DifficultyMonitor(Callback):
+    """Opt-in (`--trainer.callbacks+=ponder_lightning.callbacks.DifficultyMonitor`; on in the
+    demo and the studies): at each validation of a model whose gate halts tokens, every batch run
+    again at full depth and after the first pass only, on the same weights (two extra forwards a
+    batch). Logs `val/ppl_full_depth` (the dead-pass check: equal to `val/ppl`, the passes the gate
+    skips or keeps at s ~ 0 add nothing), `val/ppl_first_pass`, and Spearman's rank correlation of
+    depth with each NLL (`val/depth_spearman/*`: difficulty measured independently of the depth a
+    token got); the depth figure (`DepthMonitor`) adds the mean depth per decile of the first."""
+
+    def __init__(self) -> None:
+        self.metric = DepthDifficulty()
+        #: The last validation's mean depth per decile of NLL at full depth (None before one).
+        self.deciles: list[dict[str, float]] | None = None
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        if trainer.sanity_checking or not (isinstance(pl_module, RecurrentLM) and pl_module.measures_difficulty):
+            return
+        full, _ = pl_module.token_nll(batch, FullDepth(pl_module.gate))
+        first, _ = pl_module.token_nll(batch, FirstPassOnly(pl_module.gate))
+        self.metric.to(full.device).update(outputs["depth"], full, first)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.deciles = None  # never a past validation's
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.metric.update_called:
+            return
+        result = self.metric.compute()  # gathered over ranks
+        self.metric.reset()
+        self.deciles = depth_by_decile(result["nll_full_depth"], result["depth"])
+        pl_module.log_global("val/ppl_full_depth", torch.exp(result["nll_full_depth"].double().mean()).float())
+        pl_module.log_global("val/ppl_first_pass", torch.exp(result["nll_first_pass"].double().mean()).float())
+        for name in ("nll_full_depth", "nll_first_pass"):
+            pl_module.log_global(f"val/depth_spearman/{name}", spearman(result["depth"], result[name]))
+
+
 class DepthMonitor(Callback):
     """TensorBoard views of adaptive depth: a histogram of the gate scores of each decision (over
     the tokens that were active there) every `log_every_n_steps`, and at each validation a
@@ -215,12 +262,15 @@ class DepthMonitor(Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Runs before the module's own hook, which resets the metrics the report reads; every
         # rank computes it (the metrics synchronise), rank 0 draws it.
-        if trainer.sanity_checking or getattr(pl_module, "n_iterations", 1) < 2:
+        if trainer.sanity_checking or not ponders(pl_module):
             return
         report = pl_module.depth_report()
         writer = _tensorboard(trainer)
+        # a DifficultyMonitor, if installed, ran its hook first (callbacks run in order; the
+        # configured ones come before the CLI's defaults)
+        deciles = next((c.deciles for c in trainer.callbacks if isinstance(c, DifficultyMonitor)), None)
         if report.table and writer is not None:
-            writer.add_figure("val/depth_vs_nll", depth_figure(report.table, report.deciles), trainer.global_step)
+            writer.add_figure("val/depth_vs_nll", depth_figure(report.table, deciles), trainer.global_step)
 
 
 class DepthMapMonitor(Callback):
@@ -256,7 +306,7 @@ class DepthMapMonitor(Callback):
         rows, self._rows = self._rows, None
         if rows is None or writer is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        if getattr(pl_module, "n_iterations", 1) < 2:
+        if not ponders(pl_module):
             return
         decode = token_decoder(trainer.datamodule.tokenizer_obj)
         reports = [pass_report(pl_module, row[:-1], row[1:].tolist()) for row in rows]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -346,13 +347,15 @@ def generate_command(argv: list[str]) -> None:
         raise SystemExit(INTERRUPTED_EXIT_CODE)
 
 
-def evaluate_command(argv: list[str]) -> None:
+def evaluate_command(argv: list[str], gate_study: Callable[..., dict[str, Any]] | None = None) -> None:
     """`evaluate --checkpoint CKPT [--data_files ...] [--tau 1e-4,1e-3,1e-2] [--reference VANILLA_CKPT] [--out DIR]`:
     validation loss/perplexity with mean depth, active fraction per iteration and FLOPs per token
     x vanilla; with --tau, a sweep over the halting threshold written as JSON + PNG. For a model
     whose gate halts tokens, always also the controls on the same weights: full depth (no
     halting), random pruning with the learned per-iteration profile, and depth per difficulty
-    decile (difficulty = NLL at full depth, at the first pass, and under --reference)."""
+    decile (difficulty = NLL at full depth, at the first pass, and under --reference). `gate_study`
+    replaces those controls (`evaluate.gate_controls`) with a study that extends them (the research
+    layer's, with its rankings and probes)."""
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data.synthetic import is_synthetic
     from ponder_lightning.evaluate import (
@@ -360,7 +363,7 @@ def evaluate_command(argv: list[str]) -> None:
         format_gate_study,
         format_label_study,
         format_rows,
-        gate_study,
+        gate_controls,
         halting_gate,
         label_study,
         write_curve,
@@ -439,7 +442,7 @@ def evaluate_command(argv: list[str]) -> None:
         print(f"wrote {Path(args.out) / 'labels.json'}")
     if not halts:
         return
-    study = gate_study(model, batches, data.seq_len, reference=reference)
+    study = (gate_study or gate_controls)(model, batches, data.seq_len, reference=reference)
     print("\ncontrols on the same weights and data:")
     print(format_gate_study(study))
     (Path(args.out) / "gate_study.json").write_text(json.dumps(study, indent=2))
@@ -447,12 +450,6 @@ def evaluate_command(argv: list[str]) -> None:
         f"wrote {Path(args.out) / 'gate_study.json'} and "
         f"{write_depth_figure(study['rows'][0], args.out, study['difficulty']['nll_full_depth']['deciles'])}"
     )
-
-
-def study_command(argv: list[str]) -> None:
-    from ponder_lightning.study import study_command as run
-
-    run(argv, fit=run_lightning_cli, check=check_fit_args)
 
 
 class _ParseOnlyCLI(PonderCLI):
@@ -594,7 +591,6 @@ COMMANDS = {
     "generate": generate_command,
     "evaluate": evaluate_command,
     "inspect": inspect_command,
-    "study": study_command,
     "prepare": prepare_command,
     "export": export_command,
     "lm_eval": lm_eval_command,
@@ -605,19 +601,18 @@ DESCRIPTIONS = {
     "generate": "adaptive-depth decoding from a checkpoint, with the depth of every token",
     "evaluate": "perplexity, depth and FLOPs of a checkpoint, a halting-threshold sweep, the gate controls",
     "inspect": "where a model ponders: tokens coloured by depth, each pass's predictions (HTML page or terminal)",
-    "study": "train and evaluate a set of runs (models x seeds) and tabulate them",
     "prepare": "tokenise text files once into shards that data.tokens reads",
     "export": "write a checkpoint as a Hugging Face directory",
     "lm_eval": "lm-evaluation-harness tasks on a checkpoint, with the compute next to the scores",
 }
 
 
-def overview() -> str:
+def overview(descriptions: dict[str, str] = DESCRIPTIONS) -> str:
     """`python -m ponder_lightning --help`: every command with one line (LightningCLI's own help
     would list only fit/validate/test/predict)."""
-    width = max(map(len, DESCRIPTIONS))
+    width = max(map(len, descriptions))
     lines = [f"usage: {PROG} COMMAND [options]  ({PROG} COMMAND --help lists a command's options)", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in DESCRIPTIONS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, text in descriptions.items()]
     return "\n".join(lines)
 
 
@@ -638,18 +633,24 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def main(args: list[str] | None = None) -> None:
+def main(
+    args: list[str] | None = None,
+    commands: dict[str, Callable[[list[str]], None]] = COMMANDS,
+    descriptions: dict[str, str] = DESCRIPTIONS,
+) -> None:
+    """Run one command: LightningCLI's, or one of `commands` (the library's by default; the
+    research layer's `research.cli.main` passes its own on top, as `python -m` does)."""
     argv = sys.argv[1:] if args is None else args
     if not argv or argv[0] in ("-h", "--help"):
-        print(overview())
+        print(overview(descriptions))
         raise SystemExit(0 if argv else 2)
     try:
-        if argv[0] not in DESCRIPTIONS and not argv[0].startswith("-"):
+        if argv[0] not in descriptions and not argv[0].startswith("-"):
             raise UserError(
-                f"unknown command {argv[0]!r}: use one of {', '.join(DESCRIPTIONS)} (--help describes them)"
+                f"unknown command {argv[0]!r}: use one of {', '.join(descriptions)} (--help describes them)"
             )
-        if argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
+        if argv[0] in commands:
+            commands[argv[0]](argv[1:])
         else:
             run_lightning_cli(args)  # None: LightningCLI reads sys.argv itself
         close_process_group()

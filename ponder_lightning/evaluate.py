@@ -3,7 +3,7 @@
 `evaluate`: validation loss/perplexity next to the depth actually run and the FLOPs it cost,
 optionally swept over the halting threshold tau (a quality-vs-compute curve).
 
-`gate_study`: for a model whose gate halts tokens, the same weights and data evaluated
+`gate_controls`: for a model whose gate halts tokens, the same weights and data evaluated
 - at the learned depth,
 - at full depth (no token halts; the dead-pass check: equal perplexity = the skipped passes or the
   passes kept at s ~ 0 contribute nothing),
@@ -12,15 +12,10 @@ optionally swept over the halting threshold tau (a quality-vs-compute curve).
 - and depth against token difficulty measured independently of the depth a token got: its NLL
   at full depth, at the first pass, and optionally under a reference (vanilla) model trained on
   the same data; and against the gain pondering brings a token (first-pass NLL minus full-depth
-  NLL). Mean depth per decile of each and Spearman's rank correlation;
-- with other choices of the same number of tokens at each decision (`RankedPruning`, the learned
-  profile, the learned scores): the tokens the first pass was least sure of, and those it was
-  surest of (the entropy of its prediction: rules a deployed gate could follow); a linear probe
-  fitted to the pondering gain from the gate's own input (`probe_gain`: how predictable the
-  right choice is from what a gate sees); and two oracles that read the targets: the hardest
-  tokens (NLL at full depth; the paper's "more passes for hard tokens" as a policy) and the tokens
-  pondering helps most. The oracles bound what any choice of tokens could gain on these weights,
-  and tell whether following difficulty would even pay.
+  NLL). Mean depth per decile of each and Spearman's rank correlation.
+
+The research layer's `research.gate_study` adds other choices of the same number of tokens
+(rules, a probe, oracles) to these rows.
 """
 
 from __future__ import annotations
@@ -42,9 +37,7 @@ from ponder_lightning.gates import (
     Gate,
     MatchedRandomPruning,
     OracleDepth,
-    RankedPruning,
     ReadoutAtNeed,
-    RecordingFullDepth,
 )
 from ponder_lightning.models.base import split_batch
 from ponder_lightning.models.metrics import depth_by_decile, spearman
@@ -246,66 +239,6 @@ def counted(batch: Any) -> Tensor:
     return split_batch(batch)[1] != IGNORE_INDEX
 
 
-def probe_gain(first_inputs: list[Tensor], gain: Tensor, batches: list[Any], ridge: float = 1e-3) -> Tensor | None:
-    """Each counted token's pondering gain as predicted from what the first decision's gate sees
-    (`first_inputs`, one [B, T, d] per batch) by a linear probe: ridge regression on standardised
-    features, fitted on the other half of the blocks (cross-fitting, so no token's own target
-    enters its prediction). Ranked by it, the tokens show how much of the oracle's choice a gate
-    fitted to the gain could reach from its input. None with fewer than two batches."""
-    if len(batches) < 2:
-        return None
-    masks = [counted(batch) for batch in batches]
-    x = torch.cat([h[mask] for h, mask in zip(first_inputs, masks, strict=True)]).double()
-    y = gain.double()
-    second_half = torch.cat([torch.full((int(m.sum()),), i >= len(batches) // 2) for i, m in enumerate(masks)])
-    predicted = torch.empty_like(y)
-    for fit_on in (~second_half, second_half):
-        mean, std = x[fit_on].mean(0), x[fit_on].std(0).clamp_min(1e-8)
-
-        def design(rows: Tensor, mean: Tensor = mean, std: Tensor = std) -> Tensor:
-            return torch.cat([(rows - mean) / std, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
-
-        a = design(x[fit_on])
-        penalty = ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype)
-        weights = torch.linalg.solve(a.T @ a + penalty, a.T @ y[fit_on])
-        predicted[~fit_on] = design(x[~fit_on]) @ weights
-    return predicted
-
-
-def ranked_cutoffs(priority: Tensor, active_fractions: list[float]) -> list[float]:
-    """Cut-offs for `RankedPruning` so that, when the tokens with the highest `priority` go on,
-    iteration i+1 runs for `active_fractions[i + 1]` of them (as close as a whole count allows)."""
-    ordered = priority.flatten().double().sort(descending=True).values
-    cutoffs = []
-    for fraction in active_fractions[1:]:
-        keep = round(fraction * ordered.numel())
-        cutoffs.append(math.inf if keep == 0 else -math.inf if keep == ordered.numel() else float(ordered[keep - 1]))
-    return cutoffs
-
-
-def ranked_pruning(
-    model, batches: list[Any], gate: Gate, priority: Tensor, active_fractions: list[float]
-) -> tuple[Tensor, Tensor]:
-    """Per-token NLL and depth when the tokens with the highest `priority` (flat, one value per
-    counted target, as `token_nll` orders them) go on, following the learned `active_fractions`.
-    Positions without a target (padding) never halt by this rule."""
-    control = RankedPruning(gate, ranked_cutoffs(priority, active_fractions))
-
-    def with_priority() -> Iterable[Any]:
-        """Each batch, after setting its priority on the control (`token_nll` runs a batch
-        before it asks for the next one)."""
-        offset = 0
-        for batch in batches:
-            mask = counted(batch)
-            n = int(mask.sum())
-            control.priority = torch.full(mask.shape, math.inf, dtype=torch.float64)
-            control.priority[mask] = priority[offset : offset + n].double()
-            offset += n
-            yield batch
-
-    return token_nll(model, with_priority(), control)
-
-
 def summarise(model, nll: Tensor, depth: Tensor, context: int) -> dict[str, Any]:
     """Loss, ppl, mean depth, active fraction per iteration, FLOPs per token x vanilla and the
     depth-vs-NLL table (mean NLL of the tokens that ran each depth) of per-token results."""
@@ -361,18 +294,17 @@ def difficulty_report(depth: Tensor, difficulties: dict[str, Tensor], bins: int 
     }
 
 
-def gate_study(
+def gate_controls(
     model, batches: Iterable[Any], context: int, reference=None, seeds: tuple[int, ...] = (0, 1)
 ) -> dict[str, Any]:
-    """The learned gate against its counterfactuals on the same weights and data (module
-    docstring). `reference`: a one-pass model trained on the same data (same tokenizer) whose
-    per-token NLL is a third difficulty measure."""
+    """The learned gate against its controls on the same weights and data (module docstring).
+    `reference`: a one-pass model trained on the same data (same tokenizer) whose per-token NLL
+    is a third difficulty measure."""
     gate = scored_gate(model)
     batches = list(batches)
     nll, depth = token_nll(model, batches)
     learned = {"control": "learned gate", "kind": "learned"} | summarise(model, nll, depth, context)
-    full_depth_gate = RecordingFullDepth(gate)
-    full_nll, full_depth = token_nll(model, batches, full_depth_gate)
+    full_nll, full_depth = token_nll(model, batches, FullDepth(gate))
     full = {"control": "full depth (no halting)", "kind": "full_depth"}
     rows = [learned, full | summarise(model, full_nll, full_depth, context)]
     for seed in seeds:
@@ -386,21 +318,6 @@ def gate_study(
     # Not a difficulty but what the passes do for a token, also measured at full depth on the
     # same weights: NLL after one pass minus NLL after all of them (> 0: pondering helps it).
     gain = first_nll - full_nll
-    for label, kind, priority in [
-        ("least sure after the first pass go on (entropy), learned profile", "entropy_least_sure", first_entropy),
-        ("surest after the first pass go on (entropy), learned profile", "entropy_surest", -first_entropy),
-        (
-            "linear probe of the gain from the gate's input go on (cross-fitted), learned profile",
-            "probe_gain",
-            probe_gain(full_depth_gate.first_inputs, gain, batches),
-        ),
-        ("oracle: hardest go on (NLL at full depth), learned profile", "oracle_hardest", full_nll),
-        ("oracle: most helped by pondering go on, learned profile", "oracle_gain", gain),
-    ]:
-        if priority is None:
-            continue
-        ranked = ranked_pruning(model, batches, gate, priority, learned["active_fractions"])
-        rows.append({"control": label, "kind": kind} | summarise(model, *ranked, context))
     difficulties = {"nll_full_depth": full_nll, "nll_first_pass": first_nll, "entropy_first_pass": first_entropy}
     if reference is not None:
         if reference.config.vocab_size != model.config.vocab_size:
@@ -440,8 +357,11 @@ def format_gate_study(study: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "(the oracle rows read the targets: bounds on what a choice of tokens could gain, not gates)",
-        "",
+        *(
+            ["(the oracle rows read the targets: bounds on what a choice of tokens could gain, not gates)", ""]
+            if any(r["kind"].startswith("oracle") for r in study["rows"])
+            else []
+        ),
         f"mean depth per difficulty decile (easiest first; {study['tokens']} tokens):",
         "",
         "| measure (difficulty, or pondering_gain) | Spearman with depth | "

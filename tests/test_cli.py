@@ -11,7 +11,8 @@ import torch
 from fit_helpers import tiny_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ponder_lightning.cli import main, run_lightning_cli
+from ponder_lightning.cli import run_lightning_cli
+from ponder_lightning.research.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,6 +182,7 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
         "2",
         "--trainer.log_every_n_steps",
         "2",
+        "--trainer.callbacks+=ponder_lightning.callbacks.DifficultyMonitor",
         config="adaponderlm",
     )
     version = tmp_path / "lightning_logs" / "version_0"

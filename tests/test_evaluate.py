@@ -52,7 +52,8 @@ def test_vanilla_is_one_pass_at_one_vanilla():
 
 
 def test_gate_study_controls_share_the_weights_and_match_the_profile():
-    from ponder_lightning.evaluate import format_gate_study, gate_study
+    from ponder_lightning.evaluate import format_gate_study
+    from ponder_lightning.research.gate_study import gate_study
 
     model = halting_model()
     model.gate.tau = 0.05
@@ -91,8 +92,9 @@ def test_ranking_tokens_by_their_learned_depth_reproduces_the_learned_gate():
     """`ranked_pruning` maps a flat per-token priority back onto each batch and cuts it at the
     learned profile: ranked by the depth the gate gave them, the same tokens halt at the same
     decisions, so NLL and depth equal the learned gate's (padding included)."""
-    from ponder_lightning.evaluate import ranked_pruning, token_nll
-    from ponder_lightning.gates import RankedPruning
+    from ponder_lightning.evaluate import token_nll
+    from ponder_lightning.research.controls import RankedPruning
+    from ponder_lightning.research.gate_study import ranked_pruning
 
     model = halting_model()
     model.gate.tau = 0.05
@@ -126,7 +128,7 @@ def test_entropy_is_that_of_the_prediction():
 def test_the_gain_probe_is_cross_fitted_and_linear():
     """A token's predicted gain comes from a fit on the other half of the blocks only, and a gain
     that is linear in the gate's input is recovered."""
-    from ponder_lightning.evaluate import probe_gain
+    from ponder_lightning.research.gate_study import probe_gain
 
     torch.manual_seed(0)
     batches = [torch.randint(0, 256, (2, 65)) for _ in range(4)]
@@ -142,3 +144,34 @@ def test_the_gain_probe_is_cross_fitted_and_linear():
     torch.testing.assert_close(moved[half:], predicted[half:])  # ... its own predictions do not
     assert not torch.allclose(moved[:half], predicted[:half])  # the first half's, fitted on them, do
     assert probe_gain(inputs[:1], gain[: 2 * 64], batches[:1]) is None
+
+
+def test_difficulty_monitor_is_opt_in_and_logs_the_full_depth_perplexity_evaluate_computes(tmp_path):
+    """Without the callback validation runs one forward a batch and logs no difficulty; with it,
+    `val/ppl_full_depth` is the perplexity `token_nll` gives at full depth on the same batches."""
+    import lightning as L
+
+    from ponder_lightning.callbacks import DifficultyMonitor
+    from ponder_lightning.evaluate import token_nll
+    from ponder_lightning.gates import FirstPassOnly, FullDepth
+
+    model = halting_model().eval()
+    batches = [torch.randint(0, 256, (2, 33)) for _ in range(3)]
+
+    def validate(callbacks):
+        trainer = L.Trainer(
+            accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.validate(model, torch.utils.data.DataLoader(batches, batch_size=None), verbose=False)
+        return trainer.callback_metrics
+
+    assert "val/ppl_full_depth" not in validate([]) and "val/ppl" in validate([])
+    metrics = validate([DifficultyMonitor()])
+    full, _ = token_nll(model, batches, FullDepth(model.gate))
+    first, _ = token_nll(model, batches, FirstPassOnly(model.gate))
+    assert float(metrics["val/ppl_full_depth"]) == pytest.approx(float(full.double().mean().exp()), rel=1e-5)
+    assert float(metrics["val/ppl_first_pass"]) == pytest.approx(float(first.double().mean().exp()), rel=1e-5)
+    assert float(metrics["val/depth_mean"]) < model.n_iterations  # tokens halted: full depth is another run
+    assert float(metrics["val/ppl_full_depth"]) != pytest.approx(float(metrics["val/ppl"]), rel=1e-6)
+    assert "val/depth_spearman/nll_full_depth" in metrics

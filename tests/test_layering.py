@@ -14,13 +14,16 @@ own ``__init__`` is the unit ``ponder_lightning``. Each unit sits in one layer, 
 - L3 ``models``: the LightningModules;
 - L4 what works on a built or saved model: ``checkpoints`` (rebuild a model from a checkpoint or
   an export), ``hf_export``, ``hf_modeling``, ``generate``, ``evaluate``, ``callbacks``,
-  ``progress``, ``cli_errors``, ``lm_eval_adapter``, ``study``;
-- L5 the command line: ``cli``, ``__main__``.
+  ``progress``, ``cli_errors``, ``lm_eval_adapter``;
+- L5 the library's command line: ``cli``;
+- L6 the laboratory, above the library: ``research`` (studies, the gate study's rankings and
+  probes, the command line with them); nothing below imports it;
+- L7 ``__main__``: ``python -m ponder_lightning``, the research layer's command line.
 
 The rule: a module imports from its own unit, from units of lower layers, and from other units
 of its own layer, and the graph of units has no cycle (so two units of one layer never import
 each other, even through a third). An entry point that must call one above it takes it as an
-argument (``study`` is handed ``cli.run_lightning_cli`` as its ``fit``).
+argument (``cli.evaluate_command`` is handed the research layer's ``gate_study``).
 
 Every import counts: at module level, inside functions, under ``try`` or ``if TYPE_CHECKING``,
 ``import x``, ``from x import y`` and relative imports. A new top-level module or package needs a
@@ -59,11 +62,12 @@ LAYERS: dict[str, int] = {
             "hf_modeling",
             "lm_eval_adapter",
             "progress",
-            "study",
         ],
         4,
     ),
-    **dict.fromkeys(["cli", "__main__"], 5),
+    "cli": 5,
+    "research": 6,
+    "__main__": 7,
 }
 #: Distributions of the Lightning family (``lightning``, its parts and ``torchmetrics``).
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics"}

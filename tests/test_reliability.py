@@ -18,8 +18,8 @@ from scaleout_helpers import ROOT, logged_steps, read_losses, run_fit
 
 import ponder_lightning.generate as generate_module
 from ponder_lightning.checkpoints import load_checkpoint
-from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
+from ponder_lightning.research.cli import main
 from ponder_lightning.safe_load import UnsafeCheckpoint
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
-from ponder_lightning.study import (
+from ponder_lightning.research.cli import main
+from ponder_lightning.research.study import (
     ROOT,
     frontier_ppl,
     frontier_table,
@@ -336,19 +336,24 @@ def test_the_summary_says_when_runs_average_different_seeds():
     assert "different seeds" not in same and "| b | PonderLM / AlwaysContinue | 99.500 ± " in same
 
 
-@pytest.mark.parametrize(
-    "path", sorted(p for p in (ROOT / "studies").glob("*.yaml") if "runs:" in p.read_text()), ids=lambda p: p.stem
-)
+SHIPPED_STUDIES = sorted(p for p in (ROOT / "studies").glob("*.yaml") if "runs:" in p.read_text())
+
+
+def test_the_shipped_studies_are_found_where_study_resolves_configs():
+    assert len(SHIPPED_STUDIES) >= 5 and (ROOT / "configs" / "vanilla.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", SHIPPED_STUDIES, ids=lambda p: p.stem)
 def test_every_shipped_study_parses_every_run(path):
     """What `study` checks before its first run trains (`check_runs`): configs exist, arguments parse."""
     from ponder_lightning.cli import check_fit_args
-    from ponder_lightning.study import check_runs
+    from ponder_lightning.research.study import check_runs
 
     check_runs(load_study(path), check_fit_args)
 
 
 def test_a_study_on_a_synthetic_task_tables_each_label_as_trained_and_at_the_oracles_depth(tmp_path):
-    from ponder_lightning.study import label_table
+    from ponder_lightning.research.study import label_table
 
     spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=300"
     args = [*TINY, "--data.data_files", spec, "--data.cache_dir", str(tmp_path / "cache"), "--data.seq_len", "64"]

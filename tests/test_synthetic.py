@@ -212,7 +212,7 @@ def test_label_report_counts_each_label_and_auroc_reads_depth(tmp_path, single_t
 def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single_thread):
     import json
 
-    from ponder_lightning.cli import main
+    from ponder_lightning.research.cli import main
 
     spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=400"
     main(

@@ -20,9 +20,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ponder_lightning.gates as gates
 import ponder_lightning.models as models
-from ponder_lightning.cli import main, run_lightning_cli
+import ponder_lightning.research.controls as research_controls
+from ponder_lightning.cli import run_lightning_cli
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError
+from ponder_lightning.research.cli import main
 from ponder_lightning.training import AtomicModelCheckpoint, GateOnlyStage
 from ponder_lightning.validation import is_restricted
 
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.timeout(300)
 PUBLIC = sorted(
     {getattr(models, n) for n in models.__all__}
     | {getattr(gates, n) for n in gates.__all__ if inspect.isclass(getattr(gates, n))}
+    | {research_controls.RankedPruning, research_controls.RecordingFullDepth}
     | {PileDataModule, AtomicModelCheckpoint, GateOnlyStage},
     key=lambda c: c.__name__,
 )

@@ -8,9 +8,7 @@ from ponder_lightning.gates.controls import (
     FullDepth,
     MatchedRandomPruning,
     OracleDepth,
-    RankedPruning,
     ReadoutAtNeed,
-    RecordingFullDepth,
     RecordingReadouts,
 )
 from ponder_lightning.gates.fixed import FixedRatioGate
@@ -34,9 +32,7 @@ __all__ = [
     "OracleDepth",
     "PonderRegularizer",
     "PerIterationMLPGate",
-    "RankedPruning",
     "ReadoutAtNeed",
-    "RecordingFullDepth",
     "RecordingReadouts",
     "ShuffledHalting",
     "SingleMLPGate",

@@ -5,16 +5,15 @@ are the ones it was trained with); only *which* tokens halt changes:
 
 - `FullDepth`: no token halts (tau = 0). Perplexity here vs at the learned depth shows whether
   the passes the gate skips (or keeps at s ~ 0) still matter.
-  (`RecordingFullDepth` also keeps the first decision's input, for probes.)
 - `FirstPassOnly`: every token halts after the first pass; its NLL measures a token's difficulty
   before any pondering, independently of the depth the gate gives it.
 - `AtThreshold`: the gate's scores with another halting threshold (a tau sweep).
 - `MatchedRandomPruning`: random halting that follows the learned gate's per-iteration active
   fractions: the fair iso-FLOPs control on the same weights (only the choice of tokens differs).
-- `RankedPruning`: halting by a per-token priority the caller computed (e.g. from a full-depth
-  pass), cut at thresholds that follow the learned profile: how good another choice of the same
-  number of tokens would be. A priority computed from the targets is an oracle, a bound on what
-  any gate could choose, not a gate one could deploy.
+- `OracleDepth`, `ReadoutAtNeed`, `RecordingReadouts`: on a synthetic task, each token halted
+  (or read) after the passes its label needs, and every pass's readout kept (the depth map).
+
+The gate study's rankings and probes (`research/controls.py`) build on these.
 
 None of them has parameters of its own: they are built at evaluation time and never saved.
 """
@@ -22,7 +21,6 @@ None of them has parameters of its own: they are built at evaluation time and ne
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 from torch import Tensor
@@ -62,21 +60,6 @@ class FullDepth(GateControl):
 
     def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
         return active
-
-
-class RecordingFullDepth(FullDepth):
-    """`FullDepth` that also keeps what the gate saw at the first decision (the readout of the
-    first pass, [B, T, d] per forward, in call order): the input a gate has to go on when it
-    decides, for probes fitted to what the passes do."""
-
-    def __init__(self, gate: Gate) -> None:
-        super().__init__(gate)
-        self.first_inputs: list[Tensor] = []
-
-    def forward(self, h: Tensor, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> GateDecision:
-        if iteration == 0:
-            self.first_inputs.append(h.detach())
-        return super().forward(h, iteration, active, tokens, positions)
 
 
 class FirstPassOnly(GateControl):
@@ -125,31 +108,6 @@ class MatchedRandomPruning(GateControl):
     def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
         draws = token_uniform(tokens, positions, iteration, DRAW_STREAM + self.seed)
         return active & (draws >= self.halt_probs[iteration])
-
-
-class RankedPruning(GateControl):
-    """Halts the active tokens whose `priority` falls below decision i's `cutoffs[i]`, keeping the
-    learned scores as feedback weights. The priority is fixed per token, so the halting is nested
-    (monotone) whenever the cut-offs rise; `evaluate.ranked_cutoffs` picks them so that iteration i
-    runs for the learned fraction of tokens.
-
-    `priority` [B, T] belongs to one batch: the caller sets it before each forward (the evaluation
-    loop does), since a gate only ever sees hidden states and token ids.
-    """
-
-    def __init__(self, gate: Gate, cutoffs: list[float]) -> None:
-        super().__init__(gate)
-        if any(math.isnan(c) for c in cutoffs):
-            raise ValueError(f"RankedPruning cut-offs must be numbers (-inf and inf included), got {cutoffs}")
-        self.cutoffs = cutoffs
-        self.priority: Tensor | None = None
-
-    def halt(self, decision: GateDecision, iteration: int, active: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
-        if self.priority is None or self.priority.shape != active.shape:
-            raise ValueError(
-                f"RankedPruning needs a priority of the batch's shape {tuple(active.shape)} set before each forward"
-            )
-        return active & (self.priority.to(active.device) >= self.cutoffs[iteration])
 
 
 class OracleDepth(GateControl):

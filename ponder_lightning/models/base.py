@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,14 +73,12 @@ def split_batch(batch: Tensor | dict[str, Tensor]) -> tuple[Tensor, Tensor, Tens
 @dataclass
 class DepthReport:
     """What the depth figure shows after a validation: (depth, tokens, mean NLL after its passes)
-    per depth reached, and the mean depth per decile of a difficulty measured independently of
-    depth (NLL at full depth), for models whose gates halt tokens."""
+    per depth reached (`callbacks.DifficultyMonitor` adds depth per difficulty decile)."""
 
     table: list[tuple[int, int, float]]
-    deciles: list[dict[str, float]] | None = None
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(L.LightningModule, metaclass=ABCMeta):
     """Base LightningModule for Pythia-style causal LMs.
 
     Args:
@@ -161,39 +160,40 @@ class CausalLMModule(L.LightningModule):
         if self.hparams.scale_embeds:
             self.backbone.embed_scale = math.sqrt(factor * self.config.d_model)
 
-    # -- what each family provides -----------------------------------------------------------
+    # -- what each family provides (the entry points call these; a model class that lacks one
+    # cannot be built) ---------------------------------------------------------------------
+    @abstractmethod
     def hidden_states(
         self, inputs: Tensor, valid: Tensor | None = None, gate: Gate | None = None
     ) -> tuple[Tensor, Trace]:
         """Final hidden states [B, T, d] (after the final norm) and the trace of what ran; `gate`
         replaces the gate in force for this call (evaluation's counterfactuals)."""
-        raise NotImplementedError
 
     def aux_loss(self, trace: Trace) -> Tensor | None:
         """Extra training loss from the forward (e.g. AdaPonderLM's ponder loss)."""
         return None
 
+    @abstractmethod
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """Empty decoding cache for `batch` sequences of up to `max_len` tokens."""
-        raise NotImplementedError
 
+    @abstractmethod
     def extend(self, tokens: Tensor, valid: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, list[int]]:
         """Run new tokens against the cache (prefill): hidden states, depth per token and backbone
         token-evaluations per iteration."""
-        raise NotImplementedError
 
+    @abstractmethod
     def row_decoder(self, cache: KVCache) -> RowDecoder:
         """Token-by-token decoding where each row moves at its own pace, on a cache prefilled by
         `extend` (see `nn/rowwise.py`)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def realised_flops(self, active_fractions: list[float], context: int) -> dict[str, float]:
         """Inference FLOPs per token (x vanilla) at the given per-iteration active fractions."""
-        raise NotImplementedError
 
+    @abstractmethod
     def full_depth_flops_per_token(self, context: int) -> float:
         """Forward FLOPs per token of a training step."""
-        raise NotImplementedError
 
     def training_flops_x_vanilla(self, context: int, steps: int) -> float:
         """Forward FLOPs per training token over a run's first `steps` optimizer steps, x vanilla:

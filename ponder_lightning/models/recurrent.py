@@ -14,9 +14,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ponder_lightning import flops
-from ponder_lightning.gates import AlwaysContinue, FirstPassOnly, FullDepth, Gate, NoPonderLoss, PonderRegularizer
-from ponder_lightning.models.base import CausalLMModule, DepthReport
-from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, spearman
+from ponder_lightning.gates import AlwaysContinue, Gate, NoPonderLoss, PonderRegularizer
+from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
@@ -173,7 +172,6 @@ class RecurrentLM(TokenRecurrentLM):
                 self, "model.init_args.train_only_gates=true", "use a learned gate or drop train_only_gates"
             )
         self._collapse_steps = dict.fromkeys(COLLAPSE_WARNINGS, 0)
-        self.difficulty_metric = DepthDifficulty()
 
     def _load_pretrained_gates(self, pretrained: str) -> None:
         """An export of this very class brings its gates too, when they are the same gates."""
@@ -243,36 +241,8 @@ class RecurrentLM(TokenRecurrentLM):
             if self._collapse_steps[kind] == COLLAPSE_STEPS:
                 rank_zero_warn(COLLAPSE_WARNINGS[kind].format(step=self.global_step))
 
-    # -- validation: depth against difficulty measured independently of it ---------------------
     @property
     def measures_difficulty(self) -> bool:
-        """True when the gate in force can halt tokens (there is a depth to explain)."""
+        """True when the gate in force can halt tokens (there is a depth to set against a
+        difficulty: `callbacks.DifficultyMonitor`)."""
         return self.n_iterations > 1 and self.gate_active and self.gate.can_halt
-
-    def validation_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        output = super().validation_step(batch, batch_idx)
-        if self.measures_difficulty:
-            full, _ = self.token_nll(batch, FullDepth(self.gate))
-            first, _ = self.token_nll(batch, FirstPassOnly(self.gate))
-            self.difficulty_metric.update(output["depth"], full, first)
-        return output
-
-    def depth_report(self) -> DepthReport:
-        report = super().depth_report()
-        if self.difficulty_metric.update_called:
-            result = self.difficulty_metric.compute()
-            report.deciles = depth_by_decile(result["nll_full_depth"], result["depth"])
-        return report
-
-    def _log_eval(self, stage: str) -> None:
-        """Adds `<stage>/ppl_full_depth` (the dead-pass check), `<stage>/ppl_first_pass`, and the
-        rank correlation of depth with each difficulty."""
-        super()._log_eval(stage)
-        if not self.difficulty_metric.update_called:
-            return
-        result = self.difficulty_metric.compute()
-        self.difficulty_metric.reset()
-        self.log_global(f"{stage}/ppl_full_depth", torch.exp(result["nll_full_depth"].double().mean()).float())
-        self.log_global(f"{stage}/ppl_first_pass", torch.exp(result["nll_first_pass"].double().mean()).float())
-        for name in ("nll_full_depth", "nll_first_pass"):
-            self.log_global(f"{stage}/depth_spearman/{name}", spearman(result["depth"], result[name]))

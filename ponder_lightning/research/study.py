@@ -1,5 +1,5 @@
 """`study`: an ablation as a file. Trains every run of a study through the same `fit` path,
-evaluates all of them on the same validation blocks with the controls of `evaluate.gate_study`,
+evaluates all of them on the same validation blocks with the controls of `research.gate_study`,
 and writes a markdown table (mean and spread over seeds), a figure and one TensorBoard tree.
 
 A study file (YAML)::
@@ -51,7 +51,10 @@ from ponder_lightning import flops
 from ponder_lightning.errors import UserError, user_error_in
 from ponder_lightning.validation import check_writable_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+#: Every run's validations log depth against difficulty (`callbacks.DifficultyMonitor`, opt-in
+#: in the library: two extra forwards per validation batch).
+DIFFICULTY_MONITOR = "--trainer.callbacks+=ponder_lightning.callbacks.DifficultyMonitor"
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and studies/ resolve from it
 #: `{run:field}` in a run's args: another run's result of the same seed (any run name, dots included)
 REFERENCE = re.compile(r"\{([^{}:\s]+):(depth_mean|pondering_steps|export)\}")
 #: anything shaped like a reference, to reject one that REFERENCE would silently leave as text
@@ -227,6 +230,7 @@ def fit_argv(
     args = [*study.get("args", []), *run.get("args", [])]
     argv += [REFERENCE.sub(placeholder, str(a)) if placeholder else resolve(a, results) for a in args]
     argv += [
+        DIFFICULTY_MONITOR,
         "--seed_everything",
         str(seed),
         "--trainer.default_root_dir",
@@ -332,7 +336,8 @@ def evaluate_run(
     """One run's results: `model` and its recorded `data` settings as `load_checkpoint` gives them."""
     from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data.synthetic import is_synthetic
-    from ponder_lightning.evaluate import gate_study, halting_gate, label_study, summarise, token_nll
+    from ponder_lightning.evaluate import halting_gate, label_study, summarise, token_nll
+    from ponder_lightning.research.gate_study import gate_study
 
     result: dict[str, Any] = {
         "model": type(model).__name__,
@@ -661,7 +666,7 @@ ALLOCATIONS = [
 
 def allocation_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, Any]]]) -> str:
     """Every run that halts tokens, on its own weights at its learned per-iteration profile, with
-    other choices of which tokens go on (`evaluate.gate_study`), against random pruning at that
+    other choices of which tokens go on (`research.gate_study`), against random pruning at that
     profile: does the gate pick the right tokens, would following difficulty pay, and how much
     would the best possible choice gain (the oracles read the targets: bounds, not gates)."""
     lines = [
