@@ -12,6 +12,7 @@ import yaml
 from ponder_lightning.errors import UserError
 from ponder_lightning.research.cli import main
 from ponder_lightning.research.study import (
+    DIFFICULTY_MONITOR,
     ROOT,
     frontier_ppl,
     frontier_table,
@@ -266,6 +267,12 @@ def test_a_finished_run_whose_study_entry_changed_is_not_reported_as_the_new_one
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "run vanilla seed 1 was trained with other arguments" in err and "--model.init_args.lr 0.01" in err
     write_study(tmp_path, seeds=[1], runs=runs)  # restored: the finished run counts again
+    main(["study", "--config", str(path)])
+    assert "vanilla seed 1: done earlier, skipped" in capsys.readouterr().out
+    # A run trained before studies added the (logging-only) DifficultyMonitor is the same run.
+    command = next(tmp_path.rglob("command.txt"))
+    command.write_text(command.read_text().replace(" " + DIFFICULTY_MONITOR, ""))
+    assert DIFFICULTY_MONITOR not in command.read_text()
     main(["study", "--config", str(path)])
     assert "vanilla seed 1: done earlier, skipped" in capsys.readouterr().out
 

@@ -249,7 +249,8 @@ def fit_argv(
 
 def definition(argv: list[str]) -> list[str]:
     """A run's `fit` arguments as far as they define it: config paths absolute (a study run from
-    another directory is the same study), and no `--ckpt_path` (a resumed run is the same run)."""
+    another directory is the same study), no `--ckpt_path` (a resumed run is the same run) and
+    no `DIFFICULTY_MONITOR` (it only logs: a run trained before studies added it is the same)."""
     kept, i = [], 0
     while i < len(argv):
         flag = argv[i]
@@ -258,7 +259,8 @@ def definition(argv: list[str]) -> list[str]:
                 kept += [flag, str(Path(argv[i + 1]).resolve())]
             i += 2
             continue
-        kept.append(flag)
+        if flag != DIFFICULTY_MONITOR:
+            kept.append(flag)
         i += 1
     return kept
 
