@@ -347,6 +347,13 @@ def generate_command(argv: list[str]) -> None:
         raise SystemExit(INTERRUPTED_EXIT_CODE)
 
 
+def beside(checkpoint: str, what: str) -> Path:
+    """Where a command writes what it made of `checkpoint` unless told: next to it, named after it
+    (`checkpoints/last.ckpt` -> `checkpoints/last_evaluation`), never into the working directory."""
+    path = Path(checkpoint.rstrip("/"))
+    return path.with_name(f"{path.stem if path.suffix == '.ckpt' else path.name}_{what}")
+
+
 def evaluate_command(argv: list[str], gate_study: Callable[..., dict[str, Any]] | None = None) -> None:
     """`evaluate --checkpoint CKPT [--data_files ...] [--tau 1e-4,1e-3,1e-2] [--reference VANILLA_CKPT] [--out DIR]`:
     validation loss/perplexity with mean depth, active fraction per iteration and FLOPs per token
@@ -391,14 +398,14 @@ def evaluate_command(argv: list[str], gate_study: Callable[..., dict[str, Any]] 
         "--out",
         type=output_dir,
         default=None,
-        help="directory for evaluation.json, gate_study.json and the figures (default: evaluation; created and "
-        "checked first)",
+        help="directory for evaluation.json, gate_study.json and the figures (default: beside the checkpoint, "
+        "<name>_evaluation, e.g. checkpoints/last_evaluation for checkpoints/last.ckpt; created and checked first)",
     )
     add_trust_flag(parser)
     args = parser.parse_args(argv)
     if args.out is None:  # not at parse time: a command line that fails to parse creates nothing
         try:
-            args.out = output_dir("evaluation")
+            args.out = output_dir(str(beside(args.checkpoint, "evaluation")))
         except argparse.ArgumentTypeError as err:
             parser.error(f"argument --out: {err}")
     model, data_args = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
@@ -522,7 +529,9 @@ def inspect_command(argv: list[str]) -> None:
     parser.add_argument("--data_files", default=None, help="with --blocks: these files instead of the run's data")
     parser.add_argument("--max_new_tokens", type=bounded(int, 1), default=32, help="with --prompt")
     parser.add_argument("--format", choices=["html", "ansi"], default="html")
-    parser.add_argument("--out", type=output_file, default=None, help="the page (default: depth_map.html)")
+    parser.add_argument(
+        "--out", type=output_file, default=None, help="the page (default: beside the checkpoint, <name>_depth_map.html)"
+    )
     parser.add_argument("--top_k", type=bounded(int, 1), default=5, help="predictions shown per pass")
     add_trust_flag(parser)
     args = parser.parse_args(argv)
@@ -530,7 +539,7 @@ def inspect_command(argv: list[str]) -> None:
         parser.error("argument --data_files: only with --blocks")
     if args.format == "html" and args.out is None:
         try:
-            args.out = output_file("depth_map.html")
+            args.out = output_file(str(beside(args.checkpoint, "depth_map.html")))
         except argparse.ArgumentTypeError as err:
             parser.error(f"argument --out: {err}")
     model, data_args = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)

@@ -122,7 +122,9 @@ def test_the_page_embeds_everything_it_shows(single_thread):
     assert PALETTE[0] in page and PALETTE[-1] in page
 
 
-def test_inspect_writes_the_page_and_its_summary_is_evaluates_on_the_same_blocks(tmp_path, capsys, single_thread):
+def test_inspect_writes_the_page_and_its_summary_is_evaluates_on_the_same_blocks(
+    tmp_path, capsys, monkeypatch, single_thread
+):
     import json
 
     from ponder_lightning.checkpoints import load_checkpoint
@@ -159,6 +161,10 @@ def test_inspect_writes_the_page_and_its_summary_is_evaluates_on_the_same_blocks
     main(["inspect", "--checkpoint", str(ckpt), "--text", "a>b b>a |1a=b ", "--format", "ansi"])
     terminal = capsys.readouterr().out
     assert terminal.count("\x1b[48;5;") >= len("a>b b>a |1a=b ") and "mean depth" in terminal
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # with no --out, the page goes beside the checkpoint
+    main(["inspect", "--checkpoint", str(ckpt), "--text", "a>b b>a |1a=b "])
+    assert (ckpt.parent / "last_depth_map.html").is_file() and not any((tmp_path / "cwd").iterdir())
 
 
 def test_render_ansi_colours_each_token(single_thread):

@@ -209,7 +209,7 @@ def test_label_report_counts_each_label_and_auroc_reads_depth(tmp_path, single_t
     assert report["auroc_depth_multi_step"] == pytest.approx(float(pairs.mean()), abs=1e-6)
 
 
-def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single_thread):
+def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, monkeypatch, single_thread):
     import json
 
     from ponder_lightning.research.cli import main
@@ -221,8 +221,11 @@ def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, single
         + ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
     )
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    main(["evaluate", "--checkpoint", str(ckpt), "--batches", "2", "--out", str(tmp_path / "eval")])
-    study = json.loads((tmp_path / "eval" / "labels.json").read_text())
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # with no --out, the evaluation goes beside the checkpoint
+    main(["evaluate", "--checkpoint", str(ckpt), "--batches", "2"])
+    assert not any((tmp_path / "cwd").iterdir())
+    study = json.loads((ckpt.parent / "last_evaluation" / "labels.json").read_text())
     assert set(study) == {"as_trained", "full_depth", "oracle_depth", "readout_at_need"}
     report = study["as_trained"]
     assert {"format", "aleatoric", "k=1"} <= set(report["labels"]) and "AUROC of depth" in capsys.readouterr().out
