@@ -20,7 +20,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, LabelMonitor, TokenThroughput
-from ponder_lightning.checkpoints import check_saved_args, invalid_saved_args
 from ponder_lightning.cli_errors import (
     active_fractions,
     add_trust_flag,
@@ -28,14 +27,11 @@ from ponder_lightning.cli_errors import (
     non_empty_text,
     output_dir,
     output_file,
-    parser_error_message,
     tau_list,
 )
 from ponder_lightning.data import PileDataModule
 from ponder_lightning.errors import UserError, user_error_in
-from ponder_lightning.models import CausalLMModule
-from ponder_lightning.progress import step_progress_bar
-from ponder_lightning.resume import (
+from ponder_lightning.io.compat import (
     OPTIMIZER_ARGS,
     changed_args,
     check_ckpt_path,
@@ -48,6 +44,10 @@ from ponder_lightning.resume import (
     short_class,
     unknown_saved_args,
 )
+from ponder_lightning.io.load import check_saved_args, invalid_saved_args
+from ponder_lightning.models import CausalLMModule
+from ponder_lightning.parser_errors import parser_error_message
+from ponder_lightning.progress import step_progress_bar
 from ponder_lightning.training import SIGTERM_EXIT_CODE, find_last_checkpoint, last_checkpoint_dirs
 from ponder_lightning.upstream import CLIHooks
 from ponder_lightning.validation import PositiveInt
@@ -286,9 +286,9 @@ def flops_command(argv: list[str]) -> None:
 def generate_command(argv: list[str]) -> None:
     """`generate --checkpoint CKPT --prompt TEXT [...]`: adaptive-depth decoding; prints the
     continuation, the depth used for each generated token and the totals."""
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import load_tokenizer
     from ponder_lightning.generate import generate
+    from ponder_lightning.io.load import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning generate", description=generate_command.__doc__)
     parser.add_argument("--checkpoint", required=True, help="a .ckpt written by `fit`")
@@ -363,7 +363,6 @@ def evaluate_command(argv: list[str], gate_study: Callable[..., dict[str, Any]] 
     decile (difficulty = NLL at full depth, at the first pass, and under --reference). `gate_study`
     replaces those controls (`evaluate.gate_controls`) with a study that extends them (the research
     layer's, with its rankings and probes)."""
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data.synthetic import is_synthetic
     from ponder_lightning.evaluate import (
         evaluate,
@@ -376,6 +375,7 @@ def evaluate_command(argv: list[str], gate_study: Callable[..., dict[str, Any]] 
         write_curve,
         write_depth_figure,
     )
+    from ponder_lightning.io.load import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning evaluate", description=evaluate_command.__doc__)
     parser.add_argument("--checkpoint", required=True)
@@ -488,9 +488,59 @@ def prepare_command(argv: list[str]) -> None:
 
 
 def export_command(argv: list[str]) -> None:
-    from ponder_lightning.hf_export import export_command as run
+    """`export --checkpoint last.ckpt --out DIR [--format backbone|transformers]`: write a trained
+    model as a Hugging Face directory. `backbone` (default): the backbone as a plain GPT-NeoX/LLaMA
+    checkpoint plus ponder_lightning's files; `transformers`: the whole pondering model, loaded by
+    `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (needs ponder_lightning
+    installed where it is loaded)."""
+    from ponder_lightning.io import export_model, load_checkpoint
+    from ponder_lightning.io.export import check_export_dir
+    from ponder_lightning.io.formats import EXPORT_CONFIG
 
-    run(argv)
+    parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=output_dir,
+        help="output directory (created; an earlier export's files in it are replaced, nobody else's)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files in --out that an export would write but did not (e.g. your own config.json)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("backbone", "transformers"),
+        default="backbone",
+        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; "
+        "transformers: the whole model with remote code",
+    )
+    add_trust_flag(parser)
+    args = parser.parse_args(argv)
+    check_export_dir(args.out, args.overwrite)  # before the model is loaded
+    model, data = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
+    out = export_model(
+        model, args.out, args.format, data.get("tokenizer"), data.get("global_step", 0), data, args.overwrite
+    )
+    if args.format == "transformers":
+        note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
+        print(
+            f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}"
+        )
+        return
+    kind = (
+        "GPT-NeoX checkpoint"
+        if not (out / EXPORT_CONFIG).exists()
+        else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
+    )
+    print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")
 
 
 def lm_eval_command(argv: list[str]) -> None:
@@ -511,12 +561,12 @@ def inspect_command(argv: list[str]) -> None:
     counterfactual. For a synthetic task's blocks, each token's label and the per-label table."""
     import html
 
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data import load_tokenizer
     from ponder_lightning.data.synthetic import is_synthetic, label_block
     from ponder_lightning.depth_map import pass_report, render_ansi, render_html, token_decoder
     from ponder_lightning.evaluate import format_label_study, label_study
     from ponder_lightning.generate import generate
+    from ponder_lightning.io.load import load_checkpoint
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning inspect", description=inspect_command.__doc__)
     parser.add_argument("--checkpoint", required=True)

@@ -64,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ponder_lightning.cli_errors import add_trust_flag, bounded, count_or_fraction, output_file
 from ponder_lightning.errors import UserError
 from ponder_lightning.gates import AtThreshold, Gate
-from ponder_lightning.resume import check_tokenizer_fits
+from ponder_lightning.io.compat import check_tokenizer_fits
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class PonderLightningLM(LM):
             )
         data_args: dict[str, Any] = {}
         if checkpoint is not None:
-            from ponder_lightning.checkpoints import load_checkpoint
+            from ponder_lightning.io.load import load_checkpoint
 
             model, data_args = load_checkpoint(str(checkpoint), trusted=trust_checkpoint)
         if tokenizer is None:

@@ -238,7 +238,7 @@ def test_generate_and_flops_commands_on_a_trained_checkpoint(tmp_path):
     texts = [re.split(r"\n--- \d+ tokens", out.stdout)[0] for out in (result, compiled)]
     assert texts[0] == texts[1] and "depth per generated token" in texts[0]  # same tokens and depths
 
-    from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.io.load import load_checkpoint
 
     model, data_args = load_checkpoint(ckpt)
     assert type(model).__name__ == "AdaPonderLM" and type(model.gate).__name__ == "PerIterationMLPGate"
@@ -286,7 +286,7 @@ def test_step_bar_flops_summary_and_kept_checkpoints(tmp_path):
     saving every N steps, and the configs keeping the newest 3 periodic checkpoints by step next to
     last.ckpt and last_good.ckpt, all loadable."""
     from ponder_lightning.callbacks import FlopsModelSummary
-    from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.io.load import load_checkpoint
     from ponder_lightning.models import VanillaLM
 
     args = [

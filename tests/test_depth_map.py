@@ -127,11 +127,11 @@ def test_inspect_writes_the_page_and_its_summary_is_evaluates_on_the_same_blocks
 ):
     import json
 
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.cli import main
     from ponder_lightning.data import PileDataModule
     from ponder_lightning.evaluate import summarise, token_nll
     from ponder_lightning.gates import FullDepth
+    from ponder_lightning.io.load import load_checkpoint
 
     spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=300"
     main(

@@ -18,8 +18,8 @@ from scaleout_helpers import (
     run_fit,
 )
 
-from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
+from ponder_lightning.io.load import load_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,13 +15,13 @@ from halting import make_gates_halt
 from test_pretrained import save_tiny_neox
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXModel
 
-from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
 from ponder_lightning.data import load_tokenizer
 from ponder_lightning.errors import UserError
 from ponder_lightning.gates import BottomKGate, FixedRatioGate, SingleMLPGate
 from ponder_lightning.generate import generate
-from ponder_lightning.hf_export import MODELING_FILE, export_transformers
+from ponder_lightning.io.export import MODELING_FILE, export_transformers
+from ponder_lightning.io.load import load_checkpoint
 from ponder_lightning.models import AdaPonderLM, LoopTransformer, PonderLM, PonderLM2, PonderLM3, VanillaLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -321,7 +321,7 @@ def test_loading_with_a_mismatched_package_names_the_version(exported, tmp_path,
     import sys
 
     shutil.copytree(exported["adaponderlm"][1], tmp_path / "copy")
-    monkeypatch.setitem(sys.modules, "ponder_lightning.checkpoints", None)  # a module this version lacks
+    monkeypatch.setitem(sys.modules, "ponder_lightning.io.load", None)  # a module this version lacks
     with pytest.raises(ImportError, match="does not match the installed ponder_lightning .*re-export"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
 
@@ -372,8 +372,8 @@ def test_exports_keep_the_runs_data_settings(tmp_path, capsys):
 
 
 def test_an_export_leaves_nothing_of_an_earlier_one_in_out(tmp_path):
-    from ponder_lightning.hf_export import EXPORT_MARKER, export_hf
-    from ponder_lightning.pretrained import EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS
+    from ponder_lightning.io.export import EXPORT_MARKER, export_hf
+    from ponder_lightning.io.formats import EXPORT_CONFIG, EXPORT_EXTRA_WEIGHTS
 
     model, out = tiny_model("adaponderlm"), tmp_path / "out"
     export_transformers(model, out, tokenizer="bytes")
@@ -392,3 +392,20 @@ def test_an_export_leaves_nothing_of_an_earlier_one_in_out(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and not (out / MODELING_FILE).exists()
     with pytest.raises(UserError, match="is the directory --out .* itself"):
         export_transformers(model, out, tokenizer=str(out))
+
+
+@pytest.mark.parametrize("format", ["backbone", "transformers"])
+def test_the_io_package_has_one_way_out_and_one_way_in(tmp_path, format, single_thread):
+    import ponder_lightning.io as io
+
+    torch.manual_seed(0)
+    model = AdaPonderLM(size="tiny", vocab_size=128, pondering_steps=1).eval()
+    make_gates_halt(model)
+    ids = torch.randint(0, 128, (2, 12))
+    out = io.export_model(model, tmp_path / format, format, tokenizer="bytes")
+    loaded, data = io.load_checkpoint(out)
+    assert type(loaded) is AdaPonderLM and data["tokenizer"] == "bytes"
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))  # gates included: the same depth, the same logits
+    with pytest.raises(UserError, match="export format 'onnx' is unknown: use one of backbone, transformers"):
+        io.export_model(model, tmp_path / "x", "onnx")

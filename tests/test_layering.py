@@ -1,20 +1,22 @@
 """The package's layers: imports go one way, down.
 
 A *unit* is the first component of a module's name under ``ponder_lightning`` (``nn`` for
-``ponder_lightning.nn.backbone``, ``hf_export`` for ``ponder_lightning.hf_export``); the package's
-own ``__init__`` is the unit ``ponder_lightning``. Each unit sits in one layer, lowest first:
+``ponder_lightning.nn.backbone``); the package's own ``__init__`` is the unit ``ponder_lightning``.
+The checkpoint package ``io`` spans two floors, so each of its modules is a unit of its own
+(``io.formats``; its ``__init__`` is ``io``). Each unit sits in one layer, lowest first:
 
 - L0 ``errors``, ``validation``, ``ponder_lightning`` (``__version__``): what everything shares;
 - L1 ``nn``: the networks in plain PyTorch. No Lightning, and of this package only ``errors``
   and ``validation`` (the gate protocol the recurrences call is ``nn/gate.py``, not ``gates/``);
-- L2 ``gates``, ``data``, ``flops``, ``parallel``, ``resume``, ``training``, ``pretrained``: the
-  parts a model is built from or trained with, and ``upstream``, the one module that touches
+- L2 ``gates``, ``data``, ``flops``, ``parallel``, ``training``, ``parser_errors``: the parts a
+  model is built from or trained with; what a model reads at its start and on resume,
+  ``io.formats``, ``io.safe``, ``io.compat``; and ``upstream``, the one module that touches
   Lightning's internals (tests/test_upstream.py). ``data`` imports Lightning only in its DataModule
   (``data/datamodule.py``); tokenising, packing and sampling are plain Python;
 - L3 ``models``: the LightningModules;
-- L4 what works on a built or saved model: ``checkpoints`` (rebuild a model from a checkpoint or
-  an export), ``hf_export``, ``hf_modeling``, ``generate``, ``evaluate``, ``callbacks``,
-  ``progress``, ``cli_errors``, ``lm_eval_adapter``;
+- L4 what works on a built or saved model: ``io.load`` (rebuild a model from a checkpoint or an
+  export), ``io.export``, ``io.hf_modeling``, ``io`` (its two entries), ``generate``,
+  ``evaluate``, ``callbacks``, ``progress``, ``cli_errors``, ``lm_eval_adapter``;
 - L5 the library's command line: ``cli``;
 - L6 the laboratory, above the library: ``research`` (studies, the gate study's rankings and
   probes, the command line with them); nothing below imports it;
@@ -47,19 +49,22 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["errors", "validation", PACKAGE], 0),
     "nn": 1,
     **dict.fromkeys(
-        ["gates", "data", "flops", "parallel", "resume", "safe_load", "training", "pretrained", "upstream"], 2
+        ["gates", "data", "flops", "parallel", "training", "parser_errors", "upstream"]
+        + ["io.formats", "io.safe", "io.compat"],
+        2,
     ),
     "models": 3,
     **dict.fromkeys(
         [
             "callbacks",
-            "checkpoints",
+            "io",
+            "io.load",
+            "io.export",
+            "io.hf_modeling",
             "cli_errors",
             "depth_map",
             "evaluate",
             "generate",
-            "hf_export",
-            "hf_modeling",
             "lm_eval_adapter",
             "progress",
         ],
@@ -69,6 +74,8 @@ LAYERS: dict[str, int] = {
     "research": 6,
     "__main__": 7,
 }
+#: Packages whose modules are units of their own (they span floors).
+SPLIT_PACKAGES = {"io"}
 #: Distributions of the Lightning family (``lightning``, its parts and ``torchmetrics``).
 LIGHTNING = {"lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "torchmetrics"}
 #: What ``nn`` may import of this package besides itself.
@@ -120,6 +127,10 @@ def unit_of(target: str, root: Path = ROOT) -> str | None:
     if len(parts) == 1:
         return PACKAGE
     name = parts[1]
+    if name in SPLIT_PACKAGES:  # a module of it, or an attribute of its __init__
+        if len(parts) > 2 and (root / name / f"{parts[2]}.py").is_file():
+            return f"{name}.{parts[2]}"
+        return name
     if (root / f"{name}.py").is_file() or (root / name / "__init__.py").is_file():
         return name
     return PACKAGE  # an attribute of the package's __init__ (`from ponder_lightning import __version__`)
@@ -252,7 +263,7 @@ def test_the_walker_sees_every_kind_of_import():
         "from . import metrics\n"
         "from ..gates import Gate\n"
         "try:\n    import lightning as L\nexcept ImportError:\n    pass\n"
-        "def f():\n    from ponder_lightning.checkpoints import load_checkpoint\n"
+        "def f():\n    from ponder_lightning.io.load import load_checkpoint\n"
         "class C:\n    def g(self):\n        import ponder_lightning.cli\n"
     )
     found = imports_of(source, f"{PACKAGE}.models.base", "ponder_lightning/models/base.py")
@@ -263,7 +274,7 @@ def test_the_walker_sees_every_kind_of_import():
         ("3", "ponder_lightning.models.metrics", "models"),
         ("4", "ponder_lightning.gates.Gate", "gates"),
         ("6", "lightning", None),
-        ("10", "ponder_lightning.checkpoints.load_checkpoint", "checkpoints"),
+        ("10", "ponder_lightning.io.load.load_checkpoint", "io.load"),
         ("13", "ponder_lightning.cli", "cli"),
     ]
     assert imports_of("from . import backbone\n", f"{PACKAGE}.nn", "ponder_lightning/nn/__init__.py", is_package=True)[

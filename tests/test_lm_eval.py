@@ -16,11 +16,11 @@ from halting import make_gates_halt
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from ponder_lightning.checkpoints import load_checkpoint  # noqa: E402
 from ponder_lightning.data import load_tokenizer  # noqa: E402
 from ponder_lightning.errors import UserError  # noqa: E402
 from ponder_lightning.generate import generate  # noqa: E402
-from ponder_lightning.hf_export import export_hf  # noqa: E402
+from ponder_lightning.io.export import export_hf  # noqa: E402
+from ponder_lightning.io.load import load_checkpoint  # noqa: E402
 from ponder_lightning.lm_eval_adapter import PonderLightningLM, format_compute_report, main  # noqa: E402
 from ponder_lightning.models import AdaPonderLM, PonderLM2  # noqa: E402
 

@@ -11,12 +11,12 @@ import torch
 from fit_helpers import tiny_fit, trainer_overlay
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import main
 from ponder_lightning.errors import UserError
-from ponder_lightning.hf_export import export_hf
+from ponder_lightning.io.export import export_hf
+from ponder_lightning.io.formats import EXPORT_CONFIG
+from ponder_lightning.io.load import load_checkpoint
 from ponder_lightning.models import AdaPonderLM, VanillaLM
-from ponder_lightning.pretrained import EXPORT_CONFIG
 from ponder_lightning.training import GateOnlyStage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from fit_helpers import tiny_fit, trainer_overlay
 from scaleout_helpers import ROOT, logged_steps, read_losses, run_fit
 
 import ponder_lightning.generate as generate_module
-from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.errors import UserError
+from ponder_lightning.io.load import load_checkpoint
+from ponder_lightning.io.safe import UnsafeCheckpoint
 from ponder_lightning.research.cli import main
-from ponder_lightning.safe_load import UnsafeCheckpoint
 
 pytestmark = pytest.mark.timeout(300)
 QUIET = ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]

@@ -236,8 +236,8 @@ def test_evaluate_reports_each_label_of_a_synthetic_run(tmp_path, capsys, monkey
 def test_validation_logs_each_labels_depth_and_the_auroc_that_evaluate_computes(tmp_path, capsys, single_thread):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.evaluate import label_report
+    from ponder_lightning.io.load import load_checkpoint
 
     spec = "synthetic:pointer_chase:symbols=6,queries=8,n_docs=400"
     cli = run_lightning_cli(

@@ -84,7 +84,7 @@ def test_exported_tokenizers_give_the_librarys_ids(tmp_path):
     does, a literal end-of-text marker included (text, not the EOS id)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from ponder_lightning.hf_export import write_tokenizer
+    from ponder_lightning.io.export import write_tokenizer
 
     PreTrainedTokenizerFast(tokenizer_file=NEOX_FILE, eos_token="<|endoftext|>").save_pretrained(tmp_path / "hf")
     texts = ["a<|endoftext|>b", "Hello  wörld\n\t😀 日本", " x", ""]

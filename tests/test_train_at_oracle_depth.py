@@ -11,11 +11,11 @@ import torch
 from fit_helpers import tiny_fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ponder_lightning.checkpoints import load_checkpoint
 from ponder_lightning.cli import run_lightning_cli
 from ponder_lightning.data.synthetic import PointerChase, passes_needed, target_labels
 from ponder_lightning.errors import UserError
 from ponder_lightning.gates import OracleDepth
+from ponder_lightning.io.load import load_checkpoint
 from ponder_lightning.models import PonderLM, VanillaLM
 from ponder_lightning.nn.gate import AlwaysContinue
 from ponder_lightning.research.callbacks import TrainAtOracleDepth

@@ -23,6 +23,8 @@ from torch import Tensor
 
 from ponder_lightning import flops
 from ponder_lightning.errors import UserError
+from ponder_lightning.io.compat import apply_optimizer_changes
+from ponder_lightning.io.formats import pretrained_backbone_state, pretrained_scales_embeddings
 from ponder_lightning.models.metrics import DepthNLL
 from ponder_lightning.nn import Backbone, BackboneConfig, backbone_config, pad_vocab
 from ponder_lightning.nn.backbone import softmax_dtype
@@ -33,8 +35,6 @@ from ponder_lightning.nn.loss import IGNORE_INDEX, linear_cross_entropy
 from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.nn.rowwise import RowDecoder
 from ponder_lightning.parallel import shard_model
-from ponder_lightning.pretrained import pretrained_backbone_state, pretrained_scales_embeddings
-from ponder_lightning.resume import apply_optimizer_changes
 from ponder_lightning.training import resume_hint
 from ponder_lightning.upstream import attached_trainer
 from ponder_lightning.validation import (

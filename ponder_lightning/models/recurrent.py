@@ -15,11 +15,11 @@ from torch import Tensor
 
 from ponder_lightning import flops
 from ponder_lightning.gates import AlwaysContinue, Gate, NoPonderLoss, PonderRegularizer
+from ponder_lightning.io.formats import pretrained_extra_state
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.nn.cache import KVCache
 from ponder_lightning.nn.recurrence import Feedback, Recurrence, Trace
 from ponder_lightning.nn.rowwise import RecurrenceRowDecoder
-from ponder_lightning.pretrained import pretrained_extra_state
 from ponder_lightning.training import require_trainable_gates
 from ponder_lightning.upstream import attached_trainer
 from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args

@@ -317,8 +317,8 @@ def train(
 
 def export_once(checkpoint: Path) -> Path:
     """The run's checkpoint as a Hugging Face directory next to its checkpoints (written once)."""
-    from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.hf_export import export_hf
+    from ponder_lightning.io.export import export_hf
+    from ponder_lightning.io.load import load_checkpoint
 
     out = checkpoint.parent.parent / "export"
     if not (out / "config.json").is_file():
@@ -336,9 +336,9 @@ def evaluate_run(
     model, data: dict[str, Any], batches: list[Any], context: int, reference_checkpoint: Path | None
 ) -> dict[str, Any]:
     """One run's results: `model` and its recorded `data` settings as `load_checkpoint` gives them."""
-    from ponder_lightning.checkpoints import load_checkpoint
     from ponder_lightning.data.synthetic import is_synthetic
     from ponder_lightning.evaluate import halting_gate, label_study, summarise, token_nll
+    from ponder_lightning.io.load import load_checkpoint
     from ponder_lightning.research.gate_study import gate_study
 
     result: dict[str, Any] = {
@@ -406,7 +406,7 @@ def run_study(path: str | Path, fit: Fit, reevaluate: bool = False, check: Fit |
     """Train and evaluate the runs not finished yet; `reevaluate`: also evaluate the finished runs
     again from their last checkpoints, without training them again (after the evaluation gained a
     control). `check(argv)`: parses a run's `fit` arguments without building it (`check_runs`)."""
-    from ponder_lightning.checkpoints import load_checkpoint
+    from ponder_lightning.io.load import load_checkpoint
 
     study = load_study(path)
     out = Path(study["out"])

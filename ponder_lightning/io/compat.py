@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ponder_lightning.errors import UserError
-from ponder_lightning.safe_load import torch_load, verify_sharded
+from ponder_lightning.io.safe import torch_load, verify_sharded
 from ponder_lightning.upstream import DISTRIBUTED_CHECKPOINT_METADATA
 
 #: `--ckpt_path` values Lightning resolves itself (not file names).

@@ -3,8 +3,8 @@ PonderLM authors' directories and plain Hugging Face directories; no model code.
 
 The models read their starting weights here (`pretrained=DIR`): `pretrained_backbone_state`,
 `pretrained_extra_state`, `pretrained_scales_embeddings`. The names of the files and fields of
-both export formats live here too, so that the writer (`ponder_lightning.hf_export`) and the
-reader (`ponder_lightning.checkpoints`) share one spelling:
+both export formats live here too, so that the writer (`ponder_lightning.io.export`) and the
+reader (`ponder_lightning.io.load`) share one spelling:
 
 - `export --format transformers`: config.json with `model_type` MODEL_TYPE, the whole state dict
   in WEIGHTS_FILE under PREFIX;

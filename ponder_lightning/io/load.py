@@ -11,7 +11,7 @@
 
 `build_model`, `check_saved_args` and `invalid_saved_args` are shared by every command that
 rebuilds a model from saved init arguments. The file formats are named in
-`ponder_lightning.pretrained`; writing them is `ponder_lightning.hf_export`'s.
+`ponder_lightning.io.formats`; writing them is `ponder_lightning.io.export`'s.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from safetensors.torch import load_file
 
 from ponder_lightning.data.tokenizer import is_builtin_tokenizer
 from ponder_lightning.errors import UserError, first_line
-from ponder_lightning.models.base import CausalLMModule
-from ponder_lightning.pretrained import (
+from ponder_lightning.io.formats import (
     AUTHORS_UNUSED,
     EXPORT_CONFIG,
     EXPORT_EXTRA_WEIGHTS,
@@ -36,7 +35,8 @@ from ponder_lightning.pretrained import (
     is_ponderlm_authors_dir,
     is_transformers_export,
 )
-from ponder_lightning.safe_load import torch_load, verify_sharded
+from ponder_lightning.io.safe import torch_load, verify_sharded
+from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.upstream import (
     DISTRIBUTED_CHECKPOINT_METADATA,
     given_hyperparameters,
@@ -64,7 +64,7 @@ def load_checkpoint(
     `model, data = load_checkpoint("last.ckpt")`.
 
     `model_class` is only needed for checkpoints of models built in Python rather than by the
-    CLI (those record no class path). Reading runs no code (`ponder_lightning.safe_load`): a
+    CLI (those record no class path). Reading runs no code (`ponder_lightning.io.safe`): a
     checkpoint holding more than tensors and plain data is refused unless `trusted=True`.
     """
     path = Path(path).expanduser()
@@ -129,7 +129,7 @@ def check_saved_args(saved: dict[str, Any], model_class: type, source: str) -> N
     """Name the saved init arguments `model_class` no longer takes (renamed or removed since the
     checkpoint was written). Shared by every command that rebuilds a model from a checkpoint
     (`validate`/`test`/`predict --ckpt_path`, `generate`, `evaluate`, `export`)."""
-    from ponder_lightning.resume import unknown_saved_args
+    from ponder_lightning.io.compat import unknown_saved_args
 
     unknown = unknown_saved_args(saved, model_class)
     if unknown:
@@ -150,7 +150,7 @@ def invalid_saved_args(source: str, class_name: str, exc: BaseException) -> User
     """The error for saved init arguments that no longer validate, naming the argument from
     jsonargparse's nested report (`gate.init_args.tau: got 3.0, but it must be ...`). Shared by
     every command that rebuilds a model from a checkpoint."""
-    from ponder_lightning.cli_errors import parser_error_message
+    from ponder_lightning.parser_errors import parser_error_message
 
     text = str(exc).strip()
     if 'Parser key "' not in text and "is not accepted" not in text:

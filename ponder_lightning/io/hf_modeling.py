@@ -7,7 +7,7 @@ pondering model (feedback, gates, halting) and `model.generate(...)` decodes wit
 
 The file is a thin wrapper: the recurrence is not copied here but imported from the installed
 `ponder_lightning` package, and the model is rebuilt from the class path and init arguments saved
-in config.json (exactly as `ponder_lightning.checkpoints.load_checkpoint` rebuilds it).
+in config.json (exactly as `ponder_lightning.io.load.load_checkpoint` rebuilds it).
 One implementation means the exported model computes what was trained, bit for bit, and a fix in
 the package reaches every export. The price: loading needs `pip install ponder_lightning`.
 
@@ -35,7 +35,7 @@ except ImportError as exc:  # transformers copies this file elsewhere; the packa
         "pip install ponder_lightning (then load it again with trust_remote_code=True)"
     ) from exc
 try:
-    from ponder_lightning.checkpoints import build_model
+    from ponder_lightning.io.load import build_model
     from ponder_lightning.nn.backbone import Rotary
 except ImportError as exc:  # installed, but a version whose code this file does not know
     raise ImportError(

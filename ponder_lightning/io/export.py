@@ -12,7 +12,7 @@ parameters outside the backbone (gates) in `ponder_lightning.safetensors`.
   step it was trained to, the run's data settings (`data_args`), `auto_map` naming the two
   classes of `modeling_ponder_lightning.py`;
 - `model.safetensors`: the model's whole state dict (backbone, gates, routers) under `model.`;
-- `modeling_ponder_lightning.py`: a copy of `ponder_lightning/hf_modeling.py`, a thin
+- `modeling_ponder_lightning.py`: a copy of `ponder_lightning/io/hf_modeling.py`, a thin
   `PreTrainedModel` that imports the installed package and rebuilds the model (see its docstring
   for why the recurrence is imported rather than copied);
 - `generation_config.json`: EOS, no cache, and the padded vocabulary's ids beyond the tokenizer
@@ -24,8 +24,8 @@ The data settings are recorded so that `evaluate` on an export validates on the 
 held out. Either export first removes the files an earlier export wrote in `out` (EXPORT_MARKER
 lists them) and refuses to replace any other file (the user's) without `overwrite`.
 Both directories, and the PonderLM authors' GPT-NeoX directories, are read back by
-`ponder_lightning.checkpoints.load_checkpoint`; the file and field names are
-`ponder_lightning.pretrained`'s.
+`ponder_lightning.io.load.load_checkpoint`; the file and field names are
+`ponder_lightning.io.formats`'s.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from ponder_lightning.data.tokenizer import EOS_TEXT
 from ponder_lightning.errors import UserError
-from ponder_lightning.pretrained import (
+from ponder_lightning.io.formats import (
     EXPORT_CONFIG,
     EXPORT_EXTRA_WEIGHTS,
     EXPORT_FORMAT,
@@ -83,7 +83,7 @@ def export_transformers(
     `data`: the data module's arguments as `load_checkpoint` returns them, recorded so that
     `evaluate` on the export validates on the run's own blocks."""
     from ponder_lightning import __version__
-    from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
+    from ponder_lightning.io.load import _BUILD_ONLY_ARGS
 
     out = _fresh_out(out, tokenizer, overwrite)
     cfg = model.config
@@ -296,7 +296,7 @@ def export_hf(
     `global_step` is recorded for models whose behaviour depends on it (gate_start_step), `data`
     (the data module's arguments as `load_checkpoint` returns them) so that `evaluate` on the
     export validates on the run's own blocks. A VanillaLM without them is a bare GPT-NeoX directory."""
-    from ponder_lightning.checkpoints import _BUILD_ONLY_ARGS
+    from ponder_lightning.io.load import _BUILD_ONLY_ARGS
     from ponder_lightning.nn.hf import save_hf_backbone
 
     out = _fresh_out(out, tokenizer, overwrite)
@@ -317,7 +317,7 @@ def export_hf(
             "data_args": data_args,
             "note": "config.json/model.safetensors hold the backbone in Hugging Face layout (GPT-NeoX or LLaMA); "
             "transformers loads it as a plain GPT-NeoX, which is NOT this pondering model: load the whole model with "
-            "ponder_lightning.checkpoints.load_checkpoint(<this directory>)",
+            "ponder_lightning.io.load.load_checkpoint(<this directory>)",
         }
         (out / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if extra:
@@ -346,59 +346,21 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def export_command(argv: list[str]) -> None:
-    """`export --checkpoint last.ckpt --out DIR [--format backbone|transformers]`: write a trained
-    model as a Hugging Face directory. `backbone` (default): the backbone as a plain GPT-NeoX/LLaMA
-    checkpoint plus ponder_lightning's files; `transformers`: the whole pondering model, loaded by
-    `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (needs ponder_lightning
-    installed where it is loaded)."""
-    import argparse
+#: `export`'s formats: the writer of each.
+FORMATS = {"backbone": export_hf, "transformers": export_transformers}
 
-    from ponder_lightning.checkpoints import load_checkpoint
-    from ponder_lightning.cli_errors import add_trust_flag, output_dir
 
-    parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a .ckpt written by `fit` (file or FSDP directory), or an exported directory",
-    )
-    parser.add_argument(
-        "--out",
-        required=True,
-        type=output_dir,
-        help="output directory (created; an earlier export's files in it are replaced, nobody else's)",
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace files in --out that an export would write but did not (e.g. your own config.json)",
-    )
-    parser.add_argument(
-        "--format",
-        choices=("backbone", "transformers"),
-        default="backbone",
-        help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; "
-        "transformers: the whole model with remote code",
-    )
-    add_trust_flag(parser)
-    args = parser.parse_args(argv)
-    check_export_dir(args.out, args.overwrite)  # before the model is loaded
-    model, data = load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
-    if args.format == "transformers":
-        out = export_transformers(
-            model, args.out, data.get("tokenizer"), data.get("global_step", 0), data, args.overwrite
-        )
-        note = "" if data.get("tokenizer") else " (no tokenizer recorded: add the tokenizer files yourself)"
-        print(
-            f"exported {type(model).__name__} at step {data.get('global_step', 0)} to {out} as a transformers model: "
-            f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True){note}"
-        )
-        return
-    out = export_hf(model, args.out, data.get("tokenizer"), data.get("global_step", 0), data, args.overwrite)
-    kind = (
-        "GPT-NeoX checkpoint"
-        if not (out / EXPORT_CONFIG).exists()
-        else f"{type(model).__name__} (backbone in Hugging Face layout + {EXPORT_CONFIG})"
-    )
-    print(f"exported {kind} at step {data.get('global_step', 0)} to {out}")
+def export_model(
+    model: CausalLMModule,
+    out: str | Path,
+    format: str = "backbone",
+    tokenizer: str | None = None,
+    global_step: int = 0,
+    data: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` to `out` in `format` (`backbone` or `transformers`, see the module
+    docstring): the one way out, as `io.load_checkpoint` is the one way in."""
+    if format not in FORMATS:
+        raise UserError(f"export format {format!r} is unknown: use one of {', '.join(FORMATS)}")
+    return FORMATS[format](model, out, tokenizer, global_step, data, overwrite)
