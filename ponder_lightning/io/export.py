@@ -83,12 +83,12 @@ def export_transformers(
     `data`: the data module's arguments as `load_checkpoint` returns them, recorded so that
     `evaluate` on the export validates on the run's own blocks."""
     from ponder_lightning import __version__
-    from ponder_lightning.io.load import _BUILD_ONLY_ARGS
+    from ponder_lightning.io.load import BUILD_ONLY_ARGS
 
     out = _fresh_out(out, tokenizer, overwrite)
     cfg = model.config
     tokenizer_vocab, eos = _tokenizer_facts(tokenizer)
-    init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS}
+    init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in BUILD_ONLY_ARGS}
     dtype = str(model.backbone.embed_in.weight.dtype).removeprefix("torch.")
     config = {
         "architectures": ["PonderLightningForCausalLM"],
@@ -296,7 +296,7 @@ def export_hf(
     `global_step` is recorded for models whose behaviour depends on it (gate_start_step), `data`
     (the data module's arguments as `load_checkpoint` returns them) so that `evaluate` on the
     export validates on the run's own blocks. A VanillaLM without them is a bare GPT-NeoX directory."""
-    from ponder_lightning.io.load import _BUILD_ONLY_ARGS
+    from ponder_lightning.io.load import BUILD_ONLY_ARGS
     from ponder_lightning.nn.hf import save_hf_backbone
 
     out = _fresh_out(out, tokenizer, overwrite)
@@ -305,7 +305,7 @@ def export_hf(
     data_args = _data_args(data)
     if type(model).__name__ != "VanillaLM" or extra or data_args:  # else a plain GPT-NeoX checkpoint
         init_args = {
-            k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in _BUILD_ONLY_ARGS
+            k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in BUILD_ONLY_ARGS
         }
         meta = {
             "format": EXPORT_FORMAT,

@@ -44,7 +44,7 @@ from ponder_lightning.upstream import (
 )
 
 # Init args that only matter while building a model for training, never when rebuilding one.
-_BUILD_ONLY_ARGS = ("pretrained",)
+BUILD_ONLY_ARGS = ("pretrained",)
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -96,7 +96,7 @@ def build_model(
     from lightning.pytorch.cli import instantiate_module
 
     hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
-    for name in _BUILD_ONLY_ARGS:
+    for name in BUILD_ONLY_ARGS:
         if name in hparams:
             hparams[name] = None
     class_path = hparams.get("_class_path")
