@@ -409,3 +409,19 @@ def test_the_io_package_has_one_way_out_and_one_way_in(tmp_path, format, single_
         assert torch.equal(loaded(ids), model(ids))  # gates included: the same depth, the same logits
     with pytest.raises(UserError, match="export format 'onnx' is unknown: use one of backbone, transformers"):
         io.export_model(model, tmp_path / "x", "onnx")
+
+
+def test_a_backbone_export_is_a_start_with_the_embedding_scale_it_was_trained_with(tmp_path, single_thread):
+    """`export --format backbone` (what a study's `{run:export}` writes) of a PonderLM trained from
+    scratch, so with embeddings x sqrt(d): a PonderLM started from it computes what it did."""
+    from ponder_lightning.io.export import export_hf
+
+    torch.manual_seed(0)
+    original = PonderLM(size="tiny", vocab_size=128, pondering_steps=1).eval()
+    assert original.hparams.scale_embeds is True
+    out = export_hf(original, tmp_path / "export")
+    start = PonderLM(size="tiny", vocab_size=128, pondering_steps=1, pretrained=str(out)).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    assert start.hparams.scale_embeds is True
+    with torch.no_grad():
+        assert torch.equal(start(ids), original(ids))

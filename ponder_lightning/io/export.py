@@ -304,9 +304,7 @@ def export_hf(
     extra = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
     data_args = _data_args(data)
     if type(model).__name__ != "VanillaLM" or extra or data_args:  # else a plain GPT-NeoX checkpoint
-        init_args = {
-            k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in BUILD_ONLY_ARGS
-        }
+        init_args = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_") and k not in BUILD_ONLY_ARGS}
         meta = {
             "format": EXPORT_FORMAT,
             "version": 1,

@@ -91,13 +91,17 @@ def pretrained_extra_state(path: str | Path, class_path: str) -> dict[str, Any]:
 
 
 def pretrained_scales_embeddings(path: str | Path) -> bool:
-    """The embedding scale the weights at `path` were trained with: an export's own setting, the
-    authors' config's `scale_embeds`, and none for a plain Hugging Face directory (Pythia)."""
+    """The embedding scale the weights at `path` were trained with: an export's own setting
+    (either format), the authors' config's `scale_embeds`, and none for a plain Hugging Face
+    directory (Pythia)."""
     directory = Path(path).expanduser()
     try:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
         return False
+    if (directory / EXPORT_CONFIG).is_file():  # `export --format backbone` of a model of this library
+        recorded = json.loads((directory / EXPORT_CONFIG).read_text()).get("init_args", {})
+        return bool(recorded.get("scale_embeds", False))
     if raw.get("model_type") == MODEL_TYPE:
         return bool(raw.get("init_args", {}).get("scale_embeds", False))
     return bool(raw.get("scale_embeds", False)) if raw.get(AUTHORS_FLAG) else False
