@@ -8,14 +8,52 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelSummary, ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
-from ponder_lightning.gates import FirstPassOnly, FullDepth
+from ponder_lightning.gates import FirstPassOnly, FullDepth, Gate
 from ponder_lightning.models.base import CausalLMModule
 from ponder_lightning.models.metrics import DepthDifficulty, depth_by_decile, spearman
 from ponder_lightning.models.recurrent import RecurrentLM
+from ponder_lightning.nn.recurrence import Trace
 from ponder_lightning.upstream import RICH_AVAILABLE, summary_of, summary_rows, throughputs_of
+
+#: A continuing token whose feedback is scaled by less than this runs a nearly dead pass.
+WEAK_FEEDBACK = 0.05
+#: The collapse warning fires once this share of continuing tokens is weak at some decision ...
+COLLAPSE_SHARE = 0.5
+#: The other collapse, by default: the tokens' mean depth stays below this many passes, i.e. the gate halts
+#: (nearly) every token after its first pass and the model has become a one-pass model.
+ONE_PASS_DEPTH = 1.05
+#: Either warning fires after this many training steps in a row.
+COLLAPSE_STEPS = 20
+_SEE = "docs/ablations.md, 'How a gate collapses'"
+COLLAPSE_WARNINGS = {
+    "weak_feedback": f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of "
+    f"the tokens that go on were fed back with a gate score below {WEAK_FEEDBACK} (passes that barely change the "
+    f"output): try regularizer operand 'log_score' ({_SEE})",
+    "one_pass": f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps mean depth stayed below "
+    f"{{one_pass_depth}} passes, a one-pass model paying for its gates: lower regularizer lam or k_max, gate "
+    f"feedback 'score' ({_SEE})",
+}
+
+
+def gate_health(gate: Gate, trace: Trace) -> dict[str, float]:
+    """Per decision i, over the tokens that ran iteration i: the mean score, the fraction that
+    halted, and among those that went on the mean feedback scale and the share with a scale below
+    WEAK_FEEDBACK (their next pass barely differs from the last: a collapsed gate)."""
+    stats: dict[str, float] = {}
+    for i, scores in enumerate(trace.scores):
+        active, went_on = trace.active[i], trace.active[i + 1]
+        if scores is None or not active.any():
+            continue
+        stats[f"score_mean/iter_{i}"] = float(scores[active].float().mean())
+        stats[f"halted_fraction/iter_{i}"] = float(1 - went_on.sum() / active.sum())
+        if went_on.any():
+            scale = gate.feedback_scale(scores.detach())[went_on].float()
+            stats[f"continuing_scale_mean/iter_{i}"] = float(scale.mean())
+            stats[f"weak_continuing_fraction/iter_{i}"] = float((scale < WEAK_FEEDBACK).float().mean())
+    return stats
 
 
 def _batch_rows(batch: Any) -> int:
@@ -200,6 +238,55 @@ def format_summary(history: list[dict[str, float]], model: L.LightningModule, lo
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {log_dir})")
     return "\n".join(lines)
+
+
+class GateHealthMonitor(Callback):
+    """`train/gate/...` in TensorBoard at each training step of a model whose gate halts (per
+    decision: mean score, halted fraction, the continuing tokens' feedback scale; the ponder
+    loss's selection), and one warning when the gate has collapsed: continuing tokens fed back at
+    nearly zero weight, or (nearly) every token halted after one pass (docs/ablations.md, "How a
+    gate collapses"). Read from the step's trace, so it costs no forward.
+
+    `one_pass_depth`: the mean depth below which the second warning counts a step. The default
+    suits text, where a gate that halts nearly everything has stopped pondering; on a task where
+    that is the right depth (the synthetic suite: about 1.05 passes needed on average), set it
+    below the task's need, e.g. `GateHealthMonitor` with `one_pass_depth: 1.01` in the trainer's
+    callbacks (the CLI then installs no default one)."""
+
+    def __init__(self, one_pass_depth: float = ONE_PASS_DEPTH) -> None:
+        self.one_pass_depth = one_pass_depth
+        self._collapse_steps = dict.fromkeys(COLLAPSE_WARNINGS, 0)
+        self._step = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step = trainer.global_step  # the step this batch trains (the regulariser's k is that step's)
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not isinstance(pl_module, RecurrentLM) or not isinstance(outputs, dict) or "trace" not in outputs:
+            return
+        if not pl_module.gate_active or not pl_module.gate.can_halt:
+            return
+        trace = outputs["trace"]
+        stats = gate_health(pl_module.gate, trace)
+        loss_set = pl_module.regularizer.describe(
+            trace.scores, trace.active[:-1], self._step, continuing=trace.active[1:]
+        )
+        for name, value in {**stats, **{f"ponder_loss/{k}": v for k, v in loss_set.items()}}.items():
+            pl_module.log(f"train/gate/{name}", value)
+        weak = max((v for k, v in stats.items() if k.startswith("weak_continuing")), default=0.0)
+        symptoms = {
+            "weak_feedback": weak > COLLAPSE_SHARE,
+            "one_pass": float(trace.active_fractions().sum()) < self.one_pass_depth,
+        }
+        for kind, present in symptoms.items():
+            self._collapse_steps[kind] = self._collapse_steps[kind] + 1 if present else 0
+            if self._collapse_steps[kind] == COLLAPSE_STEPS:
+                rank_zero_warn(COLLAPSE_WARNINGS[kind].format(step=self._step, one_pass_depth=self.one_pass_depth))
 
 
 class DifficultyMonitor(Callback):

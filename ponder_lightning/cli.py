@@ -19,7 +19,14 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ponder_lightning.callbacks import DepthMonitor, FitSummary, FlopsModelSummary, LabelMonitor, TokenThroughput
+from ponder_lightning.callbacks import (
+    DepthMonitor,
+    FitSummary,
+    FlopsModelSummary,
+    GateHealthMonitor,
+    LabelMonitor,
+    TokenThroughput,
+)
 from ponder_lightning.cli_errors import (
     active_fractions,
     add_trust_flag,
@@ -87,6 +94,9 @@ class PonderCLI(CLIHooks):
         # when a bar is wanted and none was configured (Lightning rejects a bar with it disabled).
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             added.append(step_progress_bar())
+        # The gate's health, unless the config brings its own (with another collapse threshold).
+        if not any(isinstance(c, GateHealthMonitor) for c in configured):
+            added.append(GateHealthMonitor())
         # Lightning's summary prints `Total FLOPs: 0` (it counts FLOPs on an example input these
         # models do not define); ours prints the analytic training FLOPs per step. Lightning's
         # default is then switched off, or it logs that it skips it in favour of ours.

@@ -24,7 +24,7 @@ from ponder_lightning.gates import (
 )
 from ponder_lightning.models import AdaPonderLM, PonderLM2, PonderLM3, VanillaLM
 from ponder_lightning.models.metrics import average_ranks, depth_by_decile, spearman
-from ponder_lightning.models.recurrent import COLLAPSE_STEPS, gate_health
+from ponder_lightning.callbacks import COLLAPSE_STEPS, GateHealthMonitor, gate_health
 
 VOCAB = 256
 
@@ -162,13 +162,26 @@ def test_gate_health_sees_a_collapsed_gate():
 
 
 @pytest.mark.parametrize(
-    "bias, collapse, other",
+    "bias, collapse, other, monitor",
     [
-        (-4.6, "fed back with a gate score below", "one-pass model"),  # s ~ 0.01 > tau: go on, dead passes
-        (-12.0, "one-pass model", "fed back with a gate score below"),  # s ~ 6e-6 < tau: every token halts
+        (
+            -4.6,
+            "fed back with a gate score below",
+            "one-pass model",
+            GateHealthMonitor(),
+        ),  # s ~ 0.01 > tau: dead passes
+        (
+            -12.0,
+            "below 1.05 passes, a one-pass model",
+            "fed back with",
+            GateHealthMonitor(),
+        ),  # s ~ 6e-6 < tau: all halt
+        # Where one pass is the right depth, the threshold goes below it, and a gate halting
+        # every token is then no collapse of this kind (the weak-feedback one does not fire either).
+        (-12.0, None, "gate collapse", GateHealthMonitor(one_pass_depth=1.0)),
     ],
 )
-def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path, bias, collapse, other):
+def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path, bias, collapse, other, monitor):
     model = gated_model(bias=bias, tau=1e-4, weight_std=0.05)
     model.regularizer = BottomKPonderLoss(k_max=0.1, ramp_steps=1)
     model.train()
@@ -181,12 +194,16 @@ def test_training_with_a_collapsed_gate_warns_and_logs_gate_health(tmp_path, bia
         enable_model_summary=False,
         log_every_n_steps=1,
         default_root_dir=tmp_path,
+        callbacks=[monitor],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, data)
     messages = [str(w.message) for w in caught if "gate collapse" in str(w.message)]
-    assert len(messages) == 1 and collapse in messages[0] and other not in messages[0], messages
+    if collapse is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and collapse in messages[0] and other not in messages[0], messages
     assert "train/gate/halted_fraction/iter_0" in trainer.callback_metrics
     assert "train/gate/ponder_loss/went_on_fraction" in trainer.callback_metrics
     if bias > -5:

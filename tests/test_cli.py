@@ -344,3 +344,20 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert capsys.readouterr().out.startswith("usage: python -m ponder_lightning")  # not __main__.py
+
+
+def test_a_configured_gate_health_monitor_replaces_the_default_one(tmp_path):
+    from ponder_lightning.callbacks import GateHealthMonitor
+
+    cli = run_lightning_cli(
+        ["fit", *tiny_fit("adaponderlm", seq_len=64, batch_size=4), "--trainer.default_root_dir", str(tmp_path)]
+        + ["--trainer.callbacks+=ponder_lightning.callbacks.GateHealthMonitor"]
+        + ["--trainer.callbacks.one_pass_depth=1.0", "--trainer.fast_dev_run", "1"]
+    )
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, GateHealthMonitor)]
+    assert [m.one_pass_depth for m in monitors] == [1.0]
+    default = run_lightning_cli(
+        ["fit", *tiny_fit("adaponderlm", seq_len=64, batch_size=4), "--trainer.default_root_dir", str(tmp_path)]
+        + ["--trainer.fast_dev_run", "1"]
+    )
+    assert [m.one_pass_depth for m in default.trainer.callbacks if isinstance(m, GateHealthMonitor)] == [1.05]

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -25,42 +24,6 @@ from ponder_lightning.upstream import attached_trainer
 from ponder_lightning.validation import NonNegativeInt, PositiveFloat, PositiveInt, check_init_args
 
 ALWAYS_CONTINUE = AlwaysContinue()
-
-#: A continuing token whose feedback is scaled by less than this runs a nearly dead pass.
-WEAK_FEEDBACK = 0.05
-#: The collapse warning fires once this share of continuing tokens is weak at some decision ...
-COLLAPSE_SHARE = 0.5
-#: The other collapse: the tokens' mean depth stays below this many passes, i.e. the gate halts
-#: (nearly) every token after its first pass and the model has become a one-pass model.
-ONE_PASS_DEPTH = 1.05
-#: Either warning fires after this many training steps in a row.
-COLLAPSE_STEPS = 20
-_SEE = "docs/ablations.md, 'How a gate collapses'"
-COLLAPSE_WARNINGS = {
-    "weak_feedback": f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps over {COLLAPSE_SHARE:.0%} of "
-    f"the tokens that go on were fed back with a gate score below {WEAK_FEEDBACK} (passes that barely change the "
-    f"output): try regularizer operand 'log_score' ({_SEE})",
-    "one_pass": f"gate collapse at step {{step}}: for {COLLAPSE_STEPS} steps mean depth stayed below {ONE_PASS_DEPTH} "
-    f"passes, a one-pass model paying for its gates: lower regularizer lam or k_max, gate feedback 'score' ({_SEE})",
-}
-
-
-def gate_health(gate: Gate, trace: Trace) -> dict[str, float]:
-    """Per decision i, over the tokens that ran iteration i: the mean score, the fraction that
-    halted, and among those that went on the mean feedback scale and the share with a scale below
-    WEAK_FEEDBACK (their next pass barely differs from the last: a collapsed gate)."""
-    stats: dict[str, float] = {}
-    for i, scores in enumerate(trace.scores):
-        active, went_on = trace.active[i], trace.active[i + 1]
-        if scores is None or not active.any():
-            continue
-        stats[f"score_mean/iter_{i}"] = float(scores[active].float().mean())
-        stats[f"halted_fraction/iter_{i}"] = float(1 - went_on.sum() / active.sum())
-        if went_on.any():
-            scale = gate.feedback_scale(scores.detach())[went_on].float()
-            stats[f"continuing_scale_mean/iter_{i}"] = float(scale.mean())
-            stats[f"weak_continuing_fraction/iter_{i}"] = float((scale < WEAK_FEEDBACK).float().mean())
-    return stats
 
 
 class TokenRecurrentLM(CausalLMModule):
@@ -171,7 +134,6 @@ class RecurrentLM(TokenRecurrentLM):
             require_trainable_gates(
                 self, "model.init_args.train_only_gates=true", "use a learned gate or drop train_only_gates"
             )
-        self._collapse_steps = dict.fromkeys(COLLAPSE_WARNINGS, 0)
 
     def _load_pretrained_gates(self, pretrained: str) -> None:
         """An export of this very class brings its gates too, when they are the same gates."""
@@ -213,33 +175,6 @@ class RecurrentLM(TokenRecurrentLM):
         if not self.gate_active:
             return None
         return self.regularizer(trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:])
-
-    def training_step(self, batch: Tensor | dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        output = super().training_step(batch, batch_idx)
-        self._log_gate_health(output["trace"])
-        return output
-
-    @torch.no_grad()
-    def _log_gate_health(self, trace: Trace) -> None:
-        """`train/gate/...` in TensorBoard, and one warning when the gate has collapsed: continuing
-        tokens fed back at nearly zero weight, or (nearly) every token halted after one pass."""
-        if not self.gate_active or not self.gate.can_halt:
-            return
-        stats = gate_health(self.gate, trace)
-        loss_set = self.regularizer.describe(
-            trace.scores, trace.active[:-1], self.global_step, continuing=trace.active[1:]
-        )
-        for name, value in {**stats, **{f"ponder_loss/{k}": v for k, v in loss_set.items()}}.items():
-            self.log(f"train/gate/{name}", value)
-        weak = max((v for k, v in stats.items() if k.startswith("weak_continuing")), default=0.0)
-        symptoms = {
-            "weak_feedback": weak > COLLAPSE_SHARE,
-            "one_pass": float(trace.active_fractions().sum()) < ONE_PASS_DEPTH,
-        }
-        for kind, present in symptoms.items():
-            self._collapse_steps[kind] = self._collapse_steps[kind] + 1 if present else 0
-            if self._collapse_steps[kind] == COLLAPSE_STEPS:
-                rank_zero_warn(COLLAPSE_WARNINGS[kind].format(step=self.global_step))
 
     @property
     def measures_difficulty(self) -> bool:
