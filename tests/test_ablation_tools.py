@@ -13,6 +13,7 @@ import torch
 from decode_helpers import decode_incrementally, decode_rowwise
 from halting import make_gates_halt
 
+from ponder_lightning.callbacks import COLLAPSE_STEPS, GateHealthMonitor, gate_health
 from ponder_lightning.gates import (
     AtThreshold,
     BottomKPonderLoss,
@@ -24,7 +25,6 @@ from ponder_lightning.gates import (
 )
 from ponder_lightning.models import AdaPonderLM, PonderLM2, PonderLM3, VanillaLM
 from ponder_lightning.models.metrics import average_ranks, depth_by_decile, spearman
-from ponder_lightning.callbacks import COLLAPSE_STEPS, GateHealthMonitor, gate_health
 
 VOCAB = 256
 

@@ -224,6 +224,10 @@ def test_study_file_mistakes_are_named(tmp_path):
         load_study(write_study(tmp_path, runs={"a": {"configs": "configs/vanilla.yaml"}}))
     with pytest.raises(UserError, match="eval_batches must be a positive number of batches, got 0"):
         load_study(write_study(tmp_path, eval_batches=0))
+    with pytest.raises(UserError, match=r"compare run\(s\) \['ponderlm'\] are not runs"):
+        load_study(write_study(tmp_path, compare=[["vanilla", "ponderlm"]]))
+    with pytest.raises(UserError, match=r"compare must be a list of \[run, other run\] pairs"):
+        load_study(write_study(tmp_path, compare=["vanilla"]))
 
 
 def test_runs_of_different_sizes_are_compared_in_one_flops_unit(tmp_path):
@@ -373,6 +377,7 @@ def test_a_study_on_a_synthetic_task_tables_each_label_as_trained_and_at_the_ora
             "vanilla": {"configs": ["configs/vanilla.yaml"]},
             "ponderlm_2": {"configs": ["configs/ponderlm.yaml"], "args": ["--model.init_args.pondering_steps", "1"]},
         },
+        compare=[["ponderlm_2", "vanilla"]],
     )
     main(["study", "--config", str(path)])
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -388,3 +393,11 @@ def test_a_study_on_a_synthetic_task_tables_each_label_as_trained_and_at_the_ora
     accuracies = [results[s]["ponderlm_2"]["labels"]["oracle_depth"]["labels"]["k=1"]["accuracy"] for s in ("1", "2")]
     mean, spread = mean_spread(accuracies)
     assert "| ponderlm_2 | oracle depth | " in summary and f"{mean:.3f} ± {spread:.3f}" in summary
+    # A `compare:` pair: its difference per label, pooled over the seeds, with the paired interval.
+    from ponder_lightning.evaluate import paired_bootstrap
+
+    sides = [[results[s][run]["labels"]["as_trained"]["labels"]["k=1"]["per_block"] for s in ("1", "2")] for run in
+             ("ponderlm_2", "vanilla")]  # fmt: skip
+    point, low, high = paired_bootstrap(*sides)
+    row = next(line for line in summary.splitlines() if line.startswith("| ponderlm_2 - vanilla | 2 |"))
+    assert f"{point:+.3f} [{low:+.3f}, {high:+.3f}]" in row

@@ -85,6 +85,10 @@ STUDY_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reference": (lambda v: v is None or isinstance(v, str), "a run name"),
     "frontier": (lambda v: isinstance(v, list), "a list of run names"),
     "eval_batches": (lambda v: type(v) is int and v > 0, "a positive number of batches"),
+    "compare": (
+        lambda v: isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v),
+        "a list of [run, other run] pairs",
+    ),
 }
 RUN_TYPES = {"configs": STUDY_TYPES["base"], "args": STUDY_TYPES["args"], "seeds": STUDY_TYPES["seeds"]}
 
@@ -106,7 +110,7 @@ def load_study(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(study, dict) or not isinstance(study.get("runs"), dict) or not study["runs"]:
         raise UserError(f"{path}: a study needs `runs:` (a mapping of run names to their configs and args)")
-    unknown = set(study) - {"out", "seeds", "base", "args", "reference", "frontier", "eval_batches", "runs"}
+    unknown = set(study) - {"out", "seeds", "base", "args", "reference", "frontier", "eval_batches", "compare", "runs"}
     if unknown:
         raise UserError(f"{path}: unknown study field(s) {sorted(unknown)}")
     study.setdefault("seeds", [1])
@@ -138,9 +142,10 @@ def load_study(path: str | Path) -> dict[str, Any]:
                 raise UserError(f"{path}: run {name} refers to {ref}, which is not trained for all of {name}'s seeds")
     if study.get("reference") is not None and study["reference"] not in study["runs"]:
         raise UserError(f"{path}: reference {study['reference']!r} is not a run of this study")
-    strangers = [name for name in study.get("frontier", []) if name not in study["runs"]]
-    if strangers:
-        raise UserError(f"{path}: frontier run(s) {strangers} are not runs of this study")
+    for field, names in (("frontier", study.get("frontier", [])), ("compare", sum(study.get("compare", []), []))):
+        strangers = [name for name in names if name not in study["runs"]]
+        if strangers:
+            raise UserError(f"{path}: {field} run(s) {strangers} are not runs of this study")
     study.setdefault("out", str(Path("studies/out") / path.stem))
     return study
 
@@ -754,10 +759,11 @@ def label_table(study: dict[str, Any], results: dict[int, dict[str, dict[str, An
 
 def label_pairs(study: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     """(title, run a, variant a, run b, variant b) of `label_differences`: each fixed-depth
-    frontier run against the one before it, and on each run's own weights the oracle's depth and
-    the learned depth against the model run at full depth."""
+    frontier run against the one before it, each `compare:` pair [a, b] as a - b, and on each
+    run's own weights the oracle's depth and the learned depth against the model run at full depth."""
     frontier = study.get("frontier") or []
     pairs = [(f"{b} - {a}", b, "as_trained", a, "as_trained") for a, b in itertools.pairwise(frontier)]
+    pairs += [(f"{a} - {b}", a, "as_trained", b, "as_trained") for a, b in study.get("compare", [])]
     for name in study["runs"]:
         pairs.append((f"{name}: oracle depth - as trained", name, "oracle_depth", name, "as_trained"))
         pairs.append((f"{name}: read at the needed pass - as trained", name, "readout_at_need", name, "as_trained"))
