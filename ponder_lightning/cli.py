@@ -504,7 +504,7 @@ def export_command(argv: list[str]) -> None:
     `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (needs ponder_lightning
     installed where it is loaded)."""
     from ponder_lightning.io import export_model, load_checkpoint
-    from ponder_lightning.io.export import check_export_dir
+    from ponder_lightning.io.export import FORMATS, check_export_dir
     from ponder_lightning.io.formats import EXPORT_CONFIG
 
     parser = argparse.ArgumentParser(prog="python -m ponder_lightning export", description=export_command.__doc__)
@@ -526,7 +526,7 @@ def export_command(argv: list[str]) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=("backbone", "transformers"),
+        choices=tuple(FORMATS),
         default="backbone",
         help="backbone: plain GPT-NeoX/LLaMA backbone + ponder_lightning files; "
         "transformers: the whole model with remote code",

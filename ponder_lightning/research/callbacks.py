@@ -37,7 +37,7 @@ class TrainAtOracleDepth(Callback):
         if not is_synthetic(getattr(trainer.datamodule, "data_files", None)):
             raise UserError(
                 "TrainAtOracleDepth needs the passes each token needs, known only on a synthetic task: "
-                "set --data.data_files synthetic:<task>:... (docs/synthetic.md)"
+                "set --data.data_files synthetic:<task>:... (docs/training.md, 'Tasks whose difficulty is known')"
             )
 
     def _enter(self, pl_module: L.LightningModule, batch: Any) -> None:
